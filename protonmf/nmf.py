@@ -146,6 +146,7 @@ def nmf(
     n_rows: Tensor | None = None,
     block_rows: int = 8192,
     device: torch.device | str | None = None,
+    init: tuple[Tensor, Tensor] | None = None,
 ) -> NMFResult:
     """Factorize A ≈ E B with E, B ≥ 0 by multiplicative updates (ProtoNMF eq. 1–3).
 
@@ -171,6 +172,9 @@ def nmf(
     block_rows : int
         Rows of A read per step; bounds the working memory to C × block_rows × D.
     device : where to compute; defaults to A's device. A may stay on the CPU and be streamed.
+    init : (E₀, B₀), optional
+        Starting factors of shapes (C, n, p), (C, p, D) (or unbatched) instead of the random start,
+        e.g. the factors of a previous call (``max_iter=0`` returns the random start itself).
 
     Returns
     -------
@@ -200,7 +204,19 @@ def nmf(
         sum_A += Ab.double().sum((1, 2))
     mean_A = (sum_A / (n_rows.to(device) * D)).cpu()
 
-    E, B = _init_factors(n_rows, n, D, p, mean_A, seed, dtype, device)
+    if init is None:
+        E, B = _init_factors(n_rows, n, D, p, mean_A, seed, dtype, device)
+    else:
+        E, B = (t.unsqueeze(0) if single else t for t in init)
+        if E.shape != (C, n, p) or B.shape != (C, p, D):
+            raise ValueError(f"init: expected E of shape {(C, n, p)} and B of shape {(C, p, D)}, "
+                             f"got {tuple(E.shape)} and {tuple(B.shape)}")
+        if (E < 0).any() or (B < 0).any():
+            raise ValueError("init: E and B must be non-negative")
+        E = E.to(device=device, dtype=dtype).clone()
+        B = B.to(device=device, dtype=dtype).clone()
+        for c in range(C):
+            E[c, int(n_rows[c]):] = 0  # padding stays exact
 
     def accumulate(idx: Tensor | None, update_E: bool) -> tuple[Tensor, Tensor]:
         """One read of A: optionally update E blockwise, and return EᵀA (k, p, D), EᵀE (k, p, p)."""
