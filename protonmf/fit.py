@@ -1,0 +1,169 @@
+"""ProtoNMF's two steps for a batch of classes: NMF prototypes, then the head rebuilt from them.
+
+Step 1 (eq. 1–3): A_c ≈ E_c B_c by :func:`protonmf.nmf.nmf`, batched over classes.
+Step 2 (eq. 4–5, 8): C_c, R_c by :func:`protonmf.head.reconstruct_head`, and the augmented
+prototypes B'_c by :func:`protonmf.head.augment_prototypes`.
+
+Shapes follow :mod:`protonmf.nmf` and :mod:`protonmf.head`: K classes, p prototypes, D channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from protonmf.head import Solver, augment_prototypes, reconstruct_head
+from protonmf.nmf import NMFResult, nmf
+
+__all__ = ["ClassPrototypes", "fit_prototypes", "stack_classes"]
+
+
+@dataclass(frozen=True)
+class ClassPrototypes:
+    """The fitted prototypes of K classes for one prototype count p.
+
+    Attributes
+    ----------
+    B : (K, p, D) float32, NMF prototypes (eq. 1).
+    C : (K, p) float64, their coefficients in each class's head (eq. 4).
+    R : (K, D) float64, residual prototypes (eq. 5).
+    B_aug : (K, p, D) float64, augmented prototypes b_i + R/Σa (eq. 8).
+    spread : (K,) bool, whether R was spread over the prototypes (Σa ≠ 0).
+    bias : (K,) float64, the head's bias.
+    feature_error : (K,) float64, ||A − EB||² / ||A||².
+    head_error : (K,) float64, ||V − CB||² / ||V||².
+    n_iter : (K,) int64, NMF updates run.
+    n_rows : (K,) int64, feature rows (images × h × w) each class was fitted on.
+    """
+
+    B: Tensor
+    C: Tensor
+    R: Tensor
+    B_aug: Tensor
+    spread: Tensor
+    bias: Tensor
+    feature_error: Tensor
+    head_error: Tensor
+    n_iter: Tensor
+    n_rows: Tensor
+
+    @property
+    def p(self) -> int:
+        return self.B.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.B.shape[0]
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name).detach().cpu().contiguous() for f in fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> "ClassPrototypes":
+        missing = [f.name for f in fields(cls) if f.name not in tensors]
+        if missing:
+            raise ValueError(f"prototype tensors are missing {missing}")
+        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+
+    @classmethod
+    def concat(cls, parts: Sequence["ClassPrototypes"]) -> "ClassPrototypes":
+        """Classes of several fits, in order (e.g. the groups of a distributed fit)."""
+        if not parts:
+            raise ValueError("no prototype groups to concatenate")
+        if len({part.p for part in parts}) != 1:
+            raise ValueError(f"cannot concatenate fits of different p: {sorted({part.p for part in parts})}")
+        return cls(**{f.name: torch.cat([getattr(part, f.name).cpu() for part in parts]) for f in fields(cls)})
+
+
+def stack_classes(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Pad per-class features into one batch.
+
+    Parameters
+    ----------
+    features : sequence of K tensors of shape (n_c, h, w, D) or (rows_c, D)
+
+    Returns
+    -------
+    A : Tensor of shape (K, max rows, D), zero-padded, in the dtype of the inputs.
+    n_rows : Tensor of shape (K,), int64.
+    """
+    if not features:
+        raise ValueError("features: no classes given")
+    flat = []
+    for k, F in enumerate(features):
+        if F.ndim not in (2, 4):
+            raise ValueError(f"features of class {k} must have shape (n, h, w, D) or (rows, D), got {tuple(F.shape)}")
+        flat.append(F.reshape(-1, F.shape[-1]))
+    dims = {F.shape[-1] for F in flat}
+    if len(dims) != 1:
+        raise ValueError(f"features of different classes have different D: {sorted(dims)}")
+    n_rows = torch.tensor([F.shape[0] for F in flat], dtype=torch.int64)
+    empty = (n_rows == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"features: class(es) {empty} have no images (empty class)")
+    A = flat[0].new_zeros(len(flat), int(n_rows.max()), dims.pop())
+    for k, F in enumerate(flat):
+        A[k, : F.shape[0]] = F
+    return A, n_rows
+
+
+def fit_prototypes(
+    A: Tensor,
+    V: Tensor,
+    bias: Tensor | None,
+    p: int,
+    *,
+    n_rows: Tensor | None = None,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    nonneg: bool = False,
+    solver: Solver = "closed_form",
+    block_rows: int = 8192,
+    device: torch.device | str | None = None,
+) -> tuple[ClassPrototypes, NMFResult]:
+    """Fit p prototypes per class and rebuild each class's head row from them.
+
+    Parameters
+    ----------
+    A : Tensor of shape (K, n, D), features of K classes (zero-padded; see :func:`stack_classes`).
+    V : Tensor of shape (K, D), the head rows of these K classes.
+    bias : Tensor of shape (K,) or None.
+    p : int, prototypes per class.
+    Other parameters: as :func:`protonmf.nmf.nmf` and :func:`protonmf.head.reconstruct_head`.
+
+    Returns
+    -------
+    (ClassPrototypes, NMFResult): the model part, and the NMF factors (E for heatmaps).
+    """
+    if A.ndim != 3:
+        raise ValueError(f"A must have shape (K, n, D), got {tuple(A.shape)}")
+    if V.ndim != 2 or V.shape[0] != A.shape[0]:
+        raise ValueError(f"V must have shape (K={A.shape[0]}, D), got {tuple(V.shape)}")
+    if V.shape[1] != A.shape[2]:
+        raise ValueError(
+            f"feature dimension mismatch: features have D = {A.shape[2]} but the head V has D = {V.shape[1]}"
+        )
+    if not torch.isfinite(V).all():
+        raise ValueError("V (head weights) contains NaN or Inf values")
+    res = nmf(A, p, max_iter=max_iter, tol=tol, seed=seed, n_rows=n_rows, block_rows=block_rows, device=device)  # eq. 1–3
+    head = reconstruct_head(V.to(res.B.device), res.B, nonneg=nonneg, solver=solver)  # eq. 4–5
+    B_aug, spread = augment_prototypes(res.B, head.C, head.R)  # eq. 8
+    K = A.shape[0]
+    n_rows = torch.full((K,), A.shape[1], dtype=torch.int64) if n_rows is None else torch.as_tensor(n_rows, dtype=torch.int64)
+    protos = ClassPrototypes(
+        B=res.B.float(),
+        C=head.C,
+        R=head.R,
+        B_aug=B_aug,
+        spread=spread,
+        bias=(bias if bias is not None else torch.zeros(K)).double().to(res.B.device),
+        feature_error=res.relative_error,
+        head_error=head.relative_error,
+        n_iter=res.n_iter,
+        n_rows=n_rows.to(res.B.device),
+    )
+    return protos, res

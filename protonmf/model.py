@@ -1,0 +1,380 @@
+"""The prototype model: a black box's backbone with each class's head rebuilt from prototypes.
+
+For features F (h·w, D) of an image, the class-c logit is (ProtoNMF §3.3, eq. 7–8)
+
+    logit_c = Σ_i a_i · mean_hw(F b'_iᵀ) + bias_c,      b'_i = b_i + R_c / Σ_j a_j,
+
+which equals the black box's mean_hw(F) V_cᵀ + bias_c exactly, because Σ_i a_i b'_i = V_c.
+Modes (paper Table 3): ``augmented`` (the above, NMF + residual), ``nmf_only`` (b_i instead of
+b'_i), ``residual_only`` (mean_hw(F R_cᵀ) + bias_c).
+
+The artifact is a folder (any fsspec URI):
+
+- ``manifest.json``: format, library version, backbone spec, feature layer, preprocessing, class
+  names, the prototype counts, solver settings, interventions, and the sha256 of every other file;
+  written last, so a folder without it is not an artifact.
+- ``backbone.safetensors``: the backbone's state dict.
+- ``prototypes_p{p}.safetensors``: :class:`~protonmf.fit.ClassPrototypes` for each p.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as nnf
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from protonmf import __version__
+from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.fit import ClassPrototypes
+from protonmf.nnls import nnls
+from protonmf.storage import join, read_bytes, sha256, to_fs, write_bytes_atomic
+
+__all__ = ["ArtifactError", "Explanation", "PrototypeModel"]
+
+Mode = Literal["augmented", "nmf_only", "residual_only"]
+MODES: tuple[str, ...] = ("augmented", "nmf_only", "residual_only")
+FORMAT = "protonmf.prototype_model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """A model artifact is missing, incomplete, or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why the model gave each image its class.
+
+    Attributes
+    ----------
+    logits : (B, K) float32, the model's logits.
+    target : (B,) int64, the explained class (the prediction unless given).
+    contributions : (B, p) float64, a_i · mean_hw(F b_iᵀ) of the target's prototypes (b'_i in
+        ``augmented`` mode); their sum + ``residual`` (if not spread) + ``bias`` is the target logit.
+    residual : (B,) float64, mean_hw(F R_cᵀ): the residual prototype's share of the logit. In
+        ``augmented`` mode it is already inside the contributions when the class spreads it.
+    bias : (B,) float64, the target's bias.
+    heatmaps : (B, p, H, W) float32, each prototype's presence in the image (non-negative codes of
+        each position against the prototypes, eq. 9), upsampled to the input size.
+    residual_heatmap : (B, H, W) float32, where the residual prototype explains what the NMF
+        prototypes leave out (eq. 6 on the image's own features).
+    """
+
+    logits: Tensor
+    target: Tensor
+    contributions: Tensor
+    residual: Tensor
+    bias: Tensor
+    heatmaps: Tensor
+    residual_heatmap: Tensor
+
+
+class PrototypeModel(nn.Module):
+    """A backbone and, per class, p prototypes with their coefficients: an exact, readable head.
+
+    Build one with :meth:`from_prototypes` after :func:`protonmf.fit.fit_prototypes`, or load a
+    saved artifact with :meth:`load`. Call it on preprocessed images (B, 3, H, W) for logits (B, K).
+    """
+
+    def __init__(
+        self,
+        backbone: FeatureBackbone,
+        prototypes: ClassPrototypes,
+        class_names: Sequence[str],
+        *,
+        mode: Mode = "augmented",
+        preprocess: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        interventions: Mapping[int, Sequence[int]] | None = None,
+        extra_prototypes: Mapping[int, ClassPrototypes] | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        K, p, D = prototypes.B.shape
+        if len(class_names) != K:
+            raise ValueError(f"class_names has {len(class_names)} names but the prototypes cover {K} classes")
+        if backbone.V.shape[1] != D:
+            raise ValueError(f"feature dimension mismatch: backbone head has D = {backbone.V.shape[1]}, prototypes D = {D}")
+        self.backbone = backbone
+        self.class_names = [str(c) for c in class_names]
+        self.mode = mode
+        self.preprocess = dict(preprocess or {})
+        self.settings = dict(settings or {})
+        self.interventions = {int(k): sorted(int(i) for i in v) for k, v in (interventions or {}).items()}
+        # Other prototype counts of the same fit, kept so that save() writes them all back.
+        self.extra_prototypes = dict(extra_prototypes or {})
+        for name, tensor in prototypes.to_tensors().items():
+            self.register_buffer(name, tensor)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_prototypes(
+        cls,
+        backbone: FeatureBackbone,
+        prototypes: ClassPrototypes | Sequence[ClassPrototypes],
+        class_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> "PrototypeModel":
+        """A model from one fit, or from fits of several p (the first one is the model's p)."""
+        fits = [prototypes] if isinstance(prototypes, ClassPrototypes) else list(prototypes)
+        if not fits:
+            raise ValueError("prototypes: no fit given")
+        names = list(class_names) if class_names is not None else [str(k) for k in range(fits[0].num_classes)]
+        extra = {fit.p: fit for fit in fits[1:]}
+        return cls(backbone, fits[0], names, extra_prototypes=extra, **kwargs)
+
+    @property
+    def prototypes(self) -> ClassPrototypes:
+        return ClassPrototypes.from_tensors({name: getattr(self, name) for name in ClassPrototypes.__dataclass_fields__})
+
+    @property
+    def p(self) -> int:
+        return self.B.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def available_p(self) -> list[int]:
+        return sorted({self.p, *self.extra_prototypes})
+
+    def with_p(self, p: int) -> "PrototypeModel":
+        """The same model with another fitted prototype count."""
+        if p == self.p:
+            return self
+        if p not in self.extra_prototypes:
+            raise ValueError(f"p = {p} was not fitted; available: {self.available_p}")
+        fits = {self.p: self.prototypes, **self.extra_prototypes}
+        chosen = fits.pop(p)
+        return PrototypeModel(
+            self.backbone, chosen, self.class_names, mode=self.mode, preprocess=self.preprocess,
+            settings=self.settings, extra_prototypes=fits,
+        )
+
+    def with_mode(self, mode: Mode) -> "PrototypeModel":
+        """The same prototypes read in another mode of Table 3."""
+        return PrototypeModel(
+            self.backbone, self.prototypes, self.class_names, mode=mode, preprocess=self.preprocess,
+            settings=self.settings, interventions=self.interventions, extra_prototypes=self.extra_prototypes,
+        )
+
+    # ----------------------------------------------------------------- inference
+    def _class_vectors(self) -> tuple[Tensor, Tensor]:
+        """Per-class prototype vectors (K, p, D) and coefficients (K, p), and the explicit residual weight (K,)."""
+        if self.mode == "augmented":
+            return self.B_aug, self.C
+        return self.B.double(), self.C
+
+    def effective_head(self) -> Tensor:
+        """The (K, D) float64 head the model applies to mean-pooled features (eq. 7–8)."""
+        if self.mode == "residual_only":
+            return self.R
+        vectors, coef = self._class_vectors()
+        head = (coef.unsqueeze(1) @ vectors).squeeze(1)
+        if self.mode == "augmented":
+            head = head + (~self.spread).unsqueeze(1) * self.R  # eq. 7 where eq. 8 is undefined
+        return head
+
+    def features(self, images: Tensor) -> Tensor:
+        """Backbone features F of shape (B, h, w, D)."""
+        return self.backbone(images)
+
+    def logits_from_features(self, F: Tensor) -> Tensor:
+        """Logits (B, K) from features (B, h, w, D): Σ_i a_i mean_hw(F b'_iᵀ) + bias (linear in F)."""
+        pooled = F.flatten(1, 2).mean(1).double()
+        return (pooled @ self.effective_head().T + self.bias).float()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.logits_from_features(self.features(images))
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, target: Tensor | Sequence[int] | None = None) -> Explanation:
+        """Each image's logits, the explained class, each prototype's contribution and heatmap.
+
+        Parameters
+        ----------
+        images : (B, 3, H, W) preprocessed images.
+        target : (B,) class indices to explain; default: the predicted class.
+        """
+        F = self.features(images)  # (B, h, w, D)
+        Bsz, h, w, D = F.shape
+        logits = self.logits_from_features(F)
+        if target is None:
+            target = logits.argmax(1)
+        target = torch.as_tensor(target, dtype=torch.int64, device=logits.device).reshape(-1)
+        if target.numel() != Bsz or (target < 0).any() or (target >= self.num_classes).any():
+            raise ValueError(f"target must hold {Bsz} class indices in [0, {self.num_classes}), got {target.tolist()}")
+        flat = F.reshape(Bsz, h * w, D).double()
+        pooled = flat.mean(1)  # (B, D)
+        vectors, coef = self._class_vectors()
+        V_t, a_t = vectors[target], coef[target]  # (B, p, D), (B, p)
+        R_t = self.R[target]  # (B, D)
+        residual = (pooled * R_t).sum(1)
+        if self.mode == "residual_only":
+            contributions = torch.zeros_like(a_t)
+        else:
+            contributions = a_t * (pooled.unsqueeze(1) * V_t).sum(-1)
+        presence = nnls(flat.clamp_min(0), V_t)  # (B, hw, p), eq. 9
+        codes = nnls(flat.clamp_min(0), self.B[target].double())  # NMF codes of this image
+        unexplained = flat.clamp_min(0) - codes @ self.B[target].double()
+        norm_R = R_t.square().sum(1, keepdim=True)
+        res_map = torch.where(norm_R > 0, (unexplained * R_t.unsqueeze(1)).sum(-1) / norm_R.clamp_min(1e-300), 0.0)  # eq. 6
+        size = images.shape[-2:]
+        heatmaps = nnf.interpolate(presence.transpose(1, 2).reshape(Bsz, -1, h, w).float(), size=size, mode="bilinear", align_corners=False)
+        res_heat = nnf.interpolate(res_map.reshape(Bsz, 1, h, w).float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        return Explanation(
+            logits=logits,
+            target=target,
+            contributions=contributions,
+            residual=residual,
+            bias=self.bias[target],
+            heatmaps=heatmaps,
+            residual_heatmap=res_heat,
+        )
+
+    def intervene(self, removals: Mapping[int | str, Sequence[int]]) -> "PrototypeModel":
+        """A new model in which the given prototypes of the given classes contribute nothing.
+
+        ``removals`` maps a class (index or name) to prototype indices; their coefficients a_i are
+        set to 0 (paper A.4), the rest of the model is unchanged. This model is not modified.
+        """
+        C = self.C.clone()
+        done = {k: list(v) for k, v in self.interventions.items()}
+        for key, protos in removals.items():
+            k = self._class_index(key)
+            for i in protos:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.p:
+                    raise ValueError(f"intervene: prototype {i!r} of class {key!r} is not in [0, {self.p})")
+                C[k, i] = 0.0
+            done[k] = sorted(set(done.get(k, [])) | set(protos))
+        fit = ClassPrototypes.from_tensors({**self.prototypes.to_tensors(), "C": C.cpu()})
+        model = PrototypeModel(
+            self.backbone, fit, self.class_names, mode=self.mode, preprocess=self.preprocess,
+            settings=self.settings, interventions=done,
+        )
+        return model.to(self.C.device)
+
+    def _class_index(self, key: int | str) -> int:
+        if isinstance(key, str):
+            if key not in self.class_names:
+                raise ValueError(f"intervene: unknown class name {key!r}")
+            return self.class_names.index(key)
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < self.num_classes:
+            raise ValueError(f"intervene: class {key!r} is not in [0, {self.num_classes})")
+        return key
+
+    # ----------------------------------------------------------------- artifact
+    def save(self, uri: str, *, storage_options: dict[str, Any] | None = None) -> str:
+        """Write the artifact folder at ``uri``; the manifest goes last. Returns the URI."""
+        fs, root = to_fs(uri, storage_options)
+        if fs.exists(join(root, MANIFEST)):
+            fs.rm(join(root, MANIFEST))  # the old artifact stops being valid before its files change
+        files: dict[str, bytes] = {
+            "backbone.safetensors": save_safetensors(
+                {k: v.detach().cpu().contiguous() for k, v in self.backbone.model.state_dict().items()}
+            ),
+        }
+        fits = {self.p: self.prototypes, **self.extra_prototypes}
+        for p, fit in sorted(fits.items()):
+            files[f"prototypes_p{p}.safetensors"] = save_safetensors(fit.to_tensors())
+        for name, data in files.items():
+            write_bytes_atomic(fs, join(root, name), data)
+        for name, data in files.items():  # verify what landed before committing the manifest
+            if sha256(read_bytes(fs, join(root, name))) != sha256(data):
+                raise ArtifactError(f"{join(uri, name)} did not read back as written")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "protonmf_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "backbone": self.backbone.spec_dict(),
+            "preprocess": self.preprocess,
+            "class_names": self.class_names,
+            "p": sorted(fits),
+            "default_p": self.p,
+            "mode": self.mode,
+            "settings": self.settings,
+            "interventions": {str(k): v for k, v in sorted(self.interventions.items())},
+            "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
+        }
+        write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+        return str(uri)
+
+    @classmethod
+    def load(
+        cls,
+        uri: str,
+        *,
+        p: int | None = None,
+        mode: Mode | None = None,
+        map_location: str | torch.device = "cpu",
+        storage_options: dict[str, Any] | None = None,
+    ) -> "PrototypeModel":
+        """Load an artifact from a local path or any fsspec URI, verifying every file's sha256."""
+        fs, root = to_fs(uri, storage_options)
+        manifest_path = join(root, MANIFEST)
+        if not fs.exists(manifest_path):
+            raise ArtifactError(f"no model at {uri!r}: {MANIFEST} is missing (not an artifact, or not finished)")
+        try:
+            manifest = json.loads(read_bytes(fs, manifest_path))
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{join(uri, MANIFEST)} is not valid JSON: {err}") from err
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{join(uri, MANIFEST)} is not a {FORMAT} v{FORMAT_VERSION} manifest "
+                f"(format {manifest.get('format')!r} v{manifest.get('format_version')!r})"
+            )
+
+        def blob(name: str) -> bytes:
+            entry = manifest["files"].get(name)
+            if entry is None:
+                raise ArtifactError(f"{join(uri, MANIFEST)} lists no file {name!r}")
+            path = join(root, name)
+            if not fs.exists(path):
+                raise ArtifactError(f"model file {join(uri, name)} is missing")
+            data = read_bytes(fs, path)
+            if sha256(data) != entry["sha256"]:
+                raise ArtifactError(f"model file {join(uri, name)} does not match its sha256 in the manifest (corrupt or changed)")
+            return data
+
+        spec_fields = manifest["backbone"]
+        spec = BackboneSpec(
+            arch=spec_fields["arch"],
+            weights=None,  # the artifact carries its own weights
+            num_classes=spec_fields.get("num_classes"),
+            feature_layer=spec_fields.get("feature_layer"),
+            head=spec_fields.get("head"),
+            arch_kwargs=spec_fields.get("arch_kwargs") or {},
+        )
+        backbone = build_backbone(spec)
+        backbone.model.load_state_dict(load_safetensors(blob("backbone.safetensors")))
+        backbone.spec = BackboneSpec(**{**spec.to_dict(), "weights": spec_fields.get("weights")})
+        available = manifest["p"]
+        chosen = manifest["default_p"] if p is None else p
+        if chosen not in available:
+            raise ValueError(f"p = {chosen} is not in the artifact at {uri!r}; available: {available}")
+        fits = {q: ClassPrototypes.from_tensors(load_safetensors(blob(f"prototypes_p{q}.safetensors"))) for q in available}
+        first = fits.pop(chosen)
+        model = cls(
+            backbone,
+            first,
+            manifest["class_names"],
+            mode=mode or manifest.get("mode", "augmented"),
+            preprocess=manifest.get("preprocess"),
+            settings=manifest.get("settings"),
+            interventions={int(k): v for k, v in manifest.get("interventions", {}).items()},
+            extra_prototypes=fits,
+        )
+        return model.to(map_location).eval()

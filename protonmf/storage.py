@@ -1,0 +1,58 @@
+"""Every location is a URI (local path, ``file://``, ``s3://``, ``gs://``, ...), opened through fsspec.
+
+S3 endpoint and credentials come from the standard AWS environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) or from ``storage_options``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+__all__ = ["join", "read_bytes", "sha256", "to_fs", "write_bytes_atomic"]
+
+
+def to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem of ``uri`` and the path inside it."""
+    if not isinstance(uri, (str, os.PathLike)) or not str(uri):
+        raise ValueError(f"expected a path or URI, got {uri!r}")
+    return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *parts])
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that a reader sees the old object or the whole new one, never a part.
+
+    Object stores replace an object atomically on PUT; on a local disk we write a temporary file
+    beside the target and rename it.
+    """
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if "file" in _protocols(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
