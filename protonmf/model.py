@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from protonmf import __version__
 from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
-from protonmf.fit import ClassPrototypes
+from protonmf.fit import ClassPrototypes, fit_prototypes, stack_classes
 from protonmf.nnls import nnls
 from protonmf.storage import join, read_bytes, sha256, to_fs, write_bytes_atomic
 
@@ -132,6 +132,37 @@ class PrototypeModel(nn.Module):
         names = list(class_names) if class_names is not None else [str(k) for k in range(fits[0].num_classes)]
         extra = {fit.p: fit for fit in fits[1:]}
         return cls(backbone, fits[0], names, extra_prototypes=extra, **kwargs)
+
+    @classmethod
+    @torch.no_grad()
+    def fit(
+        cls,
+        backbone: FeatureBackbone,
+        images: Tensor,
+        labels: Tensor,
+        p: int | Sequence[int] = 3,
+        *,
+        class_names: Sequence[str] | None = None,
+        batch_size: int = 64,
+        **fit_kwargs: Any,
+    ) -> "PrototypeModel":
+        """Fit in memory, for a notebook: features of ``images`` (N, 3, H, W) grouped by ``labels`` (N,).
+
+        Every class of the backbone's head needs at least one image. ``p`` may list several counts;
+        the first is the model's. ``fit_kwargs`` go to :func:`protonmf.fit.fit_prototypes`.
+        """
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.numel() != images.shape[0]:
+            raise ValueError(f"labels has {labels.numel()} entries for {images.shape[0]} images")
+        F = torch.cat([backbone(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+        K = backbone.num_classes
+        missing = [k for k in range(K) if not (labels == k).any()]
+        if missing:
+            raise ValueError(f"labels: class(es) {missing[:10]} have no images (empty class)")
+        A, n_rows = stack_classes([F[labels == k] for k in range(K)])
+        counts = [p] if isinstance(p, int) else list(p)
+        fits = [fit_prototypes(A, backbone.V, backbone.bias, q, n_rows=n_rows, **fit_kwargs)[0] for q in counts]
+        return cls.from_prototypes(backbone, fits, class_names, settings={"nmf": fit_kwargs, "p": counts})
 
     @property
     def prototypes(self) -> ClassPrototypes:

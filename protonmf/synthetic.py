@@ -14,16 +14,18 @@ What determines the class
     class (from 25 classes on, each part alone identifies at most 1/5 of the classes).
 
 What varies per image (nuisance, independent of the class)
-    Object position, scale (object length 60-90 % of the image side), rotation (±30°),
+    Object position, scale (the object is about 45-80 % of the image side long), rotation (±30°),
     horizontal flip (facing left or right), part sizes and the tail's tilt, the texture phase,
     a small per-part colour jitter, global brightness, and the background: a random grey-ish base
     colour, low-contrast stripes and eight low-contrast, desaturated blobs, plus pixel noise on
     the whole image. The background is drawn from the same distribution for every class and
     uses no saturated colours, so it carries no class information.
 
-The object is drawn inside the image by construction (its bounding circle is kept 1 px away
-from the border). Parts overlap only in drawing order (tail, then body, then head on top), and the
-mask is a single label map, so every pixel belongs to exactly one part or the background.
+The creature faces its head: an ellipse body, a round head with a dark eye (eye pixels are
+head pixels in the mask) and a triangular tail. It is drawn inside the image by construction
+(its bounding box is kept 1 px from the border; the position is uniform over the places where
+it fits). Parts overlap only in drawing order (tail, then body, then head on top), and the mask
+is a single label map, so every pixel belongs to exactly one part or the background.
 Everything is drawn with vectorized numpy over blocks of images; one ``seed`` fixes all of it.
 """
 

@@ -3,3 +3,54 @@ import os
 # Offline machines: keep Prefect and Ray from phoning home in every test process.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+import torch
+
+from protonmf import BackboneSpec, PrototypeModel, build_backbone
+
+N_CLASSES = 5
+
+
+def _images(n, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture(scope="session")
+def resnet():
+    """A real torchvision resnet18 (random weights), 5 classes, 64×64 inputs → 2×2×512 features."""
+    torch.manual_seed(0)
+    return build_backbone(BackboneSpec("torchvision:resnet18", num_classes=N_CLASSES))
+
+
+@pytest.fixture(scope="session")
+def vit():
+    """A real torchvision ViT (2 blocks, 32-dim), 5 classes, 32×32 inputs → 4×4×32 patch tokens.
+
+    torchvision zero-initialises a ViT head; we draw it at random so that logits are not all 0.
+    """
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneSpec("protonmf:tiny_vit", num_classes=N_CLASSES))
+    with torch.no_grad():
+        backbone.model.heads.head.weight.normal_(0, 0.5)
+        backbone.model.heads.head.bias.normal_(0, 0.1)
+    return backbone
+
+
+@pytest.fixture(scope="session")
+def resnet_data():
+    images = _images(60, 64, seed=1)
+    return images, torch.arange(60) % N_CLASSES, _images(16, 64, seed=2)
+
+
+@pytest.fixture(scope="session")
+def vit_data():
+    images = _images(60, 32, seed=3)
+    return images, torch.arange(60) % N_CLASSES, _images(16, 32, seed=4)
+
+
+@pytest.fixture(scope="session")
+def resnet_model(resnet, resnet_data):
+    images, labels, _ = resnet_data
+    return PrototypeModel.fit(resnet, images, labels, p=[3, 1, 5], class_names=[f"class{k}" for k in range(N_CLASSES)])
