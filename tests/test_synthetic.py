@@ -207,11 +207,3 @@ def test_write_image_folder(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_synthetic_parts(**kwargs)
-
-
-def test_speed():
-    t0 = time.perf_counter()
-    d = make_synthetic_parts(10, 100, image_size=64, seed=0)
-    elapsed = time.perf_counter() - t0
-    assert d.images.shape[0] == 1000
-    assert elapsed < 5.0, elapsed
