@@ -1,0 +1,147 @@
+"""Run configuration: YAML files in ``configs/`` validated into typed objects.
+
+Unknown keys and wrong types are errors that name the key (``prototypes.p.0: Input should be a
+valid integer``). ``--set a.b=value`` overrides any key; the value is read as YAML
+(``--set prototypes.p=[1,3]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessConfig(_Section):
+    resize: int = Field(256, ge=1)
+    crop: int = Field(224, ge=1)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class DataConfig(_Section):
+    source: Literal["imagefolder", "synthetic", "digits", "cub"] = "synthetic"
+    train: str | None = None
+    val: str | None = None
+    classes: list[str] | None = None
+    max_images_per_class: int | None = Field(None, ge=1)
+    n_classes: int = Field(10, ge=1)  # synthetic only
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+
+class BackboneConfig(_Section):
+    arch: str = "protonmf:small_cnn"
+    weights: str | None = None
+    num_classes: int | None = Field(None, ge=1)
+    feature_layer: str | None = None
+    head: str | None = None
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _library_name(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError(f"must be 'library:name' (e.g. 'torchvision:resnet34'), got {v!r}")
+        return v
+
+
+class PrototypesConfig(_Section):
+    p: list[int] = Field(default_factory=lambda: [3], min_length=1)
+    max_iter: int = Field(200, ge=0)
+    tol: float = Field(1e-4, ge=0)
+    seed: int = 0
+    nonneg: bool = False
+    solver: Literal["closed_form", "cvxpy"] = "closed_form"
+    classes_per_task: int = Field(16, ge=1)
+
+    @field_validator("p")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        bad = [q for q in v if q < 1]
+        if bad:
+            raise ValueError(f"prototype counts must be >= 1, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"prototype counts must be distinct, got {v}")
+        return v
+
+
+class ComputeConfig(_Section):
+    ray_address: str | None = None
+    extract_gpus: float = Field(0, ge=0)
+    fit_gpus: float = Field(0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    workers: int = Field(1, ge=1)
+
+
+class StorageConfig(_Section):
+    features: str = "out/features"
+    model: str = "out/model"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    prototypes: PrototypesConfig = PrototypesConfig()
+    compute: ComputeConfig = ComputeConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(part) for part in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), origin: str = "<dict>") -> Config:
+    """Validate a config tree with ``key.path=value`` overrides applied on top."""
+    tree = dict(tree or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (a local path) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return parse_config(tree, overrides, origin=str(path))
