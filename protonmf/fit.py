@@ -10,7 +10,9 @@ Shapes follow :mod:`protonmf.nmf` and :mod:`protonmf.head`: K classes, p prototy
 from __future__ import annotations
 
 from collections.abc import Sequence
+import inspect
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +20,7 @@ from torch import Tensor
 from protonmf.head import Solver, augment_prototypes, reconstruct_head
 from protonmf.nmf import NMFResult, nmf
 
-__all__ = ["ClassPrototypes", "fit_prototypes", "stack_classes"]
+__all__ = ["ClassPrototypes", "fit_prototypes", "fit_settings", "stack_classes"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,16 @@ def stack_classes(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     for k, F in enumerate(flat):
         A[k, : F.shape[0]] = F
     return A, n_rows
+
+
+def fit_settings(**overrides: Any) -> dict[str, Any]:
+    """The settings a fit ran with (defaults of :func:`fit_prototypes` plus ``overrides``), for manifests."""
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(fit_prototypes).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("n_rows", "device", "block_rows")
+    }
+    return {**defaults, **{k: v for k, v in overrides.items() if k not in ("device", "block_rows")}}
 
 
 def fit_prototypes(

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from protonmf import __version__
 from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
-from protonmf.fit import ClassPrototypes, fit_prototypes, stack_classes
+from protonmf.fit import ClassPrototypes, fit_prototypes, fit_settings, stack_classes
 from protonmf.nnls import nnls
 from protonmf.storage import join, read_bytes, sha256, to_fs, write_bytes_atomic
 
@@ -162,7 +162,7 @@ class PrototypeModel(nn.Module):
         A, n_rows = stack_classes([F[labels == k] for k in range(K)])
         counts = [p] if isinstance(p, int) else list(p)
         fits = [fit_prototypes(A, backbone.V, backbone.bias, q, n_rows=n_rows, **fit_kwargs)[0] for q in counts]
-        return cls.from_prototypes(backbone, fits, class_names, settings={"nmf": fit_kwargs, "p": counts})
+        return cls.from_prototypes(backbone, fits, class_names, settings=fit_settings(p=counts, **fit_kwargs))
 
     @property
     def prototypes(self) -> ClassPrototypes:

@@ -140,3 +140,16 @@ def test_bad_input_is_a_clear_value_error(resnet, resnet_data):
         PrototypeModel.fit(resnet, images, labels, p=513)
     with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
         resnet(images[:, :1])
+
+
+def test_fit_rejects_features_and_head_of_different_width(resnet):
+    from protonmf import fit_prototypes
+
+    with pytest.raises(ValueError, match="feature dimension mismatch: features have D = 256 but the head V has D = 512"):
+        fit_prototypes(torch.rand(5, 20, 256), resnet.V, resnet.bias, 3)
+
+
+def test_manifest_records_the_solver_settings(tmp_path, resnet_model):
+    resnet_model.save(str(tmp_path / "m"))
+    settings = json.loads((tmp_path / "m" / "manifest.json").read_text())["settings"]
+    assert settings == {"p": [3, 1, 5], "max_iter": 200, "tol": 1e-4, "seed": 0, "nonneg": False, "solver": "closed_form"}
