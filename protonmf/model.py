@@ -202,7 +202,7 @@ class PrototypeModel(nn.Module):
 
     # ----------------------------------------------------------------- inference
     def _class_vectors(self) -> tuple[Tensor, Tensor]:
-        """Per-class prototype vectors (K, p, D) and coefficients (K, p), and the explicit residual weight (K,)."""
+        """Per-class prototype vectors (K, p, D) of the current mode, float64, and coefficients (K, p)."""
         if self.mode == "augmented":
             return self.B_aug, self.C
         return self.B.double(), self.C

@@ -1,0 +1,200 @@
+"""The feature store: backbone features per class in Zarr v3, image records in Parquet.
+
+Layout under the store's URI (local path or any fsspec URI):
+
+- ``zarr.json``: the root group; its attributes hold the store's ``key`` (a hash of everything
+  that determines the features: backbone, weights, feature layer, preprocessing, data), the
+  feature grid (h, w), the channel count D, and the class names in logit order.
+- ``head.safetensors``: the black box's head, ``V`` (K, D) and ``bias`` (K,).
+- ``c00042/``: class 42's features, an array of shape (n_images, h·w, D), float16, chunked by
+  blocks of ``chunk_images`` images. One writer owns a class, so writers never share a chunk, and
+  rewriting a class writes the same chunks again (idempotent).
+- ``tables/c00042.parquet``: one row per image of class 42, written before its marker:
+  image_id, uri, label, row (index in the class array, null if skipped), pred, top_classes,
+  top_logits (the black box's top logits), skipped (reason, null if the image was used).
+- ``done/c00042.json``: the completion marker, written last: a class without it is not there.
+
+Features are stored after clamping negatives to 0 only if the writer asks; the default stores
+them as the backbone gives them (the NMF clamps its own input).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import zarr
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
+
+__all__ = ["FeatureStore", "RECORD_SCHEMA", "StoreError"]
+
+FORMAT = "protonmf.features"
+FORMAT_VERSION = 1
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("label", pa.int32()),
+        ("row", pa.int32()),
+        ("pred", pa.int32()),
+        ("top_classes", pa.list_(pa.int32())),
+        ("top_logits", pa.list_(pa.float32())),
+        ("skipped", pa.string()),
+    ]
+)
+
+
+class StoreError(ValueError):
+    """A feature store is missing, was made with other settings, or lacks a class."""
+
+
+def _name(k: int) -> str:
+    return f"c{k:05d}"
+
+
+class FeatureStore:
+    """Open with :meth:`create` (new or resumed) or :meth:`open` (existing)."""
+
+    def __init__(self, uri: str, group: zarr.Group, storage_options: dict[str, Any] | None):
+        self.uri = str(uri)
+        self.group = group
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = to_fs(self.uri, self.storage_options)
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.uri!r} is not a protonmf feature store")
+        self.key: str = attrs["key"]
+        self.grid: tuple[int, int] = tuple(attrs["grid"])
+        self.dim: int = int(attrs["dim"])
+        self.class_names: list[str] = list(attrs["class_names"])
+        self.chunk_images: int = int(attrs["chunk_images"])
+        self.meta: dict[str, Any] = dict(attrs.get("meta", {}))
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def create(
+        cls,
+        uri: str,
+        *,
+        key: str,
+        class_names: Sequence[str],
+        grid: tuple[int, int],
+        dim: int,
+        V: torch.Tensor,
+        bias: torch.Tensor,
+        meta: dict[str, Any] | None = None,
+        chunk_images: int = 256,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "FeatureStore":
+        """Create a store, or reopen one made with the same ``key`` (a rerun resumes)."""
+        if V.shape != (len(class_names), dim):
+            raise ValueError(f"head V has shape {tuple(V.shape)}, expected ({len(class_names)}, {dim})")
+        fs, root = to_fs(uri, storage_options)
+        if fs.exists(join(root, "zarr.json")):
+            store = cls.open(uri, storage_options=storage_options)
+            if store.key != key:
+                raise StoreError(
+                    f"the feature store at {uri!r} was made with other settings (key {store.key[:12]}…, "
+                    f"this run {key[:12]}…); use another storage.features location or delete it"
+                )
+            return store
+        attrs = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "grid": list(grid),
+            "dim": int(dim),
+            "class_names": list(class_names),
+            "chunk_images": int(chunk_images),
+            "meta": meta or {},
+        }
+        # The head goes in before the group's zarr.json: a store that exists has its head.
+        write_bytes_atomic(fs, join(root, "head.safetensors"), save_safetensors(
+            {"V": V.detach().float().cpu().contiguous(), "bias": bias.detach().float().cpu().contiguous()}
+        ))
+        group = zarr.open_group(str(uri), mode="a", storage_options=storage_options or None, attributes=attrs)
+        return cls(uri, group, storage_options)
+
+    @classmethod
+    def open(cls, uri: str, *, storage_options: dict[str, Any] | None = None) -> "FeatureStore":
+        fs, root = to_fs(uri, storage_options)
+        if not fs.exists(join(root, "zarr.json")):
+            raise StoreError(f"no feature store at {uri!r}")
+        group = zarr.open_group(str(uri), mode="r+", storage_options=storage_options or None)
+        return cls(uri, group, storage_options)
+
+    # ------------------------------------------------------------------ classes
+    def _marker(self, k: int) -> str:
+        return join(self.root, "done", f"{_name(k)}.json")
+
+    def is_done(self, k: int) -> bool:
+        return self.fs.exists(self._marker(k))
+
+    def done_classes(self) -> list[int]:
+        done_dir = join(self.root, "done")
+        if not self.fs.exists(done_dir):
+            return []
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(done_dir, detail=False)]
+        return sorted(int(n[1:6]) for n in names if n.startswith("c") and n.endswith(".json"))
+
+    def write_class(self, k: int, features: torch.Tensor | np.ndarray, records: pa.Table) -> None:
+        """Write class k's features (n, h, w, D) or (n, h·w, D), its records, then its marker."""
+        if not 0 <= k < len(self.class_names):
+            raise ValueError(f"class index {k} is not in [0, {len(self.class_names)})")
+        F = torch.as_tensor(features)
+        if F.ndim == 4:
+            F = F.flatten(1, 2)
+        h, w = self.grid
+        if F.ndim != 3 or F.shape[1:] != (h * w, self.dim):
+            raise ValueError(f"features of class {k} have shape {tuple(F.shape)}, expected (n, {h * w}, {self.dim})")
+        if not torch.isfinite(F).all():
+            raise ValueError(f"features of class {k} contain NaN or Inf values")
+        records = records.cast(RECORD_SCHEMA)
+        used = int(pc.sum(pc.is_valid(records["row"])).as_py() or 0)
+        if used != F.shape[0]:
+            raise ValueError(f"class {k}: {F.shape[0]} feature rows but {used} records with a row")
+        data = F.to(torch.float16).cpu().numpy()
+        zarr.create_array(
+            self.group.store,
+            name=_name(k),
+            data=data,
+            chunks=(max(1, min(self.chunk_images, data.shape[0])), h * w, self.dim),
+            overwrite=True,
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(records, sink)
+        write_bytes_atomic(self.fs, join(self.root, "tables", f"{_name(k)}.parquet"), sink.getvalue().to_pybytes())
+        marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
+                  "n_skipped": records.num_rows - used, "key": self.key}
+        write_bytes_atomic(self.fs, self._marker(k), json.dumps(marker).encode())
+
+    def read_class(self, k: int) -> torch.Tensor:
+        """Class k's features, (n, h·w, D) float16, in one read of its chunks."""
+        if not self.is_done(k):
+            raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
+        return torch.from_numpy(np.asarray(self.group[_name(k)][...]))
+
+    def read_records(self, classes: Sequence[int] | None = None) -> pa.Table:
+        """The records of the given (default: all completed) classes, as one table."""
+        ks = self.done_classes() if classes is None else list(classes)
+        tables = []
+        for k in ks:
+            if not self.is_done(k):
+                raise StoreError(f"class {k} is not complete in the store at {self.uri!r}")
+            tables.append(pq.read_table(pa.BufferReader(read_bytes(self.fs, join(self.root, "tables", f"{_name(k)}.parquet")))))
+        return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The black box's head (V (K, D), bias (K,)) stored with the features."""
+        tensors = load_safetensors(read_bytes(self.fs, join(self.root, "head.safetensors")))
+        return tensors["V"], tensors["bias"]
