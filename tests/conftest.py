@@ -54,3 +54,51 @@ def vit_data():
 def resnet_model(resnet, resnet_data):
     images, labels, _ = resnet_data
     return PrototypeModel.fit(resnet, images, labels, p=[3, 1, 5], class_names=[f"class{k}" for k in range(N_CLASSES)])
+
+
+# ---------------------------------------------------------------------------------------------
+# A local S3 endpoint (moto in server mode) for tests of object-storage paths.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (a free port), for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server._server.server_port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket():
+    """A fresh bucket name for one test (the ``s3`` fixture creates it)."""
+    import uuid
+
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def s3(s3_server, s3_bucket, monkeypatch):
+    """An ``s3fs.S3FileSystem`` on the moto server, with the bucket ``s3_bucket`` created.
+
+    The endpoint and credentials are set through the standard AWS environment variables, so any
+    code that opens ``s3://`` URIs through fsspec reaches the same server.
+    """
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(s3_bucket)
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
