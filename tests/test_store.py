@@ -80,3 +80,16 @@ def test_bad_writes(tmp_path):
     assert store.done_classes() == []
     with pytest.raises(StoreError, match="no feature store"):
         FeatureStore.open(str(tmp_path / "nothing"))
+
+
+def test_same_store_on_a_local_s3_endpoint(tmp_path, s3, s3_bucket):
+    F = torch.rand(9, *GRID, D).half()
+    local = make(tmp_path / "fs")
+    remote = make(f"s3://{s3_bucket}/features")
+    for store in (local, remote):
+        store.write_class(2, F, records(9))
+    reopened = FeatureStore.open(f"s3://{s3_bucket}/features")
+    assert reopened.done_classes() == [2]
+    assert torch.equal(reopened.read_class(2), FeatureStore.open(str(tmp_path / "fs")).read_class(2))
+    assert reopened.read_records().equals(local.read_records())
+    assert s3.exists(f"{s3_bucket}/features/done/c00002.json")
