@@ -1,0 +1,118 @@
+"""Feature extraction: images of whole classes → backbone features in the feature store.
+
+One call handles a list of classes; each class is read, forwarded in batches, and written to the
+store as a unit (features, records, then the completion marker), so a class is either complete
+or absent and a rerun skips complete classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from protonmf.backbones import FeatureBackbone
+from protonmf.data import ImageSource, iter_batches
+from protonmf.store import RECORD_SCHEMA, FeatureStore
+
+__all__ = ["ClassExtraction", "extract_classes", "feature_key"]
+
+
+def feature_key(**parts: Any) -> str:
+    """A stable hash of everything that determines stored features (backbone, weights, layer, data, preprocessing)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClassExtraction:
+    """What extracting one class did (small, returned by workers)."""
+
+    k: int
+    n_images: int
+    n_skipped: int
+    n_correct: int  # images the black box classifies as their label
+    seconds: float
+    resumed: bool  # already complete in the store: nothing was recomputed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def extract_classes(
+    backbone: FeatureBackbone,
+    source: ImageSource,
+    preprocess: Callable,
+    store: FeatureStore,
+    classes: Sequence[int],
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    top_k: int = 5,
+    device: torch.device | str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[ClassExtraction]:
+    """Extract and store the features of ``classes``; complete classes are skipped.
+
+    Parameters
+    ----------
+    backbone : the black box, moved to ``device`` (default: CUDA if present, else CPU).
+    source : image source whose labels index the store's classes.
+    preprocess : PIL image → (3, S, S) tensor.
+    store : the :class:`~protonmf.store.FeatureStore` to write.
+    classes : class indices to extract.
+    top_k : how many of the black box's top logits each record keeps.
+    on_batch : called with the number of images after each batch (progress bars).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone = backbone.to(device).eval()
+    by_class: dict[int, list] = {}
+    for record in source.records:
+        by_class.setdefault(record.label, []).append(record)
+    top_k = min(top_k, backbone.num_classes)
+    results = []
+    for k in classes:
+        start = time.perf_counter()
+        if store.is_done(k):
+            results.append(ClassExtraction(k, 0, 0, 0, 0.0, resumed=True))
+            continue
+        records = by_class.get(k, [])
+        feats: list[Tensor] = []
+        rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+        n_correct = 0
+        for batch in iter_batches(source, preprocess, batch_size, workers=workers, records=records):
+            for skip in batch.skipped:
+                for name, value in zip(RECORD_SCHEMA.names, (skip.image_id, skip.uri, k, None, None, None, None, skip.reason)):
+                    rows[name].append(value)
+            if len(batch) == 0:
+                continue
+            F = backbone(batch.images.to(device))
+            logits = backbone.head_logits(F)
+            top = logits.topk(top_k, dim=1)
+            pred = logits.argmax(1).cpu()
+            n_correct += int((pred == batch.labels).sum())
+            first = sum(f.shape[0] for f in feats)
+            feats.append(F.to(torch.float16).cpu())
+            rows["image_id"] += batch.image_ids
+            rows["uri"] += batch.uris
+            rows["label"] += batch.labels.tolist()
+            rows["row"] += list(range(first, first + len(batch)))
+            rows["pred"] += pred.tolist()
+            rows["top_classes"] += top.indices.cpu().tolist()
+            rows["top_logits"] += top.values.float().cpu().tolist()
+            rows["skipped"] += [None] * len(batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+        h, w = store.grid
+        F_all = torch.cat(feats) if feats else torch.zeros(0, h, w, store.dim, dtype=torch.float16)
+        store.write_class(k, F_all, pa.table(rows, schema=RECORD_SCHEMA))
+        n_skipped = len(rows["image_id"]) - F_all.shape[0]
+        results.append(ClassExtraction(k, F_all.shape[0], n_skipped, n_correct, time.perf_counter() - start, resumed=False))
+    return results

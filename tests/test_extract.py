@@ -1,0 +1,88 @@
+"""Extraction: a real torchvision backbone over an ImageFolder on disk and on S3, into the feature store."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from protonmf import BackboneSpec, build_backbone
+from protonmf.data import Preprocess, make_source
+from protonmf.extract import extract_classes, feature_key
+from protonmf.store import FeatureStore
+from protonmf.synthetic import make_synthetic_parts, write_image_folder
+
+PRE = Preprocess(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return build_backbone(BackboneSpec("torchvision:resnet18", num_classes=3))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "train"
+    write_image_folder(make_synthetic_parts(3, 6, image_size=64, seed=0), root)
+    odd = root / sorted(p.name for p in root.iterdir())[1]
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(good, format="JPEG")
+    (odd / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (odd / "notes.jpg").write_text("not an image")
+    (odd / "empty.png").write_bytes(b"")
+    Image.new("L", (70, 64), 128).save(odd / "gray.png")
+    Image.new("CMYK", (64, 80), (0, 50, 50, 0)).save(odd / "cmyk.jpg")
+    Image.new("RGBA", (64, 64), (0, 0, 255, 128)).save(odd / "rgba.png")
+    return root
+
+
+def extract(backbone, root, store_uri):
+    source = make_source("imagefolder", root=str(root))
+    store = FeatureStore.create(
+        store_uri, key=feature_key(arch="resnet18", data="tree"), class_names=source.classes,
+        grid=(2, 2), dim=512, V=backbone.V, bias=backbone.bias, chunk_images=4,
+    )
+    summary = extract_classes(backbone, source, PRE, store, range(3), batch_size=4, workers=2)
+    return source, store, summary
+
+
+def test_local_and_s3_extractions_are_bit_identical(backbone, tree, tmp_path, s3, s3_bucket):
+    s3.put(str(tree), f"{s3_bucket}/train", recursive=True)
+    _, local, summary = extract(backbone, tree, str(tmp_path / "features"))
+    _, remote, _ = extract(backbone, f"s3://{s3_bucket}/train", f"s3://{s3_bucket}/features")
+    assert [s.n_images for s in summary] == [6, 9, 6]  # gray, CMYK and RGBA images are converted
+    assert [s.n_skipped for s in summary] == [0, 3, 0]  # truncated, not an image, empty
+    reopened = FeatureStore.open(f"s3://{s3_bucket}/features")
+    for k in range(3):
+        assert torch.equal(reopened.read_class(k), local.read_class(k))
+    same = ["image_id", "label", "row", "pred", "top_classes", "top_logits"]
+    assert reopened.read_records().select(same).equals(local.read_records().select(same))
+    reasons = [r and r.split(":")[0] for r in reopened.read_records()["skipped"].to_pylist()]
+    assert reasons == [r and r.split(":")[0] for r in local.read_records()["skipped"].to_pylist()]
+
+
+def test_stored_features_give_the_black_box_logits(backbone, tree, tmp_path):
+    source, store, _ = extract(backbone, tree, str(tmp_path / "features"))
+    records = store.read_records().to_pylist()
+    used = [r for r in records if r["skipped"] is None]
+    images = torch.stack([PRE(source.load(next(x for x in source.records if x.image_id == r["image_id"]))[0]) for r in used])
+    with torch.no_grad():
+        own = backbone.model(images)  # the network's own forward pass
+    stored = torch.cat([store.read_class(k) for k in range(3)]).float()  # (n, h·w, D) float16 → float32
+    recomputed = stored.mean(1) @ backbone.V.T + backbone.bias
+    assert float((recomputed - own).abs().max()) <= 2e-3 * float(own.abs().max())  # float16 storage
+    assert torch.equal(recomputed.argmax(1), own.argmax(1))
+    torch.testing.assert_close(torch.tensor([r["top_logits"][0] for r in used]), own.max(1).values)
+    assert [r["pred"] for r in used] == own.argmax(1).tolist()
+
+
+def test_corrupt_files_are_listed_as_skipped_and_the_run_completes(backbone, tree, tmp_path):
+    _, store, summary = extract(backbone, tree, str(tmp_path / "features"))
+    skipped = {r["image_id"].split("/")[-1]: r["skipped"] for r in store.read_records().to_pylist() if r["skipped"]}
+    assert set(skipped) == {"truncated.jpg", "notes.jpg", "empty.png"}
+    assert skipped["truncated.jpg"].startswith("truncated image")
+    assert skipped["notes.jpg"].startswith("not an image") and skipped["empty.png"].startswith("empty file")
+    assert store.done_classes() == [0, 1, 2]
+    again = extract_classes(backbone, make_source("imagefolder", root=str(tree)), PRE, store, range(3))
+    assert all(s.resumed for s in again)
