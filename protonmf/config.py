@@ -37,12 +37,16 @@ class DataConfig(_Section):
     val: str | None = None
     classes: list[str] | None = None
     max_images_per_class: int | None = Field(None, ge=1)
+    val_images_per_class: int | None = Field(None, ge=1)
     n_classes: int = Field(10, ge=1)  # synthetic only
+    seed: int = 0  # synthetic and digits: which images, and the digits train/val split
     preprocess: PreprocessConfig = PreprocessConfig()
 
 
 class BackboneConfig(_Section):
     arch: str = "protonmf:small_cnn"
+    # IMAGENET1K_V1-style enum name, a path or URI of a state dict, null (random init), or "demo":
+    # train protonmf:small_cnn on the synthetic set once (cached) and use it.
     weights: str | None = None
     num_classes: int | None = Field(None, ge=1)
     feature_layer: str | None = None

@@ -61,7 +61,7 @@ class ClassPrototypes:
         return self.B.shape[0]
 
     def to_tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name).detach().cpu().contiguous() for f in fields(self)}
+        return {f.name: getattr(self, f.name).detach().cpu().clone() for f in fields(self)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> "ClassPrototypes":

@@ -1,0 +1,275 @@
+"""The steps of a run, as plain functions of a :class:`~protonmf.config.Config`.
+
+``tasks/`` runs these on Ray and ``flows/`` orders them with Prefect; here they know neither, and
+a notebook can call them one after the other:
+
+1. :func:`prepare_store` opens (or resumes) the feature store of the run.
+2. :func:`extract_group` extracts the features of some classes into it.
+3. :func:`fit_group` fits the prototypes of some classes (every p) into a staging file.
+4. :func:`publish_model` merges the staged groups into one model artifact, manifest last.
+5. :func:`evaluate_published` compares the published model with its black box on held-out images.
+
+Everything a step writes is keyed by a hash of the settings it depends on, so a rerun resumes:
+complete classes and groups are read, not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.config import Config
+from protonmf.data import ImageSource, Preprocess, make_source
+from protonmf.evaluate import evaluate_model
+from protonmf.extract import ClassExtraction, extract_classes, feature_key
+from protonmf.fit import ClassPrototypes, fit_prototypes, fit_settings
+from protonmf.model import PrototypeModel
+from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
+from protonmf.store import FeatureStore
+
+__all__ = [
+    "GroupFit",
+    "class_groups",
+    "evaluate_published",
+    "extract_group",
+    "fit_group",
+    "fit_key",
+    "load_backbone",
+    "make_preprocess",
+    "make_split_source",
+    "prepare_store",
+    "publish_model",
+    "resolve_backbone",
+]
+
+
+def make_preprocess(config: Config) -> Preprocess:
+    pp = config.data.preprocess
+    return Preprocess(resize=pp.resize, crop=pp.crop, mean=tuple(pp.mean), std=tuple(pp.std))
+
+
+def make_split_source(config: Config, split: str) -> ImageSource:
+    """The training ("train") or held-out ("val") images of the run."""
+    data = config.data
+    limit = data.max_images_per_class if split == "train" else data.val_images_per_class
+    name = f"data.{split}"
+    if data.source == "synthetic":
+        return make_source(
+            "synthetic", name=name, n_classes=data.n_classes, n_per_class=limit or 60,
+            split=split, image_size=data.preprocess.crop, seed=data.seed,
+        )
+    if data.source == "digits":
+        return make_source("digits", name=name, split=split, image_size=data.preprocess.crop, seed=data.seed)
+    root = data.train if split == "train" else data.val
+    if root is None:
+        raise ValueError(f"{name}: no location given for source {data.source!r}")
+    opts = config.storage.storage_options or None
+    if data.source == "cub":
+        return make_source("cub", name=name, root=root, split="train" if split == "train" else "test", storage_options=opts)
+    return make_source(
+        "imagefolder", name=name, root=root, classes=data.classes, max_images_per_class=limit, storage_options=opts
+    )
+
+
+def resolve_backbone(config: Config) -> tuple[Config, FeatureBackbone]:
+    """Load the black box once and pin its weights, so every worker loads the very same network.
+
+    ``weights: demo`` becomes the path of the trained demo CNN; ``weights: null`` (a random init,
+    for tests) is drawn from ``prototypes.seed`` and saved beside the features.
+    """
+    weights = config.backbone.weights
+    if weights is None:
+        torch.manual_seed(config.prototypes.seed)
+    backbone = load_backbone(config)
+    if weights is None:
+        fs, root = to_fs(config.storage.features, config.storage.storage_options or None)
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+        write_bytes_atomic(fs, join(root, "backbone.safetensors"), save_safetensors(state))
+        weights = join(config.storage.features, "backbone.safetensors")
+    elif weights == "demo":
+        weights = backbone.spec.weights
+    pinned = config.model_copy(update={"backbone": config.backbone.model_copy(update={"weights": weights})})
+    return pinned, backbone
+
+
+def load_backbone(config: Config) -> FeatureBackbone:
+    """The black box of the run; ``weights: demo`` trains (once, cached) the demo CNN."""
+    b = config.backbone
+    if b.weights == "demo":
+        if config.data.source != "synthetic" or b.arch != "protonmf:small_cnn":
+            raise ValueError("backbone.weights: 'demo' trains protonmf:small_cnn on the synthetic set only")
+        from protonmf.demo_backbone import train_demo_backbone
+
+        return train_demo_backbone(n_classes=config.data.n_classes, image_size=config.data.preprocess.crop).backbone
+    spec = BackboneSpec(b.arch, b.weights, b.num_classes, b.feature_layer, b.head, dict(b.arch_kwargs))
+    return build_backbone(spec)
+
+
+@torch.no_grad()
+def _grid(backbone: FeatureBackbone, crop: int) -> tuple[int, int, int]:
+    F = backbone(torch.zeros(1, 3, crop, crop, device=backbone.V.device))
+    return F.shape[1], F.shape[2], F.shape[3]
+
+
+def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str]) -> str:
+    return feature_key(
+        backbone=backbone.spec_dict(),
+        data=config.data.model_dump(exclude={"val", "val_images_per_class"}),
+        classes=classes,
+    )
+
+
+def prepare_store(config: Config, backbone: FeatureBackbone, source: ImageSource) -> FeatureStore:
+    """Create the run's feature store, or reopen it if a run with the same settings made it."""
+    if len(source.classes) != backbone.num_classes:
+        raise ValueError(
+            f"data has {len(source.classes)} classes but the backbone's head has {backbone.num_classes} "
+            "(set backbone.num_classes or data.classes)"
+        )
+    h, w, D = _grid(backbone, config.data.preprocess.crop)
+    return FeatureStore.create(
+        config.storage.features,
+        key=_features_key(config, backbone, list(source.classes)),
+        class_names=list(source.classes),
+        grid=(h, w),
+        dim=D,
+        V=backbone.V,
+        bias=backbone.bias,
+        meta={"backbone": backbone.spec_dict(), "preprocess": make_preprocess(config).to_dict()},
+        storage_options=config.storage.storage_options or None,
+    )
+
+
+def extract_group(
+    config: Config, backbone: FeatureBackbone, source: ImageSource, store: FeatureStore, classes: list[int], **kwargs: Any
+) -> list[ClassExtraction]:
+    return extract_classes(
+        backbone, source, make_preprocess(config), store, classes, batch_size=config.compute.batch_size, **kwargs
+    )
+
+
+def class_groups(num_classes: int, per_group: int) -> list[list[int]]:
+    return [list(range(s, min(s + per_group, num_classes))) for s in range(0, num_classes, per_group)]
+
+
+def fit_key(config: Config, store: FeatureStore) -> str:
+    pr = config.prototypes
+    return feature_key(features=store.key, p=pr.p, settings=_settings(config))
+
+
+def _settings(config: Config) -> dict[str, Any]:
+    pr = config.prototypes
+    return fit_settings(max_iter=pr.max_iter, tol=pr.tol, seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver)
+
+
+def _staging(config: Config, key: str) -> tuple[Any, str]:
+    fs, root = to_fs(config.storage.model, config.storage.storage_options or None)
+    return fs, join(root.rstrip("/") + ".staging", key[:16])
+
+
+@dataclass(frozen=True)
+class GroupFit:
+    """What fitting one group of classes did (small, returned by workers)."""
+
+    classes: list[int]
+    feature_error: dict[int, list[float]]  # p -> per class ||A − EB||² / ||A||²
+    head_error: dict[int, list[float]]  # p -> per class ||V − CB||² / ||V||²
+    n_iter: dict[int, list[int]]
+    resumed: bool
+
+
+def _group_name(classes: list[int]) -> str:
+    return f"g{classes[0]:05d}-{classes[-1]:05d}.safetensors"
+
+
+def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device: str | None = None) -> GroupFit:
+    """Fit every p of the config for ``classes`` from stored features; staged, resumable."""
+    key = fit_key(config, store)
+    fs, staging = _staging(config, key)
+    path = join(staging, _group_name(classes))
+    if fs.exists(path):
+        tensors = load_safetensors(read_bytes(fs, path))
+        resumed = True
+    else:
+        features = [store.read_class(k) for k in classes]  # (n_k, h·w, D) float16 each
+        if any(F.shape[0] == 0 for F in features):
+            empty = [store.class_names[k] for k, F in zip(classes, features) if F.shape[0] == 0]
+            raise ValueError(f"classes {empty} have no usable images: cannot fit prototypes for them")
+        rows = torch.tensor([F.shape[0] * F.shape[1] for F in features])
+        A = torch.zeros(len(classes), int(rows.max()), store.dim, dtype=torch.float16)
+        for i, F in enumerate(features):
+            A[i, : rows[i]] = F.reshape(-1, store.dim)
+        V, bias = store.head()
+        pr = config.prototypes
+        tensors = {}
+        for p in pr.p:
+            fit, _ = fit_prototypes(
+                A, V[classes], bias[classes], p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
+                seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, device=device,
+            )
+            tensors.update({f"p{p}.{name}": t for name, t in fit.to_tensors().items()})
+        write_bytes_atomic(fs, path, save_safetensors(tensors))
+        resumed = False
+    by_p = _split_by_p(tensors)
+    return GroupFit(
+        classes=list(classes),
+        feature_error={p: f.feature_error.tolist() for p, f in by_p.items()},
+        head_error={p: f.head_error.tolist() for p, f in by_p.items()},
+        n_iter={p: f.n_iter.tolist() for p, f in by_p.items()},
+        resumed=resumed,
+    )
+
+
+def _split_by_p(tensors: dict[str, torch.Tensor]) -> dict[int, ClassPrototypes]:
+    groups: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        p, field_name = name.split(".", 1)
+        groups.setdefault(int(p[1:]), {})[field_name] = t
+    return {p: ClassPrototypes.from_tensors(g) for p, g in groups.items()}
+
+
+def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore) -> str:
+    """Merge every staged group into one artifact at ``storage.model`` (manifest written last).
+
+    If the artifact there already comes from the same fit key, it is kept as it is.
+    """
+    key = fit_key(config, store)
+    uri = config.storage.model
+    fs, root = to_fs(uri, config.storage.storage_options or None)
+    manifest_path = join(root, "manifest.json")
+    if fs.exists(manifest_path):
+        manifest = json.loads(read_bytes(fs, manifest_path))
+        if manifest.get("settings", {}).get("fit_key") == key:
+            return uri
+    _, staging = _staging(config, key)
+    groups = class_groups(len(store.class_names), config.prototypes.classes_per_task)
+    by_p: dict[int, list[ClassPrototypes]] = {p: [] for p in config.prototypes.p}
+    for classes in groups:
+        path = join(staging, _group_name(classes))
+        if not fs.exists(path):
+            raise FileNotFoundError(f"the fit of classes {classes[0]}–{classes[-1]} is missing at {path}")
+        for p, fit in _split_by_p(load_safetensors(read_bytes(fs, path))).items():
+            by_p[p].append(fit)
+    fits = [ClassPrototypes.concat(by_p[p]) for p in config.prototypes.p]
+    model = PrototypeModel.from_prototypes(
+        backbone.cpu(),
+        fits,
+        store.class_names,
+        preprocess=make_preprocess(config).to_dict(),
+        settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri},
+    )
+    model.save(uri, storage_options=config.storage.storage_options or None)
+    PrototypeModel.load(uri, storage_options=config.storage.storage_options or None)  # verify before cleaning up
+    fs.rm(staging, recursive=True)
+    return uri
+
+
+def evaluate_published(config: Config, source: ImageSource, **kwargs: Any) -> dict[str, Any]:
+    model = PrototypeModel.load(config.storage.model, storage_options=config.storage.storage_options or None)
+    return evaluate_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size, **kwargs)
