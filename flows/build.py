@@ -27,7 +27,7 @@ from prefect.artifacts import (  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
-from protonmf.stages import class_groups  # noqa: E402
+from protonmf.stages import class_groups, preflight  # noqa: E402
 from tasks.extract import extract_features as ray_extract_features  # noqa: E402
 from tasks.fit import fit_all  # noqa: E402
 from tasks.publish import evaluate_task, prepare_task, publish_task  # noqa: E402
@@ -142,6 +142,7 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     """
     logger = get_run_logger()
     cfg = _config(config, overrides)
+    preflight(cfg)
     timings: dict[str, float] = {}
     with ray_session(cfg):
         t = time.perf_counter()

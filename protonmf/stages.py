@@ -43,10 +43,41 @@ __all__ = [
     "load_backbone",
     "make_preprocess",
     "make_split_source",
+    "preflight",
     "prepare_store",
     "publish_model",
     "resolve_backbone",
 ]
+
+
+def preflight(config: Config) -> None:
+    """Fail within seconds, naming the key, if a location of the config cannot be reached.
+
+    Object stores: the bucket must answer a listing (an unreachable endpoint, a missing bucket and
+    refused credentials are told apart). Data roots must exist.
+    """
+    opts = config.storage.storage_options or None
+    checks = [("storage.features", config.storage.features, False), ("storage.model", config.storage.model, False)]
+    if config.data.source in ("imagefolder", "cub"):
+        if not config.data.train:
+            raise ValueError(f"data.train: required for source {config.data.source!r}")
+        checks.append(("data.train", config.data.train, True))
+        if config.data.val:
+            checks.append(("data.val", config.data.val, True))
+    for key, uri, must_exist in checks:
+        fs, path = to_fs(uri, opts)
+        if "://" in str(uri) and not str(uri).startswith("file://"):
+            bucket = path.split("/", 1)[0]
+            try:
+                fs.ls(bucket, detail=False)
+            except FileNotFoundError:
+                raise ValueError(f"{key}: the bucket {bucket!r} of {uri!r} does not exist") from None
+            except PermissionError as err:
+                raise ValueError(f"{key}: access to {uri!r} refused: {err}") from None
+            except Exception as err:  # noqa: BLE001 - endpoint down, DNS, TLS: all "cannot reach"
+                raise ValueError(f"{key}: cannot reach {uri!r}: {type(err).__name__}: {err}") from None
+        if must_exist and not fs.exists(path):
+            raise ValueError(f"{key}: {uri!r} does not exist")
 
 
 def make_preprocess(config: Config) -> Preprocess:

@@ -1,0 +1,186 @@
+"""The workflow end to end: Prefect flow → Ray tasks → Zarr store → model artifact, on a local S3 endpoint."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from protonmf import PrototypeModel
+from protonmf.config import ConfigError, parse_config
+from protonmf.data import Preprocess, make_source
+
+pytestmark = pytest.mark.slow
+
+N_CLASSES = 4
+
+
+def tree(bucket: str, name: str, **overrides) -> dict:
+    config = {
+        "data": {
+            "source": "synthetic", "n_classes": N_CLASSES, "max_images_per_class": 10, "val_images_per_class": 5,
+            "preprocess": {"resize": 64, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        },
+        "backbone": {"arch": "torchvision:resnet18", "num_classes": N_CLASSES},
+        "prototypes": {"p": [3, 1], "classes_per_task": 2},
+        "compute": {"batch_size": 8},
+        "storage": {"features": f"s3://{bucket}/{name}/features", "model": f"s3://{bucket}/{name}/model"},
+    }
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    """One bucket on the moto server, with the AWS variables set for this process and Ray's workers."""
+    import s3fs
+
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update(AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("flows")
+    yield "flows"
+    for n, v in saved.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
+
+
+@pytest.fixture(scope="module")
+def fault_marker(tmp_path_factory):
+    """While this file exists no worker is killed; a test deletes it to have one fit worker killed."""
+    marker = tmp_path_factory.mktemp("fault") / "killed"
+    marker.write_text("")
+    return marker
+
+
+@pytest.fixture(scope="module")
+def runtime(bucket, fault_marker):
+    """One local Ray (workers see the S3 variables) and one Prefect test server for the module."""
+    import ray
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.runtime import worker_env
+
+    os.environ["PROTONMF_FAULT_KILL_ONCE"] = str(fault_marker)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
+    with prefect_test_harness():
+        yield
+    ray.shutdown()
+    os.environ.pop("PROTONMF_FAULT_KILL_ONCE", None)
+
+
+def run(config, overrides=None):
+    from flows.build import build_prototype_model
+
+    return build_prototype_model(config, overrides or [])
+
+
+@pytest.fixture(scope="module")
+def reference(runtime, bucket):
+    """An uninterrupted run, to compare resumed and retried runs with."""
+    return run(tree(bucket, "reference"))
+
+
+def prototypes(uri):
+    model = PrototypeModel.load(uri)
+    return {p: model.with_p(p).prototypes.to_tensors() for p in model.available_p}
+
+
+def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runtime, bucket):
+    config = tree(bucket, "e2e")
+    result = run(config)
+    ev = result["evaluation"]
+    assert result["model"] == f"s3://{bucket}/e2e/model"
+    assert ev["n_images"] == N_CLASSES * 5 and ev["max_abs_logit_diff"] <= 1e-4 * ev["max_abs_logit"]
+    assert ev["top1_prototype"] == ev["top1_black_box"]
+    assert set(ev["table3"]) == {1, 3}
+
+    model = PrototypeModel.load(f"s3://{bucket}/e2e/model")
+    assert model.p == 3 and model.available_p == [1, 3] and len(model.class_names) == N_CLASSES
+    cfg = parse_config(config)
+    weights = cfg.storage.features + "/backbone.safetensors"
+    from protonmf import BackboneSpec, build_backbone
+
+    black_box = build_backbone(BackboneSpec("torchvision:resnet18", weights=weights, num_classes=N_CLASSES))
+    source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=5, split="val", image_size=64)
+    pre = Preprocess(resize=64, crop=64, mean=(0.5,) * 3, std=(0.25,) * 3)
+    images = torch.stack([pre(source.load(r)[0]) for r in source.records])
+    with torch.no_grad():
+        theirs = black_box.model(images)
+    ours = model(images)
+    assert torch.equal(ours.argmax(1), theirs.argmax(1))
+    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+
+
+def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference):
+    import ray
+
+    from protonmf.config import Config
+    from protonmf.stages import class_groups
+    from tasks.extract import extract_features
+    from tasks.fit import fit_all
+    from tasks.publish import prepare_task
+
+    # A run that stopped mid-way: two classes extracted, one group of classes fitted, no model.
+    config = tree(bucket, "resumed")
+    prepared = ray.get(prepare_task.remote(parse_config(config).model_dump_json()))
+    pinned = Config.model_validate_json(prepared["config_json"])
+    extract_features(pinned, [0, 1])
+    fit_all(pinned, class_groups(N_CLASSES, 2)[:1])
+
+    result = run(config)
+    assert result["evaluation"] == reference["evaluation"]
+    ours, theirs = prototypes(result["model"]), prototypes(reference["model"])
+    for p in theirs:
+        for name in theirs[p]:
+            assert torch.equal(ours[p][name], theirs[p][name]), (p, name)
+
+    # Rerunning a finished run recomputes nothing and keeps the artifact.
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    before = fs.info(f"{bucket}/resumed/model/manifest.json")["LastModified"]
+    again = run(config)
+    assert fs.info(f"{bucket}/resumed/model/manifest.json")["LastModified"] == before
+    assert again["evaluation"] == reference["evaluation"]
+
+
+def test_a_killed_worker_is_retried_and_the_result_is_the_same(runtime, bucket, fault_marker, reference):
+    fault_marker.unlink()
+    result = run(tree(bucket, "killed"))
+    assert fault_marker.read_text().strip().isdigit(), "a fit worker process was killed (its pid is in the marker)"
+    expected = prototypes(reference["model"])
+    ours = prototypes(result["model"])
+    for p in expected:
+        for name in ("B", "C", "R", "B_aug"):
+            assert torch.equal(ours[p][name], expected[p][name]), (p, name)
+
+
+def test_bad_config_key_fails_at_once_naming_the_key(runtime, bucket):
+    config = tree(bucket, "bad")
+    config["prototypes"]["pp"] = [3]
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="prototypes.pp: unknown key"):
+        run(config)
+    assert time.perf_counter() - start < 30
+
+
+def test_missing_dataset_and_unreachable_storage_fail_clearly(runtime, bucket):
+    config = tree(bucket, "missing", data__source="imagefolder", data__train=f"s3://{bucket}/no/such/dataset")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="data.train: 's3://flows/no/such/dataset' does not exist"):
+        run(config)
+    config = tree(bucket, "nobucket")
+    config["storage"]["model"] = "s3://no-such-bucket/model"
+    with pytest.raises(ValueError, match="storage.model: the bucket 'no-such-bucket' of 's3://no-such-bucket/model' does not exist"):
+        run(config)
+    config = tree(bucket, "unreachable")
+    config["storage"]["storage_options"] = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    with pytest.raises(ValueError, match="storage.features: cannot reach 's3://flows/unreachable/features'"):
+        run(config)
+    assert time.perf_counter() - start < 60
