@@ -1,0 +1,42 @@
+"""Deployment files: the Prefect deployment points at the real flow and a valid schedule; the
+cluster manifests ask for GPU workers."""
+
+from pathlib import Path
+
+import yaml
+
+from protonmf.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prefect_deployments_point_at_the_flow_with_a_cron_schedule():
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import Flow
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        import importlib.util
+
+        module_spec = importlib.util.spec_from_file_location("entry", ROOT / path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        flow = getattr(module, name)
+        assert isinstance(flow, Flow) and flow.name == "build_prototype_model"
+        assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+        load_config(ROOT / deployment["parameters"]["config"])
+        for schedule in deployment["schedules"]:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+
+
+def test_cluster_manifests_have_gpu_workers():
+    ray_cluster = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    gpu_nodes = [n for n in ray_cluster["available_node_types"].values() if n["resources"].get("GPU", 0) >= 1]
+    assert gpu_nodes and ray_cluster["head_node_type"] in ray_cluster["available_node_types"]
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("protonmf run configs/")
+    assert (ROOT / job["spec"]["entrypoint"].split()[2]).is_file()
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
