@@ -33,6 +33,7 @@ from torch import Tensor
 __all__ = ["NMFResult", "nmf"]
 
 _EPS = 1e-7  # floor of the update denominators, as in the DFF code the paper builds on
+_CPU_CAST_BYTES = 4 * 2**30  # float16 A up to this size (as float32) is cast once on a CPU
 
 
 @dataclass(frozen=True)
@@ -188,21 +189,29 @@ def nmf(
     device = torch.device(device) if device is not None else A.device
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
 
+    if A.dtype != dtype and device.type == "cpu" and A.numel() * 4 <= _CPU_CAST_BYTES:
+        A = A.to(dtype)  # half-precision matmuls are slow on CPUs: cast once, not every pass
+
     def block(idx: Tensor | None, rows: slice) -> Tensor:
         Ab = A[:, rows] if idx is None else A[idx.to(A.device), rows]
-        return Ab.to(device=device, dtype=dtype, non_blocking=True).clamp_min_(0)
+        return Ab.to(device=device, dtype=dtype, non_blocking=True)
 
-    # Pass 0: ||A||², mean(A) for the init scale, and a check for NaN/Inf.
+    # Pass 0: ||A||², mean(A) for the init scale, and checks for NaN/Inf and negative entries.
     norm_A = torch.zeros(C, dtype=torch.float64, device=device)
     sum_A = torch.zeros(C, dtype=torch.float64, device=device)
+    negative = False
     for rows in _blocks(n, block_rows):
         Ab = block(None, rows)
         if not torch.isfinite(Ab).all():
             bad = (~torch.isfinite(Ab)).flatten(1).any(1).nonzero().flatten().tolist()
             raise ValueError(f"A contains NaN or Inf values (class batch index {bad})")
+        negative = negative or bool((Ab < 0).any())
+        Ab = Ab.clamp_min(0)
         norm_A += Ab.double().square().sum((1, 2))
         sum_A += Ab.double().sum((1, 2))
     mean_A = (sum_A / (n_rows.to(device) * D)).cpu()
+    if negative:
+        A = A.clamp_min(0)  # ProtoNMF §3.1: negative features are set to 0 (one copy, once)
 
     if init is None:
         E, B = _init_factors(n_rows, n, D, p, mean_A, seed, dtype, device)
