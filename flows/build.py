@@ -90,6 +90,20 @@ def evaluate(config: Config) -> dict:
     return ray.get(evaluate_task.remote(config.model_dump_json()))
 
 
+def _localization_table(evaluation: dict) -> str:
+    loc = evaluation.get("localization") or {}
+    if not loc:
+        return ""
+    rows = "\n".join(
+        f"| {p} | {m['on_object']:.3f} | {m['purity']:.3f} | {m['coverage']:.2f} | {m['iou']:.3f} |"
+        for p, m in sorted(loc.items(), key=lambda kv: int(kv[0]))
+    )
+    return (
+        "Part localization against the ground-truth part masks (peaks of each prototype's heatmap):\n\n"
+        "| p | peak on object | purity | parts covered | IoU |\n|---|---|---|---|---|\n" + rows + "\n"
+    )
+
+
 def _report(config: Config, class_names, extraction, fits, evaluation, uri, timings) -> str:
     p0 = config.prototypes.p[0]
     rows = []
@@ -125,6 +139,7 @@ Max |logit difference| prototype model vs black box: {evaluation['max_abs_logit_
 |---|---|---|---|
 {table3}
 
+{_localization_table(evaluation)}
 Classes: {len(class_names)} done ({resumed} resumed from an earlier run); images used {images}, skipped {skipped}.
 
 Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in timings.items())}

@@ -28,6 +28,9 @@ def _print_result(result: dict) -> None:
     print(f"prototype top-1:  {ev['top1_prototype']:.4f}  (max |logit diff| {ev['max_abs_logit_diff']:.2e})")
     for p, modes in sorted(ev["table3"].items(), key=lambda kv: int(kv[0])):
         print(f"  p={p:<3} NMF only {modes['nmf_only']:.4f}   residual only {modes['residual_only']:.4f}   NMF+residual {modes['augmented']:.4f}")
+    for p, m in sorted((ev.get("localization") or {}).items(), key=lambda kv: int(kv[0])):
+        print(f"  p={p:<3} part localization: peak on object {m['on_object']:.3f}, purity {m['purity']:.3f}, "
+              f"parts covered {m['coverage']:.2f} of 3, IoU {m['iou']:.3f}")
 
 
 def _run(config, overrides) -> int:

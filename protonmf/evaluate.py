@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from protonmf.data import ImageSource, iter_batches
+from protonmf.localization import part_localization
 from protonmf.model import MODES, PrototypeModel
 
 __all__ = ["evaluate_model"]
@@ -33,7 +34,9 @@ def evaluate_model(
     -------
     dict with ``n_images``, ``n_skipped``, ``top1_black_box``, ``top1_prototype`` (the model's own
     p and mode), ``max_abs_logit_diff`` and ``max_abs_logit`` (augmented model vs black box, over
-    all p), and ``table3``: {p: {mode: top1}}.
+    all p), ``table3``: {p: {mode: top1}}, and, for sources with part masks (the synthetic set),
+    ``localization``: {p: purity, on_object, coverage, iou} of the prototypes' heatmaps on the
+    images' true class (see :mod:`protonmf.localization`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
@@ -41,6 +44,11 @@ def evaluate_model(
     correct = {key: 0 for key in variants}
     correct_bb = n = n_skipped = 0
     max_diff = max_logit = 0.0
+    masks = getattr(source, "masks", None)  # ground-truth parts (the synthetic set)
+    by_id = {r.image_id: r for r in source.records} if masks is not None else {}
+    heat: dict[int, list[torch.Tensor]] = {p: [] for p in model.available_p}
+    mask_rows: list[torch.Tensor] = []
+    label_rows: list[torch.Tensor] = []
     for batch in iter_batches(source, preprocess, batch_size, workers=workers):
         n_skipped += len(batch.skipped)
         if len(batch) == 0:
@@ -55,12 +63,24 @@ def evaluate_model(
             correct[key] += int((logits.argmax(1) == labels).sum())
             if key[1] == "augmented":
                 max_diff = max(max_diff, float((logits - black_box).abs().max()))
+        if masks is not None and masks.shape[1:] == batch.images.shape[2:]:
+            mask_rows.append(torch.from_numpy(masks[[by_id[i].index for i in batch.image_ids]]))
+            label_rows.append(batch.labels)
+            for p in model.available_p:  # where each prototype of the true class is (eq. 9)
+                heat[p].append(variants[(p, model.mode)].explain(batch.images.to(device), target=labels).heatmaps.cpu())
         n += len(batch)
     if n == 0:
         raise ValueError(f"evaluation: no usable images in {source!r}")
     table3: dict[int, dict[str, float]] = {}
     for (p, mode), hits in correct.items():
         table3.setdefault(p, {})[mode] = hits / n
+    localization = {}
+    if mask_rows:
+        all_masks, all_labels = torch.cat(mask_rows), torch.cat(label_rows)
+        n_parts = len(source.part_names) - 1
+        for p, maps in heat.items():
+            result = part_localization(torch.cat(maps), all_masks, all_labels, n_parts)
+            localization[p] = {k: v for k, v in result.items() if k != "per_class"}
     return {
         "n_images": n,
         "n_skipped": n_skipped,
@@ -69,4 +89,5 @@ def evaluate_model(
         "max_abs_logit_diff": max_diff,
         "max_abs_logit": max_logit,
         "table3": table3,
+        "localization": localization,
     }
