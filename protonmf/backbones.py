@@ -83,7 +83,17 @@ def _build_model(spec: BackboneSpec) -> nn.Module:
 
         if name not in torchvision.models.list_models():
             raise ValueError(f"backbone.arch: torchvision has no model {name!r}")
-        model = torchvision.models.get_model(name, weights=enum_weights, **kwargs)
+        if enum_weights is not None:
+            known = sorted(torchvision.models.get_model_weights(name).__members__) + ["DEFAULT"]
+            if enum_weights not in known:
+                raise ValueError(f"backbone.weights: torchvision {name} has no weights {enum_weights!r}; known: {', '.join(sorted(set(known)))}")
+        try:
+            model = torchvision.models.get_model(name, weights=enum_weights, **kwargs)
+        except OSError as err:  # URLError and friends: the weights are downloaded on first use
+            raise ValueError(
+                f"backbone.weights: could not fetch torchvision {name} {enum_weights} ({err}); "
+                "without network access give a path or URI of the state dict"
+            ) from None
     elif library == "timm":
         import timm
 

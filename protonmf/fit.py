@@ -119,7 +119,8 @@ def fit_settings(**overrides: Any) -> dict[str, Any]:
         for name, param in inspect.signature(fit_prototypes).parameters.items()
         if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("n_rows", "device", "block_rows")
     }
-    return {**defaults, **{k: v for k, v in overrides.items() if k not in ("device", "block_rows")}}
+    settings = {**defaults, **{k: v for k, v in overrides.items() if k not in ("device", "block_rows")}}
+    return {**settings, "nmf_input": "negative features set to 0 (ProtoNMF §3.1)"}
 
 
 def fit_prototypes(

@@ -215,6 +215,10 @@ class GroupFit:
     resumed: bool
 
 
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _group_name(classes: list[int]) -> str:
     return f"g{classes[0]:05d}-{classes[-1]:05d}.safetensors"
 
@@ -242,7 +246,7 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         for p in pr.p:
             fit, _ = fit_prototypes(
                 A, V[classes], bias[classes], p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
-                seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, device=device,
+                seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, device=device or _default_device(),
             )
             tensors.update({f"p{p}.{name}": t for name, t in fit.to_tensors().items()})
         write_bytes_atomic(fs, path, save_safetensors(tensors))

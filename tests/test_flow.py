@@ -184,3 +184,28 @@ def test_missing_dataset_and_unreachable_storage_fail_clearly(runtime, bucket):
     with pytest.raises(ValueError, match="storage.features: cannot reach 's3://flows/unreachable/features'"):
         run(config)
     assert time.perf_counter() - start < 60
+
+
+def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from flows.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert f"model:            {tmp_path / 'demo'}/model" in out and "black box top-1:  1.0000" in out
+    model = PrototypeModel.load(str(tmp_path / "demo" / "model"))
+    assert model.available_p == [1, 3, 5, 10] and len(model.class_names) == 10
+
+    config = tree(bucket, "e2e")
+    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(config))
+    run(config)  # published already by the first test when run together; resumes at once
+    assert main(["evaluate", config["storage"]["model"], "--config", str(tmp_path / "e2e.yaml"), "--json", str(tmp_path / "ev.json")]) == 0
+    result = json.loads((tmp_path / "ev.json").read_text())
+    assert result["n_images"] == N_CLASSES * 5
+    assert result["top1_prototype"] == result["top1_black_box"]
+    assert result["max_abs_logit_diff"] <= 1e-4 * result["max_abs_logit"]
+    assert main(["run", str(tmp_path / "e2e.yaml"), "--set", "prototypes.pp=3"]) == 2
+    assert "prototypes.pp: unknown key" in capsys.readouterr().err

@@ -152,4 +152,7 @@ def test_fit_rejects_features_and_head_of_different_width(resnet):
 def test_manifest_records_the_solver_settings(tmp_path, resnet_model):
     resnet_model.save(str(tmp_path / "m"))
     settings = json.loads((tmp_path / "m" / "manifest.json").read_text())["settings"]
-    assert settings == {"p": [3, 1, 5], "max_iter": 200, "tol": 1e-4, "seed": 0, "nonneg": False, "solver": "closed_form"}
+    assert settings == {
+        "p": [3, 1, 5], "max_iter": 200, "tol": 1e-4, "seed": 0, "nonneg": False, "solver": "closed_form",
+        "nmf_input": "negative features set to 0 (ProtoNMF §3.1)",
+    }
