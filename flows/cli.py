@@ -2,7 +2,7 @@
 
     protonmf demo [--out DIR]                    the whole flow on the embedded default, locally
     protonmf run CONFIG [--set key=value ...]    the whole flow on any config
-    protonmf evaluate MODEL_URI [--json OUT]     a published model against its black box
+    protonmf evaluate MODEL_URI (--config CONFIG | --val URI) [--features STORE_URI] [--json OUT]
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ def _evaluate(args) -> int:
         source = make_source("imagefolder", name="--val", root=args.val, classes=model.class_names)
         preprocess = make_preprocess(config)
     result = evaluate_model(model, source, preprocess)
+    features = args.features or model.settings.get("features")
+    if args.features or (features and args.reconstruction):
+        from protonmf.evaluate import reconstruction_study
+        from protonmf.store import FeatureStore
+
+        store = FeatureStore.open(features)
+        classes = list(range(min(args.classes, len(store.class_names))))
+        result["reconstruction"] = reconstruction_study(store, model.available_p, classes=classes)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)
@@ -82,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--config", help="config whose validation split to use")
     ev.add_argument("--val", help="an ImageFolder URI of held-out images (class folders named as the model's classes)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--features", help="feature store URI: add Table 1 / Figure 5 reconstruction errors and seed stability")
+    ev.add_argument("--reconstruction", action="store_true", help="the same, from the store the model was fitted on")
+    ev.add_argument("--classes", type=int, default=50, help="classes used for the reconstruction study (default 50)")
     ev.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
 

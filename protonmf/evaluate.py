@@ -14,6 +14,7 @@ import torch
 from protonmf.data import ImageSource, iter_batches
 from protonmf.localization import part_localization
 from protonmf.model import MODES, PrototypeModel
+from protonmf.store import FeatureStore
 
 __all__ = ["evaluate_model"]
 
@@ -36,12 +37,15 @@ def evaluate_model(
     p and mode), ``max_abs_logit_diff`` and ``max_abs_logit`` (augmented model vs black box, over
     all p), ``table3``: {p: {mode: top1}}, and, for sources with part masks (the synthetic set),
     ``localization``: {p: purity, on_object, coverage, iou} of the prototypes' heatmaps on the
-    images' true class (see :mod:`protonmf.localization`).
+    images' true class (see :mod:`protonmf.localization`); ``intervention`` (Table 4): {p:
+    top1_before, top1_after, fixed} when each wrong prediction loses its predicted class's most
+    important prototype.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     variants = {(p, mode): model.with_p(p).with_mode(mode) for p in model.available_p for mode in MODES}
     correct = {key: 0 for key in variants}
+    fixed = {p: 0 for p in model.available_p}  # Table 4: wrong predictions set right by one intervention
     correct_bb = n = n_skipped = 0
     max_diff = max_logit = 0.0
     masks = getattr(source, "masks", None)  # ground-truth parts (the synthetic set)
@@ -63,6 +67,7 @@ def evaluate_model(
             correct[key] += int((logits.argmax(1) == labels).sum())
             if key[1] == "augmented":
                 max_diff = max(max_diff, float((logits - black_box).abs().max()))
+                fixed[key[0]] += _fixed_by_intervention(variant, F, logits, labels)
         if masks is not None and masks.shape[1:] == batch.images.shape[2:]:
             mask_rows.append(torch.from_numpy(masks[[by_id[i].index for i in batch.image_ids]]))
             label_rows.append(batch.labels)
@@ -81,6 +86,10 @@ def evaluate_model(
         for p, maps in heat.items():
             result = part_localization(torch.cat(maps), all_masks, all_labels, n_parts)
             localization[p] = {k: v for k, v in result.items() if k != "per_class"}
+    intervention = {
+        p: {"top1_before": table3[p]["augmented"], "top1_after": table3[p]["augmented"] + fixed[p] / n, "fixed": fixed[p]}
+        for p in model.available_p
+    }
     return {
         "n_images": n,
         "n_skipped": n_skipped,
@@ -90,4 +99,84 @@ def evaluate_model(
         "max_abs_logit": max_logit,
         "table3": table3,
         "localization": localization,
+        "intervention": intervention,
     }
+
+
+def _fixed_by_intervention(model: PrototypeModel, F: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """ProtoNMF Table 4: for each wrong prediction, remove the predicted class's most important
+    prototype (largest coefficient) and count the images that become right."""
+    pred = logits.argmax(1)
+    wrong = pred != labels
+    if not bool(wrong.any()):
+        return 0
+    vectors, coef = model._class_vectors()
+    top = coef.argmax(1)  # (K,) most important prototype of each class
+    c = pred[wrong]
+    pooled = F[wrong].flatten(1, 2).mean(1).double()
+    contribution = coef[c, top[c]] * (pooled * vectors[c, top[c]]).sum(1)
+    edited = logits[wrong].double().clone()
+    edited[torch.arange(len(c)), c] -= contribution
+    return int((edited.argmax(1) == labels[wrong]).sum())
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(values) > 1 else 0.0}
+
+
+def matched_cosine(B1: torch.Tensor, B2: torch.Tensor) -> float:
+    """Mean cosine similarity of two prototype sets (p, D) after the best one-to-one matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    cos = torch.nn.functional.normalize(B1.double(), dim=1) @ torch.nn.functional.normalize(B2.double(), dim=1).T
+    rows, cols = linear_sum_assignment(-cos.numpy())
+    return float(cos[rows, cols].mean())
+
+
+@torch.no_grad()
+def reconstruction_study(
+    store: FeatureStore,
+    p_values: list[int],
+    *,
+    classes: list[int] | None = None,
+    seeds: tuple[int, int] = (0, 1),
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    group_size: int = 16,
+    device: torch.device | str | None = None,
+) -> dict[int, dict[str, Any]]:
+    """ProtoNMF Table 1 / Figure 5 and stability across seeds, from stored features.
+
+    For each p: mean ± std over classes of the feature reconstruction error ||A − EB||²/||A||²
+    and the head reconstruction error ||V − CB||²/||V||² of NMF prototypes, the same for the
+    real-patch baseline (:mod:`protonmf.baselines`), and the matched cosine similarity of the
+    prototypes fitted from two seeds.
+    """
+    from protonmf.baselines import basis_error, patch_prototypes
+    from protonmf.fit import fit_prototypes
+    from protonmf.head import reconstruct_head
+
+    ks = list(range(len(store.class_names))) if classes is None else list(classes)
+    V, bias = store.head()
+    acc: dict[int, dict[str, list[float]]] = {
+        p: {"feature_error": [], "head_error": [], "baseline_feature_error": [], "baseline_head_error": [], "stability": []}
+        for p in p_values
+    }
+    for start in range(0, len(ks), group_size):
+        group = ks[start : start + group_size]
+        feats = [store.read_class(k).reshape(-1, store.dim) for k in group]
+        rows = torch.tensor([f.shape[0] for f in feats])
+        A = torch.zeros(len(group), int(rows.max()), store.dim, dtype=feats[0].dtype)
+        for i, f in enumerate(feats):
+            A[i, : f.shape[0]] = f
+        for p in p_values:
+            fits = [fit_prototypes(A, V[group], bias[group], p, n_rows=rows, max_iter=max_iter, tol=tol, seed=s, device=device)[0] for s in seeds]
+            acc[p]["feature_error"] += fits[0].feature_error.tolist()
+            acc[p]["head_error"] += fits[0].head_error.tolist()
+            for i, k in enumerate(group):
+                acc[p]["stability"].append(matched_cosine(fits[0].B[i].cpu(), fits[1].B[i].cpu()))
+                patches = patch_prototypes(feats[i], p, seed=seeds[0])
+                acc[p]["baseline_feature_error"].append(basis_error(feats[i], patches))
+                acc[p]["baseline_head_error"].append(float(reconstruct_head(V[[k]], patches.unsqueeze(0)).relative_error[0]))
+    return {p: {name: _mean_std(values) for name, values in metrics.items()} for p, metrics in acc.items()}

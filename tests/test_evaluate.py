@@ -1,0 +1,69 @@
+"""Evaluation: Table 4 intervention, the real-patch baseline, matched cosine, reconstruction study."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls as scipy_nnls
+
+from protonmf.baselines import basis_error, patch_prototypes
+from protonmf.evaluate import _fixed_by_intervention, matched_cosine, reconstruction_study
+
+
+def test_intervention_count_matches_editing_the_model_image_by_image(resnet, resnet_data, resnet_model):
+    _, _, x = resnet_data
+    labels = torch.arange(x.shape[0]) % 5
+    with torch.no_grad():
+        F = resnet(x)
+    logits = resnet_model.logits_from_features(F)
+    wrong = (logits.argmax(1) != labels).nonzero().flatten().tolist()
+    assert wrong, "the random network gets some images wrong"
+    expected = 0
+    for i in wrong:
+        c = int(logits[i].argmax())
+        edited = resnet_model.intervene({c: [int(resnet_model.C[c].argmax())]})
+        expected += int(edited(x[i : i + 1]).argmax(1)) == int(labels[i])
+    assert _fixed_by_intervention(resnet_model, F, logits, labels) == expected
+
+
+def test_patch_prototypes_are_real_rows_one_per_cluster():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0]])
+    A = (centers.repeat_interleave(40, 0) + 0.1 * torch.rand(120, 4, generator=g)).clamp_min(0)
+    B = patch_prototypes(A, 3)
+    assert all(bool((A == row).all(1).any()) for row in B), "every prototype is a row of A"
+    assert sorted(B.argmax(1).tolist()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="need 1 <= p <= n"):
+        patch_prototypes(A[:2], 3)
+
+
+def test_basis_error_uses_non_negative_codes():
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.rand(30, 6, generator=g, dtype=torch.float64), torch.rand(2, 6, generator=g, dtype=torch.float64)
+    E = np.stack([scipy_nnls(B.numpy().T, a)[0] for a in A.numpy()])
+    expected = ((A.numpy() - E @ B.numpy()) ** 2).sum() / (A.numpy() ** 2).sum()
+    assert basis_error(A, B) == pytest.approx(expected, rel=1e-9)
+
+
+def test_matched_cosine_ignores_order():
+    B = torch.rand(4, 8, generator=torch.Generator().manual_seed(2))
+    assert matched_cosine(B, B[[2, 0, 3, 1]]) == pytest.approx(1.0)
+    assert matched_cosine(B, torch.rand(4, 8)) < 1.0
+
+
+def test_reconstruction_study_on_a_store(tmp_path):
+    from protonmf.store import FeatureStore
+    from tests.test_store import records
+
+    g = torch.Generator().manual_seed(3)
+    store = FeatureStore.create(str(tmp_path / "fs"), key="k", class_names=["a", "b"], grid=(2, 2), dim=16,
+                                V=torch.randn(2, 16, generator=g), bias=torch.zeros(2))
+    for k in range(2):
+        E, B = torch.rand(20 * 4, 3, generator=g), torch.rand(3, 16, generator=g)
+        store.write_class(k, (E @ B).reshape(20, 2, 2, 16), records(20))
+    study = reconstruction_study(store, [1, 3])
+    assert set(study) == {1, 3}
+    assert study[3]["feature_error"]["mean"] < study[1]["feature_error"]["mean"]  # more prototypes, less error (Fig. 5)
+    assert study[3]["feature_error"]["mean"] < 1e-2  # rank-3 data, 3 prototypes
+    assert study[3]["head_error"]["mean"] <= study[1]["head_error"]["mean"]
+    assert 0.9 < study[1]["stability"]["mean"] <= 1.0 + 1e-9
+    assert study[3]["feature_error"]["mean"] <= study[3]["baseline_feature_error"]["mean"]
