@@ -3,6 +3,7 @@
     protonmf demo [--out DIR]                    the whole flow on the embedded default, locally
     protonmf run CONFIG [--set key=value ...]    the whole flow on any config
     protonmf evaluate MODEL_URI (--config CONFIG | --val URI) [--features STORE_URI] [--json OUT]
+    protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...]
 """
 
 from __future__ import annotations
@@ -77,6 +78,26 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    from protonmf.explain import explain_images, parse_interventions
+    from protonmf.model import PrototypeModel
+
+    model = PrototypeModel.load(args.model)
+    results = explain_images(model, args.images, args.out, interventions=parse_interventions(args.intervene))
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['image']}: skipped ({r['skipped']})")
+            continue
+        for name in ("model", "intervened"):
+            if name in r:
+                m = r[name]
+                parts = ", ".join(f"{v:+.3f}" for v in m["contributions"])
+                print(f"{r['image']} [{name}]: {m['predicted_name']} (logit {m['logit']:.3f}); prototypes {parts}; "
+                      f"residual {m['residual']:+.3f}; bias {m['bias']:+.3f}; picture {m['picture']}")
+    print(f"explanations: {args.out}/explanations.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="protonmf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--reconstruction", action="store_true", help="the same, from the store the model was fitted on")
     ev.add_argument("--classes", type=int, default=50, help="classes used for the reconstruction study (default 50)")
     ev.add_argument("--json", help="also write the result to this file")
+    ex = sub.add_parser("explain", help="explain images: contributions, prototype areas, interventions")
+    ex.add_argument("model")
+    ex.add_argument("images", nargs="+")
+    ex.add_argument("--out", default="out/explain")
+    ex.add_argument("--intervene", default="", help="CLASS:PROTO,... prototypes to remove (class index or name)")
     args = parser.parse_args(argv)
 
     from protonmf.config import ConfigError
@@ -107,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(str(demo_config), [f"storage.features={out}/features", f"storage.model={out}/model"])
         if args.command == "run":
             return _run(args.config, args.set)
+        if args.command == "explain":
+            return _explain(args)
         return _evaluate(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"protonmf: error: {err}", file=sys.stderr)
