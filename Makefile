@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test
+.PHONY: install demo test browser
 
 install: $(STAMP)
 
@@ -19,5 +19,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/protonmf demo
 
-test: install
+# The report test renders HTML in Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test: install browser
 	$(PY) -m pytest

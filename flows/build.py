@@ -116,6 +116,8 @@ def _report(config: Config, class_names, extraction, fits, evaluation, uri, timi
             rows.append(row)
     create_table_artifact(rows, key="reconstruction-errors", description="per-class ||A−EB||²/||A||² and ||V−CB||²/||V||²")
     create_link_artifact(uri, link_text="prototype model", key="model")
+    if evaluation.get("report"):
+        create_link_artifact(evaluation["report"], link_text="HTML report", key="report")
     images = sum(r["n_images"] for r in extraction)
     skipped = sum(r["n_skipped"] for r in extraction)
     resumed = sum(bool(r["resumed"]) for r in extraction)
@@ -126,6 +128,7 @@ def _report(config: Config, class_names, extraction, fits, evaluation, uri, timi
     markdown = f"""# Prototype model: {config.backbone.arch}
 
 Published at `{uri}` (p = {p0}; also {', '.join(map(str, config.prototypes.p[1:])) or 'no other p'}).
+Report: `{evaluation.get('report', 'not written')}`.
 
 | | top-1 (held-out, {evaluation['n_images']} images) |
 |---|---|

@@ -24,6 +24,8 @@ def _print_result(result: dict) -> None:
     ev = result["evaluation"]
     print()
     print(f"model:            {result['model']}")
+    if ev.get("report"):
+        print(f"report:           {ev['report']}")
     print(f"classes:          {result['classes']}")
     print(f"black box top-1:  {ev['top1_black_box']:.4f}  ({ev['n_images']} held-out images)")
     print(f"prototype top-1:  {ev['top1_prototype']:.4f}  (max |logit diff| {ev['max_abs_logit_diff']:.2e})")

@@ -95,12 +95,19 @@ class StorageConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
+class EvaluationConfig(_Section):
+    report: bool = True  # write an HTML report beside the model (<storage.model>/report/index.html)
+    report_classes: int = Field(3, ge=0)  # classes shown with their prototype figures
+    reconstruction_classes: int = Field(20, ge=0)  # classes of the Table 1 / Figure 5 study (0: skip)
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
     prototypes: PrototypesConfig = PrototypesConfig()
     compute: ComputeConfig = ComputeConfig()
     storage: StorageConfig = StorageConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -306,5 +306,26 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
 
 
 def evaluate_published(config: Config, source: ImageSource, **kwargs: Any) -> dict[str, Any]:
-    model = PrototypeModel.load(config.storage.model, storage_options=config.storage.storage_options or None)
-    return evaluate_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size, **kwargs)
+    """Evaluate the published model on held-out images; write the HTML report beside it."""
+    from protonmf.evaluate import reconstruction_study
+    from protonmf.report import render_report
+
+    opts = config.storage.storage_options or None
+    model = PrototypeModel.load(config.storage.model, storage_options=opts)
+    result = evaluate_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size, **kwargs)
+    ev = config.evaluation
+    reconstruction = None
+    if ev.reconstruction_classes:
+        store = FeatureStore.open(config.storage.features, storage_options=opts)
+        classes = list(range(min(ev.reconstruction_classes, len(store.class_names))))
+        reconstruction = reconstruction_study(store, model.available_p, classes=classes, seeds=(config.prototypes.seed, config.prototypes.seed + 1),
+                                              max_iter=config.prototypes.max_iter, tol=config.prototypes.tol)
+        result["reconstruction"] = reconstruction
+    if ev.report:
+        page = render_report(model, result, source, reconstruction=reconstruction,
+                             classes=list(range(min(ev.report_classes, model.num_classes))),
+                             title=f"Prototype model: {config.backbone.arch}")
+        fs, root = to_fs(config.storage.model, opts)
+        write_bytes_atomic(fs, join(root, "report", "index.html"), page.encode())
+        result["report"] = join(config.storage.model, "report", "index.html")
+    return result

@@ -1,0 +1,188 @@
+"""A static HTML report of a run: the paper's tables measured, and its figures for a few classes.
+
+One self-contained file (images embedded as PNG data URIs), so it opens from disk or straight from
+object storage in a browser:
+
+- accuracy of the black box and of the prototype model, max |logit difference| (exactness);
+- Table 3 (NMF only / residual only / NMF + residual, every p), Table 4 (intervention);
+- part localization against ground-truth masks, when the data has them;
+- Table 1 / Figure 5 (reconstruction errors against p, NMF vs real patches) and seed stability,
+  when a reconstruction study was run;
+- for a few classes, Figures 2–3: images with each prototype's area in its own colour, the
+  residual prototype's heatmaps, the coefficients; Figure 4: the same image at every p.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from protonmf.data import ImageSource, Preprocess
+from protonmf.figures import PROTOTYPE_COLORS, error_curves, prototype_overlay
+from protonmf.model import PrototypeModel
+
+__all__ = ["render_report"]
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+h2{border-bottom:1px solid #ddd;padding-bottom:4px}.note{color:#666;font-size:90%}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _display(images: torch.Tensor, pre: Preprocess) -> np.ndarray:
+    mean = torch.tensor(pre.mean)[:, None, None]
+    std = torch.tensor(pre.std)[:, None, None]
+    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _class_images(source: ImageSource, pre: Preprocess, k: int, n: int) -> torch.Tensor:
+    out = []
+    for record in (r for r in source.records if r.label == k):
+        img, _ = source.load(record)
+        if img is not None:
+            out.append(pre(img))
+        if len(out) == n:
+            break
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess, k: int) -> str:
+    exp = model.explain(images, target=[k] * len(images))
+    shown = _display(images, pre)
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(prototype_overlay(shown[i], exp.heatmaps[i].numpy()))
+        axes[1, i].imshow(shown[i])
+        axes[1, i].imshow(exp.residual_heatmap[i].numpy(), cmap="magma", alpha=0.6)
+        axes[0, i].axis("off")
+        axes[1, i].axis("off")
+    axes[0, 0].set_title("prototype areas", fontsize=8, loc="left")
+    axes[1, 0].set_title("residual prototype", fontsize=8, loc="left")
+    fig.tight_layout()
+    areas = _png(fig)
+    fig, ax = plt.subplots(figsize=(3.2, 0.4 + 0.35 * model.p))
+    coef = model.C[k].numpy()
+    ax.barh([f"proto {i}" for i in range(model.p)], coef, color=[PROTOTYPE_COLORS[i % 10] for i in range(model.p)])
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_title("coefficients a_i", fontsize=9)
+    fig.tight_layout()
+    coefficients = _png(fig)
+    return (
+        f"<h3>{html.escape(model.class_names[k])}</h3>"
+        f'<img alt="prototype areas of class {k}" src="{areas}"><br>'
+        f'<img alt="coefficients of class {k}" src="{coefficients}">'
+    )
+
+
+def _figure4(model: PrototypeModel, images: torch.Tensor, labels: Sequence[int], pre: Preprocess) -> str:
+    ps = model.available_p
+    shown = _display(images, pre)
+    fig, axes = plt.subplots(len(images), len(ps), figsize=(1.8 * len(ps), 1.8 * len(images)), squeeze=False)
+    for j, p in enumerate(ps):
+        exp = model.with_p(p).explain(images, target=list(labels))
+        for i in range(len(images)):
+            axes[i, j].imshow(prototype_overlay(shown[i], exp.heatmaps[i].numpy()))
+            axes[i, j].axis("off")
+        axes[0, j].set_title(f"p = {p}", fontsize=9)
+    fig.tight_layout()
+    return f'<img alt="figure 4: prototype areas for p in {ps}" src="{_png(fig)}">'
+
+
+@torch.no_grad()
+def render_report(
+    model: PrototypeModel,
+    evaluation: dict[str, Any],
+    source: ImageSource,
+    *,
+    reconstruction: dict[int, dict[str, Any]] | None = None,
+    classes: Sequence[int] | None = None,
+    images_per_class: int = 10,
+    title: str = "Prototype model report",
+) -> str:
+    """The report as one HTML string. ``source`` gives the example images (held-out)."""
+    pre = Preprocess(**model.preprocess) if model.preprocess else Preprocess()
+    model = model.cpu().eval()
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    spec = model.backbone.spec_dict()
+    parts.append(f"<p class='note'>backbone {html.escape(str(spec.get('arch')))}, feature layer "
+                 f"{html.escape(str(spec.get('feature_layer')))}, {model.num_classes} classes, p = {model.available_p}</p>")
+    parts.append("<h2>Accuracy</h2>" + _table(
+        ["", f"top-1 ({evaluation['n_images']} held-out images)"],
+        [["black box", evaluation["top1_black_box"]], [f"prototype model (p = {model.p})", evaluation["top1_prototype"]]],
+    ) + f"<p>max |logit difference| {evaluation['max_abs_logit_diff']:.2e} (max |logit| {evaluation['max_abs_logit']:.3f})</p>")
+    table3 = sorted(evaluation["table3"].items(), key=lambda kv: int(kv[0]))
+    parts.append("<h2>Table 3: which prototypes carry the decision</h2>" + _table(
+        ["p", "NMF only", "residual only", "NMF + residual"],
+        [[p, v["nmf_only"], v["residual_only"], v["augmented"]] for p, v in table3],
+    ))
+    if evaluation.get("intervention"):
+        rows = sorted(evaluation["intervention"].items(), key=lambda kv: int(kv[0]))
+        parts.append("<h2>Table 4: test-time intervention</h2><p class='note'>each wrong prediction loses its "
+                     "predicted class's most important prototype</p>" + _table(
+                         ["p", "top-1 before", "top-1 after", "corrected"],
+                         [[p, v["top1_before"], v["top1_after"], v["fixed"]] for p, v in rows]))
+    if evaluation.get("localization"):
+        rows = sorted(evaluation["localization"].items(), key=lambda kv: int(kv[0]))
+        parts.append("<h2>Part localization</h2>" + _table(
+            ["p", "peak on object", "purity", "parts covered", "IoU"],
+            [[p, v["on_object"], v["purity"], v["coverage"], v["iou"]] for p, v in rows]))
+    if reconstruction:
+        rows = sorted(reconstruction.items(), key=lambda kv: int(kv[0]))
+        ps = [int(p) for p, _ in rows]
+
+        def ms(v: dict[str, float]) -> str:
+            return f"{v['mean']:.4f} ± {v['std']:.4f}"
+
+        parts.append("<h2>Table 1 / Figure 5: reconstruction</h2>" + _table(
+            ["p", "features, NMF", "features, real patches", "head, NMF", "head, real patches", "stability (cosine)"],
+            [[p, ms(v["feature_error"]), ms(v["baseline_feature_error"]), ms(v["head_error"]),
+              ms(v["baseline_head_error"]), ms(v["stability"])] for p, v in rows]))
+        fig = error_curves(ps, {
+            "features, NMF": [(v["feature_error"]["mean"], v["feature_error"]["std"]) for _, v in rows],
+            "features, real patches": [(v["baseline_feature_error"]["mean"], v["baseline_feature_error"]["std"]) for _, v in rows],
+            "head, NMF": [(v["head_error"]["mean"], v["head_error"]["std"]) for _, v in rows],
+        })
+        parts.append(f'<img alt="figure 5: reconstruction errors against p" src="{_png(fig)}">')
+    chosen = list(classes) if classes is not None else list(range(min(3, model.num_classes)))
+    parts.append(f"<h2>Figures 2–3: prototypes of {len(chosen)} classes (p = {model.p})</h2>")
+    firsts, first_labels = [], []
+    for k in chosen:
+        images = _class_images(source, pre, k, images_per_class)
+        if len(images) == 0:
+            parts.append(f"<p>class {html.escape(model.class_names[k])}: no readable images</p>")
+            continue
+        parts.append(_class_figures(model, images, pre, k))
+        firsts.append(images[0])
+        first_labels.append(k)
+    if firsts:
+        parts.append("<h2>Figure 4: the same images with p prototypes</h2>" + _figure4(model, torch.stack(firsts), first_labels, pre))
+    parts.append("</body></html>")
+    return "\n".join(parts)
