@@ -1,4 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both install first (idempotent).
+# constraints.txt pins every package to the versions the tests last passed with (a lock file):
+# pip then resolves nothing. Regenerate with: .venv/bin/pip freeze --exclude-editable > constraints.txt
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,10 +12,10 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 demo: install
