@@ -227,51 +227,62 @@ def nmf(
         for c in range(C):
             E[c, int(n_rows[c]):] = 0  # padding stays exact
 
-    def accumulate(idx: Tensor | None, update_E: bool) -> tuple[Tensor, Tensor]:
-        """One read of A: optionally update E blockwise, and return EᵀA (k, p, D), EᵀE (k, p, p)."""
-        Bs = B if idx is None else B[idx]
-        k = Bs.shape[0]
-        BBt = Bs @ Bs.transpose(1, 2)
+    def accumulate(A_w: Tensor, E_w: Tensor, B_w: Tensor, live: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One read of A_w (k, n, D): update E_w blockwise in place where ``live`` (k,) is True
+        (all classes if None), and return EᵀA (k, p, D), EᵀE (k, p, p) of the updated E."""
+        k = B_w.shape[0]
+        BBt = B_w @ B_w.transpose(1, 2)
         EtA = torch.zeros(k, p, D, dtype=dtype, device=device)
         EtE = torch.zeros(k, p, p, dtype=dtype, device=device)
         for rows in _blocks(n, block_rows):
-            Ab = block(idx, rows)
-            Eb = E[:, rows] if idx is None else E[idx, rows]
-            if update_E:
-                Eb = Eb * (Ab @ Bs.transpose(1, 2)) / (Eb @ BBt).clamp_min_(_EPS)  # eq. 2, E step
-                if idx is None:
-                    E[:, rows] = Eb
-                else:
-                    E[idx, rows] = Eb
+            Ab = A_w[:, rows].to(device=device, dtype=dtype, non_blocking=True)
+            Eb = E_w[:, rows]
+            if live is not False:
+                new = Eb * (Ab @ B_w.transpose(1, 2)) / (Eb @ BBt).clamp_min_(_EPS)  # eq. 2, E step
+                Eb = new if live is None else torch.where(live[:, None, None], new, Eb)
+                E_w[:, rows] = Eb
             EtA.baddbmm_(Eb.transpose(1, 2), Ab)
             EtE.baddbmm_(Eb.transpose(1, 2), Eb)
         return EtA, EtE
 
-    EtA, EtE = accumulate(None, update_E=False)
+    EtA, EtE = accumulate(A, E, B, live=False)
     init_error = _error(norm_A, EtA, EtE, B)
     history = torch.full((C, max_iter + 1), float("nan"), dtype=torch.float64, device=device)
     history[:, 0] = init_error
     error = init_error.clone()
     n_iter = torch.zeros(C, dtype=torch.int64, device=device)
     active = torch.ones(C, dtype=torch.bool, device=device)
+    # The working set: the classes still read each iteration. Converged classes in it are frozen
+    # (their updates masked out); once half of it has converged it is compacted, a copy of A made
+    # log2(C) times at most instead of at every iteration.
+    work = torch.arange(C, device=device)
+    A_w = A
 
     for it in range(1, max_iter + 1):
-        idx = None if bool(active.all()) else active.nonzero().flatten()
-        EtA, EtE = accumulate(idx, update_E=True)
-        Bs = B if idx is None else B[idx]
-        Bs = Bs * EtA / (EtE @ Bs).clamp_min_(_EPS)  # eq. 2, B step
-        err = _error(norm_A if idx is None else norm_A[idx], EtA, EtE, Bs)
-        sel = slice(None) if idx is None else idx
-        B[sel] = Bs
-        prev = error[sel].clone()
-        history[sel, it] = err
-        error[sel] = err
-        n_iter[sel] = it
+        live = active[work]
+        if int(live.sum()) <= len(work) // 2:
+            work = active.nonzero().flatten()
+            A_w = A[work.to(A.device)]
+            live = active[work]
+        whole = len(work) == C
+        E_w = E if whole else E[work]
+        B_w = B if whole else B[work]
+        EtA, EtE = accumulate(A_w, E_w, B_w, None if bool(live.all()) else live)
+        B_new = B_w * EtA / (EtE @ B_w).clamp_min_(_EPS)  # eq. 2, B step
+        err = _error(norm_A[work], EtA, EtE, B_new)
+        B_new = torch.where(live[:, None, None], B_new, B_w)
+        if not whole:
+            E[work] = E_w
+        B[work] = B_new
+        upd = work[live]
+        err = err[live]
+        prev = error[upd].clone()
+        history[upd, it] = err
+        error[upd] = err
+        n_iter[upd] = it
         if tol > 0:
-            converged = (prev - err) / init_error[sel].clamp_min(torch.finfo(torch.float64).tiny) < tol
-            still = active.clone()
-            still[sel] = ~converged
-            active = still
+            converged = (prev - err) / init_error[upd].clamp_min(torch.finfo(torch.float64).tiny) < tol
+            active[upd[converged]] = False
             if not active.any():
                 break
 
