@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-import torch
 
 from protonmf.data import make_source
 from protonmf.evaluate import evaluate_model
