@@ -147,9 +147,14 @@ def _stream_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _config(n_classes, n_train_per_class, n_val_per_class, image_size, seed, epochs) -> dict[str, Any]:
+def _config(n_classes, n_train_per_class, n_val_per_class, image_size, seed, epochs, dataset="synthetic") -> dict[str, Any]:
+    if dataset not in ("synthetic", "digits"):
+        raise ValueError(f"dataset must be 'synthetic' or 'digits', got {dataset!r}")
+    if dataset == "digits" and int(n_classes) != 10:
+        raise ValueError(f"n_classes must be 10 for the digits, got {n_classes}")
     return {
         "code_version": CODE_VERSION,
+        "dataset": dataset,
         "arch": ARCH,
         "n_classes": int(n_classes),
         "n_train_per_class": int(n_train_per_class),
@@ -211,14 +216,37 @@ def _accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, batch_size: int) -> 
     return correct / max(1, x.shape[0])
 
 
+def _training_data(config: dict[str, Any]):
+    """((train images, labels), (val images, labels), class names) of the configured data set.
+
+    "synthetic": the part set, train and val from independent seed streams; "digits": scikit-learn's
+    digits with :class:`protonmf.data.DigitsSource`'s stratified 80/20 split (images per class are
+    fixed by the data set there).
+    """
+    n_classes, size, seed = config["n_classes"], config["image_size"], config["seed"]
+    if config["dataset"] == "digits":
+        from protonmf.data import DigitsSource
+
+        def arrays(split: str):
+            source = DigitsSource(split=split, image_size=size, seed=seed)
+            images = np.stack([np.asarray(source.load(r)[0]) for r in source.records])
+            return images, np.array([r.label for r in source.records], dtype=np.int64), source.classes
+
+        train_images, train_labels, names = arrays("train")
+        val_images, val_labels, _ = arrays("val")
+        return (train_images, train_labels), (val_images, val_labels), list(names)
+    train = make_synthetic_parts(n_classes, config["n_train_per_class"], image_size=size, seed=_stream_seed(seed, 0))
+    val = make_synthetic_parts(n_classes, config["n_val_per_class"], image_size=size, seed=_stream_seed(seed, 1))
+    return (train.images, train.labels), (val.images, val.labels), list(train.class_names)
+
+
 def _train(config: dict[str, Any], log: Callable[[str], None] | None = None) -> tuple[dict[str, Tensor], float, list[str]]:
     """Train the network of ``config``; returns its state dict, val accuracy and class names."""
     n_classes, size, seed = config["n_classes"], config["image_size"], config["seed"]
-    train = make_synthetic_parts(n_classes, config["n_train_per_class"], image_size=size, seed=_stream_seed(seed, 0))
-    val = make_synthetic_parts(n_classes, config["n_val_per_class"], image_size=size, seed=_stream_seed(seed, 1))
+    (train_images, train_labels), (val_images, val_labels), class_names = _training_data(config)
     pre = config["preprocess"]
-    x_train, y_train = preprocess_images(train.images, pre), torch.from_numpy(train.labels)
-    x_val, y_val = preprocess_images(val.images, pre), torch.from_numpy(val.labels)
+    x_train, y_train = preprocess_images(train_images, pre), torch.from_numpy(train_labels)
+    x_val, y_val = preprocess_images(val_images, pre), torch.from_numpy(val_labels)
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
@@ -266,7 +294,7 @@ def _train(config: dict[str, Any], log: Callable[[str], None] | None = None) -> 
     model.eval()
     acc = _accuracy(model, x_val, y_val, config["eval_batch_size"])
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    return state, acc, list(train.class_names)
+    return state, acc, class_names
 
 
 def train_demo_backbone(
@@ -277,6 +305,7 @@ def train_demo_backbone(
     seed: int = 0,
     epochs: int = 10,
     cache_dir: str | os.PathLike | None = None,
+    dataset: str = "synthetic",
 ) -> DemoBackbone:
     """The demo network, trained on the synthetic part set (or loaded from the cache).
 
@@ -296,7 +325,7 @@ def train_demo_backbone(
     DemoBackbone, whose ``backbone.spec`` is ``BackboneSpec("protonmf:small_cnn",
     num_classes=n_classes, weights=<the safetensors path>)``.
     """
-    config = _config(n_classes, n_train_per_class, n_val_per_class, image_size, seed, epochs)
+    config = _config(n_classes, n_train_per_class, n_val_per_class, image_size, seed, epochs, dataset)
     if config["n_classes"] < 1 or config["n_train_per_class"] < 1 or config["n_val_per_class"] < 1 or config["epochs"] < 1:
         raise ValueError("n_classes, n_train_per_class, n_val_per_class and epochs must all be >= 1")
     cache = Path(os.path.abspath(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()))

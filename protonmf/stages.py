@@ -133,11 +133,14 @@ def load_backbone(config: Config) -> FeatureBackbone:
     """The black box of the run; ``weights: demo`` trains (once, cached) the demo CNN."""
     b = config.backbone
     if b.weights == "demo":
-        if config.data.source != "synthetic" or b.arch != "protonmf:small_cnn":
-            raise ValueError("backbone.weights: 'demo' trains protonmf:small_cnn on the synthetic set only")
+        if config.data.source not in ("synthetic", "digits") or b.arch != "protonmf:small_cnn":
+            raise ValueError("backbone.weights: 'demo' trains protonmf:small_cnn on the synthetic set or the digits only")
         from protonmf.demo_backbone import train_demo_backbone
 
-        return train_demo_backbone(n_classes=config.data.n_classes, image_size=config.data.preprocess.crop).backbone
+        n_classes = 10 if config.data.source == "digits" else config.data.n_classes
+        return train_demo_backbone(
+            n_classes=n_classes, image_size=config.data.preprocess.crop, dataset=config.data.source, seed=config.data.seed
+        ).backbone
     spec = BackboneSpec(b.arch, b.weights, b.num_classes, b.feature_layer, b.head, dict(b.arch_kwargs))
     return build_backbone(spec)
 
