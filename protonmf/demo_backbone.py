@@ -242,7 +242,7 @@ def _training_data(config: dict[str, Any]):
 
 def _train(config: dict[str, Any], log: Callable[[str], None] | None = None) -> tuple[dict[str, Tensor], float, list[str]]:
     """Train the network of ``config``; returns its state dict, val accuracy and class names."""
-    n_classes, size, seed = config["n_classes"], config["image_size"], config["seed"]
+    n_classes, seed = config["n_classes"], config["seed"]
     (train_images, train_labels), (val_images, val_labels), class_names = _training_data(config)
     pre = config["preprocess"]
     x_train, y_train = preprocess_images(train_images, pre), torch.from_numpy(train_labels)
