@@ -72,7 +72,11 @@ def _evaluate(args) -> int:
 
         store = FeatureStore.open(features)
         classes = list(range(min(args.classes, len(store.class_names))))
-        result["reconstruction"] = reconstruction_study(store, model.available_p, classes=classes)
+        seed = int(model.settings.get("seed", 0))
+        result["reconstruction"] = reconstruction_study(
+            store, model.available_p, classes=classes, seeds=(seed, seed + 1),
+            fitted={p: model.with_p(p).prototypes for p in model.available_p} if features == model.settings.get("features") else None,
+        )
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)

@@ -329,6 +329,16 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.records)
 
+    def records_of(self, label: int) -> list[Record]:
+        """The records of one class, in record order (grouped once, then looked up)."""
+        groups = self.__dict__.get("_by_label")
+        if groups is None:
+            groups = {}
+            for record in self.records:
+                groups.setdefault(record.label, []).append(record)
+            self.__dict__["_by_label"] = groups
+        return groups.get(label, [])
+
     def load(self, record: Record) -> tuple[Image.Image | None, str | None]:  # pragma: no cover
         raise NotImplementedError
 

@@ -7,11 +7,13 @@ One backbone pass per image serves every comparison: the features F give the bla
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from protonmf.data import ImageSource, iter_batches
+from protonmf.fit import ClassPrototypes
 from protonmf.localization import part_localization
 from protonmf.model import MODES, PrototypeModel
 from protonmf.store import FeatureStore
@@ -145,8 +147,12 @@ def reconstruction_study(
     tol: float = 1e-4,
     group_size: int = 16,
     device: torch.device | str | None = None,
+    fitted: Mapping[int, ClassPrototypes] | None = None,
 ) -> dict[int, dict[str, Any]]:
     """ProtoNMF Table 1 / Figure 5 and stability across seeds, from stored features.
+
+    ``fitted`` ({p: ClassPrototypes of all classes}, e.g. a published model's) is the fit from
+    ``seeds[0]``: its errors and prototypes are used as they are, and only ``seeds[1]`` is fitted.
 
     For each p: mean ± std over classes of the feature reconstruction error ||A − EB||²/||A||²
     and the head reconstruction error ||V − CB||²/||V||² of NMF prototypes, the same for the
@@ -154,7 +160,7 @@ def reconstruction_study(
     prototypes fitted from two seeds.
     """
     from protonmf.baselines import basis_error, patch_prototypes
-    from protonmf.fit import fit_prototypes
+    from protonmf.fit import fit_prototypes, stack_classes
     from protonmf.head import reconstruct_head
 
     ks = list(range(len(store.class_names))) if classes is None else list(classes)
@@ -166,16 +172,24 @@ def reconstruction_study(
     for start in range(0, len(ks), group_size):
         group = ks[start : start + group_size]
         feats = [store.read_class(k).reshape(-1, store.dim) for k in group]
-        rows = torch.tensor([f.shape[0] for f in feats])
-        A = torch.zeros(len(group), int(rows.max()), store.dim, dtype=feats[0].dtype)
-        for i, f in enumerate(feats):
-            A[i, : f.shape[0]] = f
+        A, rows = stack_classes(feats)
+
+        def fit(p: int, seed: int):
+            return fit_prototypes(A, V[group], bias[group], p, n_rows=rows, max_iter=max_iter, tol=tol, seed=seed, device=device)[0]
+
         for p in p_values:
-            fits = [fit_prototypes(A, V[group], bias[group], p, n_rows=rows, max_iter=max_iter, tol=tol, seed=s, device=device)[0] for s in seeds]
-            acc[p]["feature_error"] += fits[0].feature_error.tolist()
-            acc[p]["head_error"] += fits[0].head_error.tolist()
+            if fitted is not None and p in fitted:
+                first = fitted[p]
+                errors = first.feature_error[group].tolist(), first.head_error[group].tolist()
+                B_first = first.B[group]
+            else:
+                own = fit(p, seeds[0])
+                errors, B_first = (own.feature_error.tolist(), own.head_error.tolist()), own.B
+            second = fit(p, seeds[1])
+            acc[p]["feature_error"] += errors[0]
+            acc[p]["head_error"] += errors[1]
             for i, k in enumerate(group):
-                acc[p]["stability"].append(matched_cosine(fits[0].B[i].cpu(), fits[1].B[i].cpu()))
+                acc[p]["stability"].append(matched_cosine(B_first[i].cpu(), second.B[i].cpu()))
                 patches = patch_prototypes(feats[i], p, seed=seeds[0])
                 acc[p]["baseline_feature_error"].append(basis_error(feats[i], patches))
                 acc[p]["baseline_head_error"].append(float(reconstruct_head(V[[k]], patches.unsqueeze(0)).relative_error[0]))

@@ -73,9 +73,6 @@ def extract_classes(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = backbone.to(device).eval()
-    by_class: dict[int, list] = {}
-    for record in source.records:
-        by_class.setdefault(record.label, []).append(record)
     top_k = min(top_k, backbone.num_classes)
     results = []
     for k in classes:
@@ -83,7 +80,7 @@ def extract_classes(
         if store.is_done(k):
             results.append(ClassExtraction(k, 0, 0, 0, 0.0, resumed=True))
             continue
-        records = by_class.get(k, [])
+        records = source.records_of(k)
         feats: list[Tensor] = []
         rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
         n_correct = 0

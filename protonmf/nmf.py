@@ -192,16 +192,12 @@ def nmf(
     if A.dtype != dtype and device.type == "cpu" and A.numel() * 4 <= _CPU_CAST_BYTES:
         A = A.to(dtype)  # half-precision matmuls are slow on CPUs: cast once, not every pass
 
-    def block(idx: Tensor | None, rows: slice) -> Tensor:
-        Ab = A[:, rows] if idx is None else A[idx.to(A.device), rows]
-        return Ab.to(device=device, dtype=dtype, non_blocking=True)
-
     # Pass 0: ||A||², mean(A) for the init scale, and checks for NaN/Inf and negative entries.
     norm_A = torch.zeros(C, dtype=torch.float64, device=device)
     sum_A = torch.zeros(C, dtype=torch.float64, device=device)
     negative = False
     for rows in _blocks(n, block_rows):
-        Ab = block(None, rows)
+        Ab = A[:, rows].to(device=device, dtype=dtype, non_blocking=True)
         if not torch.isfinite(Ab).all():
             bad = (~torch.isfinite(Ab)).flatten(1).any(1).nonzero().flatten().tolist()
             raise ValueError(f"A contains NaN or Inf values (class batch index {bad})")

@@ -28,7 +28,7 @@ from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
 from protonmf.evaluate import evaluate_model
 from protonmf.extract import ClassExtraction, extract_classes, feature_key
-from protonmf.fit import ClassPrototypes, fit_prototypes, fit_settings
+from protonmf.fit import ClassPrototypes, fit_prototypes, fit_settings, stack_classes
 from protonmf.model import PrototypeModel
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
 from protonmf.store import FeatureStore
@@ -235,14 +235,11 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         tensors = load_safetensors(read_bytes(fs, path))
         resumed = True
     else:
-        features = [store.read_class(k) for k in classes]  # (n_k, h·w, D) float16 each
+        features = [store.read_class(k).reshape(-1, store.dim) for k in classes]  # (n_k·h·w, D) float16
         if any(F.shape[0] == 0 for F in features):
             empty = [store.class_names[k] for k, F in zip(classes, features) if F.shape[0] == 0]
             raise ValueError(f"classes {empty} have no usable images: cannot fit prototypes for them")
-        rows = torch.tensor([F.shape[0] * F.shape[1] for F in features])
-        A = torch.zeros(len(classes), int(rows.max()), store.dim, dtype=torch.float16)
-        for i, F in enumerate(features):
-            A[i, : rows[i]] = F.reshape(-1, store.dim)
+        A, rows = stack_classes(features)
         V, bias = store.head()
         pr = config.prototypes
         tensors = {}
@@ -302,8 +299,7 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         preprocess=make_preprocess(config).to_dict(),
         settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri},
     )
-    model.save(uri, storage_options=config.storage.storage_options or None)
-    PrototypeModel.load(uri, storage_options=config.storage.storage_options or None)  # verify before cleaning up
+    model.save(uri, storage_options=config.storage.storage_options or None)  # re-reads every file, manifest last
     fs.rm(staging, recursive=True)
     return uri
 
@@ -321,8 +317,11 @@ def evaluate_published(config: Config, source: ImageSource, **kwargs: Any) -> di
     if ev.reconstruction_classes:
         store = FeatureStore.open(config.storage.features, storage_options=opts)
         classes = list(range(min(ev.reconstruction_classes, len(store.class_names))))
-        reconstruction = reconstruction_study(store, model.available_p, classes=classes, seeds=(config.prototypes.seed, config.prototypes.seed + 1),
-                                              max_iter=config.prototypes.max_iter, tol=config.prototypes.tol)
+        reconstruction = reconstruction_study(
+            store, model.available_p, classes=classes, seeds=(config.prototypes.seed, config.prototypes.seed + 1),
+            max_iter=config.prototypes.max_iter, tol=config.prototypes.tol,
+            fitted={p: model.with_p(p).prototypes for p in model.available_p},  # the seed-0 fit is the model
+        )
         result["reconstruction"] = reconstruction
     if ev.report:
         page = render_report(model, result, source, reconstruction=reconstruction,

@@ -67,3 +67,19 @@ def test_reconstruction_study_on_a_store(tmp_path):
     assert study[3]["head_error"]["mean"] <= study[1]["head_error"]["mean"]
     assert 0.9 < study[1]["stability"]["mean"] <= 1.0 + 1e-9
     assert study[3]["feature_error"]["mean"] <= study[3]["baseline_feature_error"]["mean"]
+
+
+def test_reconstruction_study_reuses_a_given_fit(tmp_path):
+    from protonmf.fit import fit_prototypes, stack_classes
+    from protonmf.store import FeatureStore
+    from tests.test_store import records
+
+    g = torch.Generator().manual_seed(4)
+    store = FeatureStore.create(str(tmp_path / "fs"), key="k", class_names=["a", "b", "c"], grid=(2, 2), dim=12,
+                                V=torch.randn(3, 12, generator=g), bias=torch.zeros(3))
+    for k in range(3):
+        store.write_class(k, torch.rand(15, 2, 2, 12, generator=g), records(15))
+    A, rows = stack_classes([store.read_class(k).reshape(-1, 12) for k in range(3)])
+    V, bias = store.head()
+    published = {p: fit_prototypes(A, V, bias, p, n_rows=rows, seed=0)[0] for p in (1, 3)}
+    assert reconstruction_study(store, [1, 3], classes=[0, 2], fitted=published) == reconstruction_study(store, [1, 3], classes=[0, 2])
