@@ -19,8 +19,6 @@ The artifact is a folder (any fsspec URI):
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,11 +29,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from protonmf import __version__
+from protonmf.artifact import ArtifactError, open_artifact, write_artifact
 from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
 from protonmf.fit import ClassPrototypes, fit_prototypes, fit_settings, stack_classes
 from protonmf.nnls import nnls
-from protonmf.storage import join, read_bytes, sha256, to_fs, write_bytes_atomic
 
 __all__ = ["ArtifactError", "Explanation", "PrototypeModel"]
 
@@ -43,11 +40,6 @@ Mode = Literal["augmented", "nmf_only", "residual_only"]
 MODES: tuple[str, ...] = ("augmented", "nmf_only", "residual_only")
 FORMAT = "protonmf.prototype_model"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class ArtifactError(ValueError):
-    """A model artifact is missing, incomplete, or does not match its manifest."""
 
 
 @dataclass(frozen=True)
@@ -309,9 +301,6 @@ class PrototypeModel(nn.Module):
     # ----------------------------------------------------------------- artifact
     def save(self, uri: str, *, storage_options: dict[str, Any] | None = None) -> str:
         """Write the artifact folder at ``uri``; the manifest goes last. Returns the URI."""
-        fs, root = to_fs(uri, storage_options)
-        if fs.exists(join(root, MANIFEST)):
-            fs.rm(join(root, MANIFEST))  # the old artifact stops being valid before its files change
         files: dict[str, bytes] = {
             "backbone.safetensors": save_safetensors(
                 {k: v.detach().cpu().contiguous() for k, v in self.backbone.model.state_dict().items()}
@@ -320,16 +309,7 @@ class PrototypeModel(nn.Module):
         fits = {self.p: self.prototypes, **self.extra_prototypes}
         for p, fit in sorted(fits.items()):
             files[f"prototypes_p{p}.safetensors"] = save_safetensors(fit.to_tensors())
-        for name, data in files.items():
-            write_bytes_atomic(fs, join(root, name), data)
-        for name, data in files.items():  # verify what landed before committing the manifest
-            if sha256(read_bytes(fs, join(root, name))) != sha256(data):
-                raise ArtifactError(f"{join(uri, name)} did not read back as written")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "protonmf_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        meta = {
             "backbone": self.backbone.spec_dict(),
             "preprocess": self.preprocess,
             "class_names": self.class_names,
@@ -338,10 +318,8 @@ class PrototypeModel(nn.Module):
             "mode": self.mode,
             "settings": self.settings,
             "interventions": {str(k): v for k, v in sorted(self.interventions.items())},
-            "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
         }
-        write_bytes_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
-        return str(uri)
+        return write_artifact(uri, files, meta, format=FORMAT, version=FORMAT_VERSION, storage_options=storage_options)
 
     @classmethod
     def load(
@@ -354,32 +332,8 @@ class PrototypeModel(nn.Module):
         storage_options: dict[str, Any] | None = None,
     ) -> "PrototypeModel":
         """Load an artifact from a local path or any fsspec URI, verifying every file's sha256."""
-        fs, root = to_fs(uri, storage_options)
-        manifest_path = join(root, MANIFEST)
-        if not fs.exists(manifest_path):
-            raise ArtifactError(f"no model at {uri!r}: {MANIFEST} is missing (not an artifact, or not finished)")
-        try:
-            manifest = json.loads(read_bytes(fs, manifest_path))
-        except json.JSONDecodeError as err:
-            raise ArtifactError(f"{join(uri, MANIFEST)} is not valid JSON: {err}") from err
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{join(uri, MANIFEST)} is not a {FORMAT} v{FORMAT_VERSION} manifest "
-                f"(format {manifest.get('format')!r} v{manifest.get('format_version')!r})"
-            )
-
-        def blob(name: str) -> bytes:
-            entry = manifest["files"].get(name)
-            if entry is None:
-                raise ArtifactError(f"{join(uri, MANIFEST)} lists no file {name!r}")
-            path = join(root, name)
-            if not fs.exists(path):
-                raise ArtifactError(f"model file {join(uri, name)} is missing")
-            data = read_bytes(fs, path)
-            if sha256(data) != entry["sha256"]:
-                raise ArtifactError(f"model file {join(uri, name)} does not match its sha256 in the manifest (corrupt or changed)")
-            return data
-
+        reader = open_artifact(uri, format=FORMAT, version=FORMAT_VERSION, what="model", storage_options=storage_options)
+        manifest, blob = reader.manifest, reader.blob
         spec_fields = manifest["backbone"]
         spec = BackboneSpec(
             arch=spec_fields["arch"],
