@@ -2,6 +2,7 @@
 
     protonmf demo [--out DIR]                    the whole flow on the embedded default, locally
     protonmf run CONFIG [--set key=value ...]    the whole flow on any config
+    protonmf craft CONFIG [--set key=value ...]  CRAFT concepts of every class (configs/demo.yaml works)
     protonmf evaluate MODEL_URI (--config CONFIG | --val URI) [--features STORE_URI] [--json OUT]
     protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...]
 """
@@ -41,6 +42,26 @@ def _run(config, overrides) -> int:
 
     result = build_prototype_model(config, overrides)
     _print_result(result)
+    return 0
+
+
+def _craft(config, overrides) -> int:
+    from flows.craft import craft_concepts
+
+    result = craft_concepts(config, overrides)
+    s = result["summary"]
+    print()
+    print(f"concepts:         {result['concepts']}")
+    print(f"classes:          {s['classes']} with concepts, {s['sub_banks']} sub-concept banks, "
+          f"{len(s['skipped_classes'])} without predicted images")
+    if "fidelity" in s:
+        f = s["fidelity"]
+        for r in ("sobol", "tcav"):
+            print(f"  {r:<6} ranking: deletion AUC {f[r]['deletion_auc']:.4f}, insertion AUC {f[r]['insertion_auc']:.4f}")
+        print(f"  Sobol deletion AUC below TCAV's in {100 * f['sobol_deletion_lower']:.0f}% of {f['classes']} classes")
+    for m, v in (s.get("localization") or {}).items():
+        print(f"  {m:<7} maps: peak on object {v['on_object']:.3f}, purity {v['purity']:.3f}, "
+              f"parts covered {v['coverage']:.2f}, IoU {v['iou']:.3f}")
     return 0
 
 
@@ -112,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the whole flow on a config")
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    cr = sub.add_parser("craft", help="CRAFT concepts of every class: importance, sub-concepts, maps, figures")
+    cr.add_argument("config")
+    cr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ev = sub.add_parser("evaluate", help="evaluate a published model against its black box")
     ev.add_argument("model")
     ev.add_argument("--config", help="config whose validation split to use")
@@ -136,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             if not demo_config.is_file():
                 raise SystemExit(f"the embedded demo config {demo_config} is missing (run from a checkout)")
             out = args.out.rstrip("/")
-            return _run(str(demo_config), [f"storage.features={out}/features", f"storage.model={out}/model"])
+            return _run(str(demo_config), [f"storage.features={out}/features", f"storage.model={out}/model",
+                                            f"storage.concepts={out}/concepts"])
         if args.command == "run":
             return _run(args.config, args.set)
+        if args.command == "craft":
+            return _craft(args.config, args.set)
         if args.command == "explain":
             return _explain(args)
         return _evaluate(args)

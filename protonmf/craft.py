@@ -5,28 +5,49 @@ Notation. CRAFT writes A ≈ U Wᵀ with W (D, r); we keep :mod:`protonmf.nmf`'s
 ``W`` (r, D) the concept bank, one concept per row (NMF's B), so A ≈ U W.
 
 1. Images the model *predicts* as class c (CRAFT §3.1), cut into crops resized back to the input
-   size (:func:`crop_images`), activations at the feature layer, averaged over positions (CNNs).
-2. NMF of A (the core batched NMF) gives U and W (:func:`extract_concepts`).
-3. New inputs are encoded against the fixed bank by NNLS (:func:`encode`).
-4. Importance of each concept by total Sobol indices of the class logit under masks on U
-   (CRAFT §3.3; :func:`protonmf.sobol.concept_importance`), the rest of the network h being the
-   head on pooled activations.
+   size (:func:`crop_images`), activations at a layer, averaged over positions (CNNs).
+2. NMF of A (CRAFT eq. 1; the core batched NMF, all classes of a call in one batch) gives U, W.
+3. New inputs are encoded against the fixed bank by NNLS (:func:`encode`, :func:`encode_positions`).
+4. Importance of each concept: total Sobol indices of the class logit under masks on the concept
+   values of the class's images (CRAFT §3.3, eq. 2; :func:`protonmf.sobol.concept_importance`),
+   through the rest of the network.
+5. Recursion (CRAFT §3.2): for the most important concepts, the crops whose coefficient exceeds
+   the concept's 90th percentile are factorized again at an earlier layer into sub-concepts, whose
+   importance is measured through the network from that layer (:class:`~protonmf.layers.LayerCut`).
+   A class's concepts form a tree: bank ``root`` holds concepts ``c0 … c{r-1}``; bank ``c2`` holds
+   the sub-concepts ``c2.0, c2.1, …`` of concept ``c2``, and so on down the layers.
+
+:func:`class_concepts` runs 1–5 for many classes at once: every NMF of a level is one batched call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
 from protonmf.backbones import FeatureBackbone
+from protonmf.fit import stack_classes
+from protonmf.layers import LayerCut
 from protonmf.nmf import nmf
 from protonmf.nnls import nnls
 from protonmf.sobol import concept_importance
 
-__all__ = ["Concepts", "crop_images", "encode", "extract_concepts", "pooled_activations"]
+__all__ = [
+    "Bank",
+    "ClassConcepts",
+    "CraftSettings",
+    "class_concepts",
+    "crop_images",
+    "crops_at",
+    "encode",
+    "encode_positions",
+    "extract_concepts",
+    "pooled_activations",
+]
 
 
 def crop_images(images: Tensor, crop: int, *, stride: int | None = None, n_random: int = 0, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -62,39 +83,250 @@ def crop_images(images: Tensor, crop: int, *, stride: int | None = None, n_rando
         idx = torch.arange(N).repeat_interleave(k).float()
         y0, x0 = gy.flatten().repeat(N), gx.flatten().repeat(N)
     boxes = torch.stack([idx, x0, y0, x0 + crop, y0 + crop], 1).to(images)
-    crops = roi_align(images, boxes, output_size=(H, W), spatial_scale=1.0, sampling_ratio=1, aligned=True)
-    return crops, boxes
+    return crops_at(images, boxes), boxes
+
+
+def crops_at(images: Tensor, boxes: Tensor) -> Tensor:
+    """The crops of ``boxes`` (M, 5: image index, x0, y0, x1, y1) resized to the images' size."""
+    H, W = images.shape[2:]
+    return roi_align(images, boxes.to(images), output_size=(H, W), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+
+def _activations(model: FeatureBackbone | LayerCut, images: Tensor) -> Tensor:
+    return model.activations(images) if isinstance(model, LayerCut) else model(images)
 
 
 @torch.no_grad()
-def pooled_activations(backbone: FeatureBackbone, images: Tensor, *, batch_size: int = 64) -> Tensor:
-    """Feature-layer activations averaged over positions, negatives set to 0: (N, D)."""
-    out = [backbone(images[i : i + batch_size]).flatten(1, 2).mean(1) for i in range(0, images.shape[0], batch_size)]
+def pooled_activations(model: FeatureBackbone | LayerCut, images: Tensor, *, batch_size: int = 64) -> Tensor:
+    """Activations at the backbone's feature layer (or a cut's layer) averaged over positions,
+    negatives set to 0: (N, D)."""
+    out = [_activations(model, images[i : i + batch_size]).flatten(1, 2).mean(1) for i in range(0, images.shape[0], batch_size)]
     return torch.cat(out).clamp_min(0)
 
 
+def encode(activations: Tensor, W: Tensor) -> Tensor:
+    """U = argmin_{U ≥ 0} ||A − U W||² against a fixed concept bank (CRAFT's encoding of new inputs).
+
+    activations (M, D), W (r, D) → U (M, r).
+    """
+    return nnls(activations.clamp_min(0), W)
+
+
+def encode_positions(features: Tensor, W: Tensor) -> Tensor:
+    """Each position of feature maps encoded against the bank: (N, h, w, D) → (N, h, w, r)."""
+    return encode(features.reshape(-1, features.shape[-1]), W).reshape(*features.shape[:-1], W.shape[0])
+
+
 @dataclass(frozen=True)
-class Concepts:
-    """The concept bank of one class.
+class CraftSettings:
+    """How concepts are extracted (the ``craft`` section of a run's config)."""
+
+    n_concepts: int = 10
+    crop: int = 64  # crop side in pixels
+    stride: int | None = None  # grid crops (default: non-overlapping); n_random > 0 for random crops
+    n_random: int = 0
+    n_design: int = 32  # Sobol design size: n_design·(r + 2) masks per image
+    sub_layers: tuple[str, ...] = ()  # recursion: one earlier layer per level of the tree
+    sub_concepts: int = 3  # concepts per sub-bank
+    recurse: int = 2  # concepts of each bank decomposed at the next level (the most important ones)
+    percentile: float = 90.0  # crops above this percentile of a concept's coefficient are decomposed
+    max_iter: int = 200
+    tol: float = 1e-4
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.n_concepts < 1 or self.sub_concepts < 1:
+            raise ValueError(f"n_concepts and sub_concepts must be ≥ 1, got {self.n_concepts}, {self.sub_concepts}")
+        if not 0 < self.percentile < 100:
+            raise ValueError(f"percentile must be in (0, 100), got {self.percentile}")
+        if self.recurse < 0:
+            raise ValueError(f"recurse must be ≥ 0, got {self.recurse}")
+
+
+@dataclass
+class Bank:
+    """One concept bank of a class: the root (at the feature layer) or the sub-concepts of a concept.
+
+    Attributes
+    ----------
+    id : "root", or the id of the concept it decomposes ("c2", "c2.0", ...).
+    layer : the layer its activations come from.
+    W : (r, D) the concepts, one per row.
+    U : (M, r) coefficients of the crops it was learned from.
+    crops : (M,) indices of those crops in the class's crop list.
+    importance : (r,) total Sobol index of each concept for the class logit.
+    relative_error : ||A − UW||² / ||A||².
+    """
+
+    id: str
+    layer: str
+    W: Tensor
+    U: Tensor
+    crops: Tensor
+    importance: Tensor
+    relative_error: float
+
+    @property
+    def concept_ids(self) -> list[str]:
+        prefix = "c" if self.id == "root" else f"{self.id}."
+        return [f"{prefix}{i}" for i in range(self.W.shape[0])]
+
+    def top_crops(self, i: int, k: int) -> Tensor:
+        """Indices (in the class's crop list) of the ``k`` crops with the largest coefficient of concept i."""
+        order = self.U[:, i].argsort(descending=True)[:k]
+        return self.crops[order]
+
+
+@dataclass
+class ClassConcepts:
+    """The concepts of one class: a tree of banks (see the module docstring).
 
     Attributes
     ----------
     class_idx : the class.
-    W : (r, D) the concepts (rows).
-    U : (M, r) coefficients of the M crops the bank was learned from.
-    boxes : (M, 5) where each crop came from (image index in ``image_ids``, x0, y0, x1, y1).
-    image_ids : indices (into the images given) of the images predicted as the class.
-    importance : (r,) total Sobol index of each concept for the class logit.
-    relative_error : ||A − UW||² / ||A||² of the crops' activations.
+    image_ids : (N,) which of the given images were used (those predicted as the class).
+    boxes : (M, 5) the crops: (index into ``image_ids``, x0, y0, x1, y1).
+    banks : bank id → :class:`Bank`; ``banks["root"]`` is the class's concept bank.
     """
 
     class_idx: int
-    W: Tensor
-    U: Tensor
-    boxes: Tensor
     image_ids: Tensor
-    importance: Tensor
-    relative_error: float
+    boxes: Tensor
+    banks: dict[str, Bank] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Bank:
+        return self.banks["root"]
+
+    @property
+    def W(self) -> Tensor:
+        return self.root.W
+
+    @property
+    def U(self) -> Tensor:
+        return self.root.U
+
+    @property
+    def importance(self) -> Tensor:
+        return self.root.importance
+
+    @property
+    def relative_error(self) -> float:
+        return self.root.relative_error
+
+    def tree(self, class_name: str = "") -> dict:
+        """The tree of concepts as nested dicts (id, label, layer, importance, children)."""
+
+        def node(bank: Bank, i: int) -> dict:
+            cid = bank.concept_ids[i]
+            children = self.banks.get(cid)
+            return {
+                "id": cid,
+                "label": ("concept " if bank.id == "root" else "sub-concept ") + cid,
+                "layer": bank.layer,
+                "importance": float(bank.importance[i]),
+                "children": [node(children, j) for j in range(children.W.shape[0])] if children else [],
+            }
+
+        return {"id": "root", "label": class_name or f"class {self.class_idx}",
+                "children": [node(self.root, i) for i in range(self.root.W.shape[0])]}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        out = {"image_ids": self.image_ids.cpu(), "boxes": self.boxes.cpu()}
+        for bank in self.banks.values():
+            for f in ("W", "U", "crops", "importance"):
+                out[f"{bank.id}/{f}"] = getattr(bank, f).detach().cpu().contiguous()
+        return out
+
+    def meta(self) -> dict:
+        return {"class_idx": self.class_idx,
+                "banks": [{"id": b.id, "layer": b.layer, "relative_error": b.relative_error} for b in self.banks.values()]}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> ClassConcepts:
+        banks = {}
+        for b in meta["banks"]:
+            parts = {f.name: tensors[f"{b['id']}/{f.name}"] for f in fields(Bank) if f.name in ("W", "U", "crops", "importance")}
+            banks[b["id"]] = Bank(b["id"], b["layer"], relative_error=b["relative_error"], **parts)
+        return cls(meta["class_idx"], tensors["image_ids"], tensors["boxes"], banks)
+
+
+def _factorize(As: Sequence[Tensor], r: int, s: CraftSettings, device: torch.device) -> list[tuple[Tensor, Tensor, float]]:
+    """One batched NMF (CRAFT eq. 1) over several activation matrices: (W, U, relative error) each."""
+    A, rows = stack_classes(list(As))
+    res = nmf(A, r, n_rows=rows, max_iter=s.max_iter, tol=s.tol, seed=s.seed, device=device)
+    err = res.relative_error
+    return [(res.B[i], res.E[i, : int(rows[i])], float(err[i])) for i in range(len(As))]
+
+
+def _top_head(cut: LayerCut):
+    return lambda a: cut.logits(a[:, None, None, :])  # pooled activations as a 1×1 map
+
+
+@torch.no_grad()
+def class_concepts(
+    backbone: FeatureBackbone,
+    images: Sequence[Tensor],
+    classes: Sequence[int],
+    settings: CraftSettings = CraftSettings(),
+    *,
+    image_ids: Sequence[Tensor] | None = None,
+) -> list[ClassConcepts]:
+    """CRAFT steps 1–5 for several classes at once.
+
+    Parameters
+    ----------
+    backbone : the black box (on the device to compute on).
+    images : per class, (N_c, 3, S, S) preprocessed images the black box predicts as that class.
+    classes : the class of each entry of ``images``.
+    settings : see :class:`CraftSettings`.
+    image_ids : per class, ids recorded for its images (default 0..N_c−1).
+    """
+    s = settings
+    if len(images) != len(classes) or not images:
+        raise ValueError(f"images and classes must be non-empty and of equal length, got {len(images)} and {len(classes)}")
+    empty = [int(c) for c, x in zip(classes, images) if x.shape[0] == 0]
+    if empty:
+        raise ValueError(f"classes {empty}: no image is predicted as them, so CRAFT has nothing to learn from")
+    device = backbone.V.device
+    size = images[0].shape[-1]
+    top = LayerCut(backbone, None, size)
+    cuts = [LayerCut(backbone, layer, size) for layer in s.sub_layers]
+
+    crops = [crop_images(x.to(device), s.crop, stride=s.stride, n_random=s.n_random, seed=s.seed) for x in images]
+    acts = [pooled_activations(top, c, batch_size=s.batch_size) for c, _ in crops]
+    out = []
+    for k, (c, (W, U, err)) in enumerate(zip(classes, _factorize(acts, s.n_concepts, s, device))):
+        U_images = encode(pooled_activations(top, images[k].to(device), batch_size=s.batch_size), W)
+        importance = concept_importance(U_images, W, _top_head(top), int(c), n_design=s.n_design, seed=s.seed)
+        ids = image_ids[k] if image_ids is not None else torch.arange(images[k].shape[0])
+        bank = Bank("root", top.layer, W, U, torch.arange(U.shape[0], device=U.device), importance, err)
+        out.append(ClassConcepts(int(c), torch.as_tensor(ids), crops[k][1], {"root": bank}))
+
+    parents = [(k, out[k].root) for k in range(len(out))]
+    for cut in cuts:  # CRAFT §3.2: one level of sub-concepts per earlier layer
+        jobs = []  # (class position, parent concept id, crop indices)
+        for k, bank in parents:
+            for i in bank.importance.argsort(descending=True)[: s.recurse].tolist():
+                coef = bank.U[:, i]
+                chosen = bank.crops[coef > torch.quantile(coef, s.percentile / 100)]  # U_(n,i) > λ_i
+                if chosen.numel() >= 2:
+                    jobs.append((k, bank.concept_ids[i], chosen))
+        if not jobs:
+            break
+        sub_images = [crops_at(images[k].to(device), out[k].boxes[chosen]) for k, _, chosen in jobs]
+        maps = [torch.cat([cut.activations(x[i : i + s.batch_size]) for i in range(0, x.shape[0], s.batch_size)]).clamp_min(0)
+                for x in sub_images]  # (M', h', w', D')
+        parents = []
+        for (k, cid, chosen), F, (W, U, err) in zip(jobs, maps, _factorize([F.flatten(1, 2).mean(1) for F in maps], s.sub_concepts, s, device)):
+            U_pos = encode_positions(F, W)  # the tail is not linear: perturb per position
+            importance = concept_importance(U_pos, W, cut.logits, out[k].class_idx, n_design=s.n_design, seed=s.seed,
+                                            batch_size=max(1, 2**22 // F[0].numel()))
+            bank = Bank(cid, cut.layer, W, U, chosen, importance, err)
+            out[k].banks[cid] = bank
+            parents.append((k, bank))
+    return out
 
 
 @torch.no_grad()
@@ -110,34 +342,19 @@ def extract_concepts(
     n_design: int = 32,
     seed: int = 0,
     batch_size: int = 64,
-) -> Concepts:
-    """CRAFT steps 1–4 for one class (see the module docstring).
+    **settings,
+) -> ClassConcepts:
+    """CRAFT for one class from candidate images (a notebook's entry point).
 
-    ``images`` (N, 3, H, W) are candidate images; only those the black box predicts as
-    ``class_idx`` are used (CRAFT §3.1). Raises ValueError if there are none.
+    ``images`` (N, 3, H, W) are candidates; only those the black box predicts as ``class_idx`` are
+    used (CRAFT §3.1). Raises ValueError if there are none. ``settings``: more
+    :class:`CraftSettings` fields (``sub_layers``, ...).
     """
     feats = [backbone(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     pred = torch.cat([backbone.head_logits(F) for F in feats]).argmax(1)
     chosen = (pred == class_idx).nonzero().flatten()
     if chosen.numel() == 0:
         raise ValueError(f"no image is predicted as class {class_idx}: CRAFT learns concepts from predicted images")
-    crops, boxes = crop_images(images[chosen], crop, stride=stride, n_random=n_random, seed=seed)
-    A = pooled_activations(backbone, crops, batch_size=batch_size)  # (M, D)
-    res = nmf(A, n_concepts, seed=seed)
-    V, bias = backbone.V.detach(), backbone.bias.detach()
-
-    def head(activations: Tensor) -> Tensor:  # h: the rest of the network after pooling
-        return activations @ V.T.to(activations) + bias.to(activations)
-
-    importance = concept_importance(res.E, res.B, head, class_idx, n_design=n_design, seed=seed)
-    boxes = boxes.clone()
-    boxes[:, 0] = chosen[boxes[:, 0].long()].to(boxes)
-    return Concepts(class_idx, res.B, res.E, boxes, chosen, importance, float(res.relative_error))
-
-
-def encode(activations: Tensor, W: Tensor) -> Tensor:
-    """U = argmin_{U ≥ 0} ||A − U W||² against a fixed concept bank (CRAFT's encoding of new inputs).
-
-    activations (M, D), W (r, D) → U (M, r).
-    """
-    return nnls(activations.clamp_min(0), W)
+    s = CraftSettings(n_concepts=n_concepts, crop=crop, stride=stride, n_random=n_random, n_design=n_design,
+                      seed=seed, batch_size=batch_size, **settings)
+    return class_concepts(backbone, [images[chosen]], [class_idx], s, image_ids=[chosen.cpu()])[0]

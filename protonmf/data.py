@@ -66,6 +66,7 @@ __all__ = [
     "SyntheticSource",
     "iter_batches",
     "load_image",
+    "load_images",
     "make_source",
     "to_rgb",
 ]
@@ -298,6 +299,12 @@ class Preprocess:
             img = to_rgb(img)
         out = self.transform(img)
         return out.as_subclass(Tensor) if isinstance(out, Tensor) else out
+
+    def undo(self, images: Tensor) -> np.ndarray:
+        """Normalized images (N, 3, H, W) back to displayable (N, H, W, 3) floats in [0, 1]."""
+        mean = torch.tensor(self.mean)[:, None, None]
+        std = torch.tensor(self.std)[:, None, None]
+        return (images.detach().cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain values (e.g. for a model manifest)."""
@@ -880,6 +887,21 @@ def iter_batches(
         )
     todo = list(source.records if records is None else records)
     return _batches(source, preprocess, int(batch_size), workers, todo)
+
+
+def load_images(
+    source: ImageSource, preprocess: Callable[[Image.Image], Tensor], records: Sequence[Record], *, batch_size: int = 64,
+    workers: int | None = None,
+) -> tuple[Tensor, list[Record]]:
+    """The given records' images as one (n, 3, S, S) tensor, in record order, and the records used
+    (unreadable files are left out)."""
+    by_id = {r.image_id: r for r in records}
+    images, used = [], []
+    for batch in iter_batches(source, preprocess, batch_size, workers=workers, records=records):
+        if len(batch):
+            images.append(batch.images)
+            used += [by_id[i] for i in batch.image_ids]
+    return (torch.cat(images) if images else torch.zeros(0)), used
 
 
 def _batches(source, preprocess, batch_size: int, workers: int, todo: list[Record]) -> Iterator[Batch]:

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from protonmf.data import ImageSource, Preprocess
+from protonmf.data import ImageSource, Preprocess, load_images
 from protonmf.figures import PROTOTYPE_COLORS, error_curves, prototype_overlay
 from protonmf.model import PrototypeModel
 
@@ -55,20 +55,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _display(images: torch.Tensor, pre: Preprocess) -> np.ndarray:
-    mean = torch.tensor(pre.mean)[:, None, None]
-    std = torch.tensor(pre.std)[:, None, None]
-    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return pre.undo(images)
 
 
 def _class_images(source: ImageSource, pre: Preprocess, k: int, n: int) -> torch.Tensor:
-    out = []
-    for record in (r for r in source.records if r.label == k):
-        img, _ = source.load(record)
-        if img is not None:
-            out.append(pre(img))
-        if len(out) == n:
-            break
-    return torch.stack(out) if out else torch.zeros(0)
+    return load_images(source, pre, source.records_of(k)[: 2 * n], workers=0)[0][:n]
 
 
 def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess, k: int) -> str:

@@ -146,9 +146,11 @@ def concept_importance(
 
     Parameters
     ----------
-    U : Tensor of shape (N, r): concept coefficients of N images (CRAFT's U, our E).
+    U : Tensor of shape (N, r), or (N, *positions, r): concept coefficients of N images (CRAFT's
+        U, our E), pooled or per position of a feature map; a mask scales concept i at every
+        position of an image alike.
     W : Tensor of shape (r, D): the concept bank, one concept per row (our B; CRAFT's Wᵀ).
-    head : maps activations (m, D) to logits (m, K): the rest of the network.
+    head : maps activations (m, D), or (m, *positions, D), to logits (m, K): the rest of the network.
     class_idx : the logit to explain, an int for all images or one per image, shape (N,).
     n_design, seed, sequence : the QMC design (:func:`sobol_masks`); n_design·(r + 2) masks.
     batch_size : (image, mask) pairs sent to ``head`` at once.
@@ -158,11 +160,12 @@ def concept_importance(
     importance : Tensor of shape (r,), in U's floating dtype (float32 for integer U). Images whose
         logit does not vary under the masks add 0 to every concept's mean.
     """
-    if U.ndim != 2 or W.ndim != 2 or U.shape[1] != W.shape[0]:
-        raise ValueError(f"U and W must have shapes (N, r) and (r, D), got {tuple(U.shape)}, {tuple(W.shape)}")
+    if U.ndim < 2 or W.ndim != 2 or U.shape[-1] != W.shape[0]:
+        raise ValueError(f"U and W must have shapes (N, ..., r) and (r, D), got {tuple(U.shape)}, {tuple(W.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    N, r = U.shape
+    N, r = U.shape[0], U.shape[-1]
+    spread = (1,) * (U.ndim - 2)  # a mask broadcasts over the positions
     dtype = U.dtype if U.is_floating_point() else torch.get_default_dtype()
     U, W = U.to(dtype), W.to(dtype=dtype, device=U.device)
     classes = torch.as_tensor(class_idx, dtype=torch.long, device=U.device)
@@ -180,11 +183,12 @@ def concept_importance(
         for start in range(0, N * n_masks, batch_size):
             flat = torch.arange(start, min(start + batch_size, N * n_masks), device=U.device)
             img, m = flat // n_masks, flat % n_masks
-            activations = (U[img] * masks[m]) @ W  # (chunk, D): τ(U, M) = U ⊙ M, Ã = τ(U, M) W
+            tau = U[img] * masks[m].view(-1, *spread, r)  # τ(U, M) = U ⊙ M (CRAFT eq. 2)
+            activations = tau @ W  # Ã = τ(U, M) W: (chunk, [positions,] D)
             logits = head(activations)
             if logits.ndim != 2 or logits.shape[0] != flat.shape[0]:
                 raise ValueError(
-                    f"head must map activations (m, D) to logits (m, K); got {tuple(logits.shape)} "
+                    f"head must map activations (m, ..., D) to logits (m, K); got {tuple(logits.shape)} "
                     f"for input {tuple(activations.shape)}"
                 )
             outputs[start : start + flat.shape[0]] = logits.gather(1, classes[img].unsqueeze(1)).squeeze(1).to(dtype)

@@ -10,7 +10,7 @@ import ray
 from protonmf.config import Config
 from protonmf.stages import fit_group
 from protonmf.store import FeatureStore
-from tasks.runtime import maybe_fail_for_test
+from tasks.runtime import gather, maybe_fail_for_test
 
 
 @ray.remote(max_retries=3)
@@ -25,13 +25,4 @@ def fit_all(config: Config, groups: list[list[int]], on_group: Callable[[dict], 
     """Fit every group in parallel (GPU tasks when ``compute.fit_gpus`` > 0); results in group order."""
     task = fit_group_task.options(num_gpus=config.compute.fit_gpus, num_cpus=1)
     config_json = config.model_dump_json()
-    pending = {task.remote(config_json, g): i for i, g in enumerate(groups)}
-    results: list[dict | None] = [None] * len(groups)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            i = pending.pop(ref)
-            results[i] = ray.get(ref)
-            if on_group is not None:
-                on_group(results[i])
-    return results  # type: ignore[return-value]
+    return gather([task.remote(config_json, g) for g in groups], on_group)

@@ -7,7 +7,9 @@ Workers get the S3 endpoint and credentials of the driver through their runtime 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import ray
 
@@ -52,3 +54,17 @@ def maybe_fail_for_test() -> None:
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         os._exit(137)
+
+
+def gather(refs: list, on_result: Callable[[Any], None] | None = None) -> list:
+    """Results of ``refs`` in their order, calling ``on_result`` as each one finishes (progress)."""
+    pending = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            i = pending.pop(ref)
+            results[i] = ray.get(ref)
+            if on_result is not None:
+                on_result(results[i])
+    return results

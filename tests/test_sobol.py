@@ -145,9 +145,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"f_values must have n_design \* \(d \+ 2\) = 20 rows .* got shape \(19,\)"):
         total_sobol_indices(torch.zeros(19), 4, 3)
     W = torch.rand(3, 5)
-    with pytest.raises(ValueError, match=r"U and W must have shapes \(N, r\) and \(r, D\), got \(4, 2\), \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"U and W must have shapes \(N, \.\.\., r\) and \(r, D\), got \(4, 2\), \(3, 5\)"):
         concept_importance(torch.rand(4, 2), W, lambda a: a, 0)
     with pytest.raises(ValueError, match=r"class_idx must be an int or have shape \(N,\) = \(4,\), got \(3,\)"):
         concept_importance(torch.rand(4, 3), W, lambda a: a, [0, 1, 2])
-    with pytest.raises(ValueError, match=r"head must map activations \(m, D\) to logits \(m, K\)"):
+    with pytest.raises(ValueError, match=r"head must map activations \(m, \.\.\., D\) to logits \(m, K\)"):
         concept_importance(torch.rand(4, 3), W, lambda a: a.sum(-1), 0, n_design=4)
+
+
+def test_spatial_coefficients_through_a_pooling_head_equal_pooled_ones():
+    """A mask scales a concept at every position alike, so with a head that averages positions
+    (linear) the spatial estimate equals the pooled one; a non-linear head makes them differ."""
+    g = torch.Generator().manual_seed(3)
+    U = torch.rand(6, 4, 4, 3, generator=g, dtype=torch.float64)  # (N, h, w, r)
+    W = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    V = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    pooled_head = lambda a: a.flatten(1, -2).mean(1) @ V.T  # noqa: E731
+    spatial = concept_importance(U, W, pooled_head, 1, n_design=32, batch_size=50)
+    pooled = concept_importance(U.flatten(1, 2).mean(1), W, lambda a: a @ V.T, 1, n_design=32)
+    torch.testing.assert_close(spatial, pooled, rtol=1e-10, atol=1e-12)
+    relu_head = lambda a: a.clamp_min(0.4).flatten(1, -2).mean(1) @ V.T  # noqa: E731
+    assert not torch.allclose(concept_importance(U, W, relu_head, 1, n_design=32), pooled, atol=1e-3)

@@ -1,0 +1,53 @@
+"""CRAFT on Ray: a task plans the images, one task per group of classes extracts their concepts
+(batched NMF inside), a task merges and publishes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import ray
+import torch
+
+from protonmf.config import Config
+from protonmf.craft_stages import craft_group, plan_images, publish_concepts
+from protonmf.stages import load_backbone, make_split_source
+from protonmf.store import FeatureStore
+from tasks.runtime import gather, maybe_fail_for_test
+
+
+def _open(config: Config):
+    store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
+    backbone = load_backbone(config).to("cuda" if torch.cuda.is_available() else "cpu")
+    return store, backbone, make_split_source(config, "train"), make_split_source(config, "val")
+
+
+@ray.remote(max_retries=2)
+def plan_task(config_json: str) -> str:
+    config = Config.model_validate_json(config_json)
+    store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
+    return json.dumps(plan_images(config, store))
+
+
+@ray.remote(max_retries=3)
+def craft_group_task(config_json: str, plan_json: str, classes: list[int]) -> dict:
+    maybe_fail_for_test()
+    config = Config.model_validate_json(config_json)
+    store, backbone, train, val = _open(config)
+    plan = {int(k): v for k, v in json.loads(plan_json).items()}
+    return craft_group(config, backbone, store, plan, classes, train, val)
+
+
+@ray.remote(max_retries=2)
+def publish_concepts_task(config_json: str) -> str:
+    config = Config.model_validate_json(config_json)
+    store, backbone, train, val = _open(config)
+    return publish_concepts(config, backbone, store, train, val)
+
+
+def craft_all(config: Config, groups: list[list[int]], plan: dict[int, list[dict]],
+              on_group: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every group in parallel (GPU tasks when ``compute.extract_gpus`` > 0); results in group order."""
+    task = craft_group_task.options(num_gpus=config.compute.extract_gpus, num_cpus=1)
+    config_json = config.model_dump_json()
+    return gather([task.remote(config_json, json.dumps({k: plan.get(k, []) for k in g}), g) for g in groups], on_group)
