@@ -39,8 +39,8 @@ def tcav_ranking(U: Tensor, W: Tensor, head: Head, class_idx: int) -> tuple[Tens
     """Concepts ordered by TCAV score then mean directional derivative; returns (order, scores)."""
     _check(U, W)
     with torch.enable_grad():
-        u = U.detach().float().requires_grad_(True)
-        (s,) = torch.autograd.grad(head(u @ W.float())[:, class_idx].sum(), u)  # (N, r): ∂h_c/∂U_i per image
+        u = U.detach().to(U.dtype if U.is_floating_point() else torch.float32).requires_grad_(True)
+        (s,) = torch.autograd.grad(head(u @ W.to(u))[:, class_idx].sum(), u)  # (N, r): ∂h_c/∂U_i per image
     score = (s > 0).float().mean(0)
     key = score * (1 + s.abs().max()) * 2 + s.mean(0)  # score first, then the mean derivative
     return key.argsort(descending=True), score
