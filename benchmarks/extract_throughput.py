@@ -7,6 +7,7 @@ alone on pre-decoded tensors, and the whole stage (decode + preprocess + forward
 decode rate and well below the forward rate.
 
     .venv/bin/python benchmarks/extract_throughput.py [--arch torchvision:resnet18] [--images 256]
+        [--precision bfloat16] [--channels-last]     # the GPU worker's settings (compute.precision, ...)
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="protonmf-extract-"))
     write_jpegs(work / "train", args.images)
@@ -52,12 +56,15 @@ def main() -> None:
         return sum(len(b) for b in iter_batches(source, pre, args.batch, workers=args.workers))
 
     n, t_decode = timed(decode_only)
-    batch = torch.randn(args.batch, 3, 224, 224, device=device)
+    batch = torch.randn(args.batch, 3, 224, 224, device=device).to(memory_format=layout)
+    if args.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def forward_only():
         for _ in range(0, n, args.batch):
-            backbone(batch)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16"):
+                backbone(batch)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -68,16 +75,19 @@ def main() -> None:
     store = FeatureStore.create(str(work / "features"), key=feature_key(b="bench"), class_names=source.classes,
                                 grid=tuple(F.shape[1:3]), dim=F.shape[3], V=backbone.V.cpu(), bias=backbone.bias.cpu())
     _, t_pipeline = timed(extract_classes, backbone, source, pre, store, range(len(source.classes)),
-                          batch_size=args.batch, workers=args.workers, device=device)
+                          batch_size=args.batch, workers=args.workers, device=device,
+                          precision=args.precision, channels_last=args.channels_last)
     result = {
         "device": device, "arch": args.arch, "images": n, "batch": args.batch, "decode_workers": args.workers,
+        "precision": args.precision, "channels_last": args.channels_last,
         "decode_images_per_s": round(n / t_decode, 1),
         "decode_images_per_s_per_worker": round(n / t_decode / args.workers, 1),
         "forward_images_per_s": round(n / t_forward, 1),
         "pipeline_images_per_s": round(n / t_pipeline, 1),
         "bound": "decode" if t_decode >= t_forward else "forward",
     }
-    save(f"extract_throughput_{device}", result)
+    suffix = "" if args.precision == "float32" and not args.channels_last else f"_{args.precision}{'_nhwc' * args.channels_last}"
+    save(f"extract_throughput_{device}{suffix}", result)
 
 
 if __name__ == "__main__":

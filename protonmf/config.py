@@ -87,6 +87,8 @@ class ComputeConfig(_Section):
     fit_gpus: float = Field(0, ge=0)
     batch_size: int = Field(256, ge=1)
     workers: int = Field(1, ge=1)
+    precision: Literal["float32", "bfloat16"] = "float32"  # extraction forward pass (bfloat16: GPU workers)
+    channels_last: bool = False  # NHWC convolutions in extraction (GPU workers)
 
 
 class StorageConfig(_Section):

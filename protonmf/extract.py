@@ -57,6 +57,8 @@ def extract_classes(
     workers: int | None = None,
     top_k: int = 5,
     device: torch.device | str | None = None,
+    precision: str = "float32",
+    channels_last: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[ClassExtraction]:
     """Extract and store the features of ``classes``; complete classes are skipped.
@@ -69,10 +71,19 @@ def extract_classes(
     store : the :class:`~protonmf.store.FeatureStore` to write.
     classes : class indices to extract.
     top_k : how many of the black box's top logits each record keeps.
+    precision : "float32", or "bfloat16" to run the forward pass under autocast (GPU workers);
+        features are stored as float16 either way, logits are computed in float32 from them.
+    channels_last : NHWC memory format for the network and its input (faster convolutions on GPUs).
     on_batch : called with the number of images after each batch (progress bars).
     """
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = backbone.to(device).eval()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     top_k = min(top_k, backbone.num_classes)
     results = []
     for k in classes:
@@ -90,7 +101,9 @@ def extract_classes(
                     rows[name].append(value)
             if len(batch) == 0:
                 continue
-            F = backbone(batch.images.to(device))
+            with autocast:
+                F = backbone(batch.images.to(device, memory_format=layout, non_blocking=True))
+            F = F.float()
             logits = backbone.head_logits(F)
             top = logits.topk(top_k, dim=1)
             pred = logits.argmax(1).cpu()

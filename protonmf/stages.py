@@ -152,10 +152,12 @@ def _grid(backbone: FeatureBackbone, crop: int) -> tuple[int, int, int]:
 
 
 def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str]) -> str:
+    precision = {} if config.compute.precision == "float32" else {"precision": config.compute.precision}
     return feature_key(
         backbone=backbone.spec_dict(),
         data=config.data.model_dump(exclude={"val", "val_images_per_class"}),
         classes=classes,
+        **precision,  # bfloat16 features are other features (float32 keeps the keys of earlier stores)
     )
 
 
@@ -183,8 +185,10 @@ def prepare_store(config: Config, backbone: FeatureBackbone, source: ImageSource
 def extract_group(
     config: Config, backbone: FeatureBackbone, source: ImageSource, store: FeatureStore, classes: list[int], **kwargs: Any
 ) -> list[ClassExtraction]:
+    c = config.compute
     return extract_classes(
-        backbone, source, make_preprocess(config), store, classes, batch_size=config.compute.batch_size, **kwargs
+        backbone, source, make_preprocess(config), store, classes, batch_size=c.batch_size,
+        precision=c.precision, channels_last=c.channels_last, **kwargs,
     )
 
 

@@ -86,3 +86,22 @@ def test_corrupt_files_are_listed_as_skipped_and_the_run_completes(backbone, tre
     assert store.done_classes() == [0, 1, 2]
     again = extract_classes(backbone, make_source("imagefolder", root=str(tree)), PRE, store, range(3))
     assert all(s.resumed for s in again)
+
+
+def test_bfloat16_channels_last_extraction_is_close_to_float32(backbone, tree, tmp_path):
+    """The GPU worker's settings (bf16 autocast, NHWC), run here on the CPU: the same features to
+    bfloat16 rounding, the float32 path untouched."""
+    source = make_source("imagefolder", root=str(tree))
+    stores = {}
+    for name, kwargs in {"fp32": {}, "bf16": {"precision": "bfloat16", "channels_last": True}}.items():
+        stores[name] = FeatureStore.create(
+            str(tmp_path / name), key=feature_key(arch="resnet18", data="tree", **kwargs), class_names=source.classes,
+            grid=(2, 2), dim=512, V=backbone.V, bias=backbone.bias,
+        )
+        extract_classes(backbone, source, PRE, stores[name], [0], batch_size=4, workers=0, **kwargs)
+    backbone.to(memory_format=torch.contiguous_format)
+    full, half = stores["fp32"].read_class(0).float(), stores["bf16"].read_class(0).float()
+    assert not torch.equal(full, half)
+    assert float((full - half).norm() / full.norm()) < 2e-2  # bfloat16 has 8 bits of mantissa
+    with pytest.raises(ValueError, match="precision must be 'float32' or 'bfloat16', got 'int8'"):
+        extract_classes(backbone, source, PRE, stores["fp32"], [1], precision="int8")
