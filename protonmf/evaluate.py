@@ -6,8 +6,7 @@ One backbone pass per image serves every comparison: the features F give the bla
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -160,7 +159,7 @@ def reconstruction_study(
     prototypes fitted from two seeds.
     """
     from protonmf.baselines import basis_error, patch_prototypes
-    from protonmf.fit import fit_prototypes, stack_classes
+    from protonmf.fit import fit_prototypes_sweep, stack_classes
     from protonmf.head import reconstruct_head
 
     ks = list(range(len(store.class_names))) if classes is None else list(classes)
@@ -174,18 +173,21 @@ def reconstruction_study(
         feats = [store.read_class(k).reshape(-1, store.dim) for k in group]
         A, rows = stack_classes(feats)
 
-        def fit(p: int, seed: int):
-            return fit_prototypes(A, V[group], bias[group], p, n_rows=rows, max_iter=max_iter, tol=tol, seed=seed, device=device)[0]
+        def fit(ps: list[int], seed: int) -> dict[int, ClassPrototypes]:
+            sweep = fit_prototypes_sweep(A, V[group], bias[group], ps, n_rows=rows, max_iter=max_iter, tol=tol, seed=seed, device=device)
+            return {p: f for p, (f, _) in sweep.items()}
 
+        missing = [p for p in p_values if fitted is None or p not in fitted]
+        own = fit(missing, seeds[0]) if missing else {}
+        seconds = fit(list(p_values), seeds[1])
         for p in p_values:
-            if fitted is not None and p in fitted:
+            if p in own:
+                errors, B_first = (own[p].feature_error.tolist(), own[p].head_error.tolist()), own[p].B
+            else:
                 first = fitted[p]
                 errors = first.feature_error[group].tolist(), first.head_error[group].tolist()
                 B_first = first.B[group]
-            else:
-                own = fit(p, seeds[0])
-                errors, B_first = (own.feature_error.tolist(), own.head_error.tolist()), own.B
-            second = fit(p, seeds[1])
+            second = seconds[p]
             acc[p]["feature_error"] += errors[0]
             acc[p]["head_error"] += errors[1]
             for i, k in enumerate(group):

@@ -1,6 +1,7 @@
 """ProtoNMF's two steps for a batch of classes: NMF prototypes, then the head rebuilt from them.
 
-Step 1 (eq. 1–3): A_c ≈ E_c B_c by :func:`protonmf.nmf.nmf`, batched over classes.
+Step 1 (eq. 1–3): A_c ≈ E_c B_c by :func:`protonmf.nmf.nmf`, batched over classes (or by
+:func:`protonmf.nmf.nmf_sweep` for several p in one pass, see :func:`fit_prototypes_sweep`).
 Step 2 (eq. 4–5, 8): C_c, R_c by :func:`protonmf.head.reconstruct_head`, and the augmented
 prototypes B'_c by :func:`protonmf.head.augment_prototypes`.
 
@@ -9,8 +10,8 @@ Shapes follow :mod:`protonmf.nmf` and :mod:`protonmf.head`: K classes, p prototy
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -18,9 +19,9 @@ import torch
 from torch import Tensor
 
 from protonmf.head import Solver, augment_prototypes, reconstruct_head
-from protonmf.nmf import NMFResult, nmf
+from protonmf.nmf import NMFResult, nmf, nmf_sweep
 
-__all__ = ["ClassPrototypes", "fit_prototypes", "fit_settings", "stack_classes"]
+__all__ = ["ClassPrototypes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings", "stack_classes"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,48 @@ def fit_settings(**overrides: Any) -> dict[str, Any]:
     return {**settings, "nmf_input": "negative features set to 0 (ProtoNMF §3.1)"}
 
 
+def _check_fit_inputs(A: Tensor, V: Tensor) -> None:
+    if A.ndim != 3:
+        raise ValueError(f"A must have shape (K, n, D), got {tuple(A.shape)}")
+    if V.ndim != 2 or V.shape[0] != A.shape[0]:
+        raise ValueError(f"V must have shape (K={A.shape[0]}, D), got {tuple(V.shape)}")
+    if V.shape[1] != A.shape[2]:
+        raise ValueError(
+            f"feature dimension mismatch: features have D = {A.shape[2]} but the head V has D = {V.shape[1]}"
+        )
+    if not torch.isfinite(V).all():
+        raise ValueError("V (head weights) contains NaN or Inf values")
+
+
+def _head_prototypes(
+    res: NMFResult, V: Tensor, bias: Tensor | None, n_rows: Tensor, *, nonneg: bool, solver: Solver
+) -> ClassPrototypes:
+    """Step 2 for the NMF prototypes ``res.B`` (K, p, D): the head rebuilt from them (eq. 4–5, 8).
+
+    ``n_rows`` (K,) int64 is recorded as the rows each class was fitted on.
+    """
+    head = reconstruct_head(V.to(res.B.device), res.B, nonneg=nonneg, solver=solver)  # eq. 4–5
+    B_aug, spread = augment_prototypes(res.B, head.C, head.R)  # eq. 8
+    K = res.B.shape[0]
+    return ClassPrototypes(
+        B=res.B.float(),
+        C=head.C,
+        R=head.R,
+        B_aug=B_aug,
+        spread=spread,
+        bias=(bias if bias is not None else torch.zeros(K)).double().to(res.B.device),
+        feature_error=res.relative_error,
+        head_error=head.relative_error,
+        n_iter=res.n_iter,
+        n_rows=n_rows.to(res.B.device),
+    )
+
+
+def _row_counts(A: Tensor, n_rows: Tensor | None) -> Tensor:
+    K, n = A.shape[:2]
+    return torch.full((K,), n, dtype=torch.int64) if n_rows is None else torch.as_tensor(n_rows, dtype=torch.int64)
+
+
 def fit_prototypes(
     A: Tensor,
     V: Tensor,
@@ -152,31 +195,42 @@ def fit_prototypes(
     -------
     (ClassPrototypes, NMFResult): the model part, and the NMF factors (E for heatmaps).
     """
-    if A.ndim != 3:
-        raise ValueError(f"A must have shape (K, n, D), got {tuple(A.shape)}")
-    if V.ndim != 2 or V.shape[0] != A.shape[0]:
-        raise ValueError(f"V must have shape (K={A.shape[0]}, D), got {tuple(V.shape)}")
-    if V.shape[1] != A.shape[2]:
-        raise ValueError(
-            f"feature dimension mismatch: features have D = {A.shape[2]} but the head V has D = {V.shape[1]}"
-        )
-    if not torch.isfinite(V).all():
-        raise ValueError("V (head weights) contains NaN or Inf values")
+    _check_fit_inputs(A, V)
     res = nmf(A, p, max_iter=max_iter, tol=tol, seed=seed, n_rows=n_rows, block_rows=block_rows, device=device)  # eq. 1–3
-    head = reconstruct_head(V.to(res.B.device), res.B, nonneg=nonneg, solver=solver)  # eq. 4–5
-    B_aug, spread = augment_prototypes(res.B, head.C, head.R)  # eq. 8
-    K = A.shape[0]
-    n_rows = torch.full((K,), A.shape[1], dtype=torch.int64) if n_rows is None else torch.as_tensor(n_rows, dtype=torch.int64)
-    protos = ClassPrototypes(
-        B=res.B.float(),
-        C=head.C,
-        R=head.R,
-        B_aug=B_aug,
-        spread=spread,
-        bias=(bias if bias is not None else torch.zeros(K)).double().to(res.B.device),
-        feature_error=res.relative_error,
-        head_error=head.relative_error,
-        n_iter=res.n_iter,
-        n_rows=n_rows.to(res.B.device),
-    )
-    return protos, res
+    return _head_prototypes(res, V, bias, _row_counts(A, n_rows), nonneg=nonneg, solver=solver), res
+
+
+def fit_prototypes_sweep(
+    A: Tensor,
+    V: Tensor,
+    bias: Tensor | None,
+    ps: Sequence[int],
+    *,
+    n_rows: Tensor | None = None,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    nonneg: bool = False,
+    solver: Solver = "closed_form",
+    block_rows: int = 8192,
+    device: torch.device | str | None = None,
+) -> dict[int, tuple[ClassPrototypes, NMFResult]]:
+    """:func:`fit_prototypes` for every p in ``ps``, with one NMF pass over A per iteration for all p.
+
+    The NMF of every p runs in one :func:`protonmf.nmf.nmf_sweep` (same factors and ``n_iter`` as
+    separate :func:`protonmf.nmf.nmf` calls, to float rounding); the head is then rebuilt per p.
+
+    Parameters
+    ----------
+    A, V, bias : as in :func:`fit_prototypes`.
+    ps : sequence of distinct ints, the prototype counts.
+    Other parameters: as :func:`fit_prototypes`.
+
+    Returns
+    -------
+    dict mapping each p (in the order of ``ps``) to what ``fit_prototypes(A, V, bias, p, ...)`` returns.
+    """
+    _check_fit_inputs(A, V)
+    sweep = nmf_sweep(A, ps, max_iter=max_iter, tol=tol, seed=seed, n_rows=n_rows, block_rows=block_rows, device=device)  # eq. 1–3
+    rows = _row_counts(A, n_rows)
+    return {p: (_head_prototypes(res, V, bias, rows, nonneg=nonneg, solver=solver), res) for p, res in sweep.items()}

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from protonmf.artifact import ArtifactError, open_artifact, write_artifact
 from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
-from protonmf.fit import ClassPrototypes, fit_prototypes, fit_settings, stack_classes
+from protonmf.fit import ClassPrototypes, fit_prototypes, fit_prototypes_sweep, fit_settings, stack_classes
 from protonmf.nnls import nnls
 
 __all__ = ["ArtifactError", "Explanation", "PrototypeModel"]
@@ -141,7 +141,7 @@ class PrototypeModel(nn.Module):
         """Fit in memory, for a notebook: features of ``images`` (N, 3, H, W) grouped by ``labels`` (N,).
 
         Every class of the backbone's head needs at least one image. ``p`` may list several counts;
-        the first is the model's. ``fit_kwargs`` go to :func:`protonmf.fit.fit_prototypes`.
+        the first is the model's. ``fit_kwargs`` go to :func:`protonmf.fit.fit_prototypes_sweep` (all counts in one NMF pass).
         """
         labels = torch.as_tensor(labels).reshape(-1)
         if labels.numel() != images.shape[0]:
@@ -153,7 +153,10 @@ class PrototypeModel(nn.Module):
             raise ValueError(f"labels: class(es) {missing[:10]} have no images (empty class)")
         A, n_rows = stack_classes([F[labels == k] for k in range(K)])
         counts = [p] if isinstance(p, int) else list(p)
-        fits = [fit_prototypes(A, backbone.V, backbone.bias, q, n_rows=n_rows, **fit_kwargs)[0] for q in counts]
+        if isinstance(p, int):
+            fits = [fit_prototypes(A, backbone.V, backbone.bias, p, n_rows=n_rows, **fit_kwargs)[0]]
+        else:
+            fits = [fit for fit, _ in fit_prototypes_sweep(A, backbone.V, backbone.bias, counts, n_rows=n_rows, **fit_kwargs).values()]
         return cls.from_prototypes(backbone, fits, class_names, settings=fit_settings(p=counts, **fit_kwargs))
 
     @property

@@ -28,7 +28,7 @@ from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
 from protonmf.evaluate import evaluate_model
 from protonmf.extract import ClassExtraction, extract_classes, feature_key
-from protonmf.fit import ClassPrototypes, fit_prototypes, fit_settings, stack_classes
+from protonmf.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
 from protonmf.model import PrototypeModel
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
 from protonmf.store import FeatureStore
@@ -246,13 +246,11 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         A, rows = stack_classes(features)
         V, bias = store.head()
         pr = config.prototypes
-        tensors = {}
-        for p in pr.p:
-            fit, _ = fit_prototypes(
-                A, V[classes], bias[classes], p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
-                seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, device=device or _default_device(),
-            )
-            tensors.update({f"p{p}.{name}": t for name, t in fit.to_tensors().items()})
+        fits = fit_prototypes_sweep(  # every p in one pass over A per NMF update
+            A, V[classes], bias[classes], pr.p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
+            seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, device=device or _default_device(),
+        )
+        tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
         resumed = False
     by_p = _split_by_p(tensors)
