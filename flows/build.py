@@ -47,6 +47,13 @@ def prepare(config: Config) -> dict:
     return ray.get(prepare_task.remote(config.model_dump_json()))
 
 
+def prepared_config(config: Config) -> tuple[Config, list[str], dict]:
+    """Run ``prepare``: the config with the black box's weights pinned, the class names, and what
+    ``prepare`` reported (classes already extracted)."""
+    prepared = prepare(config)
+    return Config.model_validate_json(prepared["config_json"]), prepared["class_names"], prepared
+
+
 @task(retries=2, retry_delay_seconds=5)
 def extract_features(config: Config, num_classes: int) -> list[dict]:
     progress_id = create_progress_artifact(0.0, key="extract-progress", description="classes extracted")
@@ -164,9 +171,7 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     timings: dict[str, float] = {}
     with ray_session(cfg):
         t = time.perf_counter()
-        prepared = prepare(cfg)
-        cfg = Config.model_validate_json(prepared["config_json"])
-        class_names = prepared["class_names"]
+        cfg, class_names, prepared = prepared_config(cfg)
         timings["prepare"] = time.perf_counter() - t
         logger.info("%d classes, %d already extracted", len(class_names), len(prepared["done"]))
 

@@ -27,7 +27,7 @@ from prefect.artifacts import (  # noqa: E402
 )
 from rich.progress import Progress  # noqa: E402
 
-from flows.build import _config, extract_features, prepare  # noqa: E402
+from flows.build import _config, extract_features, prepared_config  # noqa: E402
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft_artifact import ConceptSet  # noqa: E402
 from protonmf.stages import class_groups, preflight  # noqa: E402
@@ -120,9 +120,7 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     timings: dict[str, float] = {}
     with ray_session(cfg):
         t = time.perf_counter()
-        prepared = prepare(cfg)
-        cfg = Config.model_validate_json(prepared["config_json"])
-        class_names = prepared["class_names"]
+        cfg, class_names, _ = prepared_config(cfg)
         extract_features(cfg, len(class_names))
         timings["prepare+extract"] = time.perf_counter() - t
 
