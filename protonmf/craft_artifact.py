@@ -11,7 +11,7 @@
 - ``top_crops.parquet``: one row per (class, concept, rank): where the crop is (image id, URI,
   box) and the concept's coefficient there, the top crops of every concept of every bank.
 - ``figures/*.png``: concept sheets, importance bars, attribution overlays, trees, fidelity curves
-  of a few classes.
+  of a few classes; ``index.html`` shows them with the summary tables.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class ConceptSet:
     settings : the CRAFT settings and the run's keys.
     summary : means over classes (fidelity AUCs, localization).
     figures : file name → PNG bytes, written under ``figures/``.
+    page : the HTML of ``index.html`` (empty: none).
     """
 
     class_names: list[str]
@@ -105,6 +106,7 @@ class ConceptSet:
     settings: dict[str, Any]
     summary: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)
+    page: str = ""  # index.html: the summary and the figures, for a browser
 
     def save(self, uri: str, *, storage_options: dict[str, Any] | None = None, top_crops: int = 10) -> str:
         """Write the artifact at ``uri`` (every file, read back, then the manifest)."""
@@ -117,6 +119,8 @@ class ConceptSet:
             "top_crops.parquet": buf.getvalue(),
             **{f"figures/{name}": data for name, data in sorted(self.figures.items())},
         }
+        if self.page:
+            files["index.html"] = self.page.encode()
         meta = {"backbone": self.backbone, "class_names": self.class_names, "settings": self.settings,
                 "summary": self.summary, "classes": sorted(self.concepts)}
         return write_artifact(uri, files, meta, format=FORMAT, version=FORMAT_VERSION, storage_options=storage_options)

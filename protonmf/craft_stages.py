@@ -41,6 +41,7 @@ from protonmf.craft_maps import concept_maps
 from protonmf.data import ImageSource, Record, load_images
 from protonmf.extract import feature_key
 from protonmf.localization import class_localization
+from protonmf.report import render_craft_page
 from protonmf.stages import class_groups, make_preprocess
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
 from protonmf.store import FeatureStore
@@ -302,7 +303,8 @@ def publish_concepts(
         auc = {r: {c: summary["fidelity"][r][f"{c}_auc"] for c in ("deletion", "insertion")} for r in ("sobol", "tcav")}
         figures["fidelity_all_classes.png"] = _png(cf.fidelity_curves(curves, auc=auc, title=f"mean over {len(fid)} classes"))
     settings = {**config.craft.model_dump(), "craft_key": key, "features": store.uri}
-    ConceptSet(store.class_names, concepts, info, backbone.spec_dict(), settings, summary, figures).save(
+    page = render_craft_page(summary, store.class_names, [f"figures/{n}" for n in figures], f"CRAFT concepts: {config.backbone.arch}")
+    ConceptSet(store.class_names, concepts, info, backbone.spec_dict(), settings, summary, figures, page).save(
         uri, storage_options=opts, top_crops=config.craft.top_crops)
     fs.rm(staging, recursive=True)
     return uri

@@ -28,7 +28,7 @@ from protonmf.data import ImageSource, Preprocess, load_images
 from protonmf.figures import PROTOTYPE_COLORS, error_curves, prototype_overlay
 from protonmf.model import PrototypeModel
 
-__all__ = ["render_report"]
+__all__ = ["render_craft_page", "render_report"]
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -175,5 +175,33 @@ def render_report(
         first_labels.append(k)
     if firsts:
         parts.append("<h2>Figure 4: the same images with p prototypes</h2>" + _figure4(model, torch.stack(firsts), first_labels, pre))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_craft_page(summary: dict[str, Any], class_names: Sequence[str], figures: Sequence[str], title: str) -> str:
+    """The CRAFT artifact's ``index.html``: its summary tables and its figures (``figures/…`` beside it)."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='note'>{summary['classes']} classes with concepts, {summary['sub_banks']} sub-concept banks, "
+             f"{len(summary['skipped_classes'])} classes without predicted images</p>"]
+    fid = summary.get("fidelity")
+    if fid:
+        parts.append("<h2>Fidelity in concept space (CRAFT Fig. 5)</h2>" + _table(
+            ["ranking", "deletion AUC (lower is better)", "insertion AUC (higher is better)"],
+            [[r, fid[r]["deletion_auc"], fid[r]["insertion_auc"]] for r in ("sobol", "tcav")])
+            + f"<p>Sobol deletion AUC below TCAV's in {100 * fid['sobol_deletion_lower']:.0f}% of {fid['classes']} classes.</p>")
+    if summary.get("localization"):
+        parts.append("<h2>Concept localization against part masks</h2>" + _table(
+            ["map", "peak on object", "purity", "parts covered", "IoU"],
+            [[m, v["on_object"], v["purity"], v["coverage"], v["iou"]] for m, v in summary["localization"].items()]))
+    by_class: dict[str, list[str]] = {}
+    for name in sorted(figures):
+        stem = name.rsplit("/", 1)[-1]
+        by_class.setdefault(stem.split("_", 1)[0] if stem.startswith("c0") else "all classes", []).append(name)
+    for group, names in by_class.items():
+        label = class_names[int(group[1:])] if group.startswith("c") and group[1:].isdigit() else group
+        parts.append(f"<h2>{html.escape(label)}</h2>" + "".join(
+            f'<img alt="{html.escape(n.rsplit("/", 1)[-1][:-4])}" src="{html.escape(n)}"><br>' for n in names))
     parts.append("</body></html>")
     return "\n".join(parts)

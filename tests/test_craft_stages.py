@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -79,6 +80,9 @@ def test_groups_resume_and_publish_round_trips(run):
     assert {f"figures/c{with_images[0]:05d}_{kind}.png" for kind in ("concepts", "importance", "tree")} <= set(pngs)
     for name in pngs:
         assert Image.open(io.BytesIO(read_bytes(fs, f"{root}/{name}"))).size[0] > 100
+    page = read_bytes(fs, f"{root}/index.html").decode()
+    assert "Fidelity in concept space" in page and "Concept localization against part masks" in page
+    assert sorted(re.findall(r'src="([^"]+)"', page)) == sorted(pngs)  # every figure shown, each one there
     before = fs.info(f"{root}/manifest.json")["mtime"]
     assert publish_concepts(config, backbone, store, train, val) == uri  # same key: kept as it is
     assert fs.info(f"{root}/manifest.json")["mtime"] == before

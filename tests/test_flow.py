@@ -297,7 +297,8 @@ def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, buck
     fs, root = to_fs(f"{base}/concepts")
     files = ConceptSet.read_manifest(f"{base}/concepts")["files"]
     kinds = ("concepts", "importance", "tree", "fidelity", "attribution")
-    assert {f"figures/c{k:05d}_{kind}.png" for k in range(3) for kind in kinds} | {"figures/fidelity_all_classes.png"} <= set(files)
+    expected = {f"figures/c{k:05d}_{kind}.png" for k in range(3) for kind in kinds} | {"figures/fidelity_all_classes.png", "index.html"}
+    assert expected <= set(files)
     for name in files:
         if name.endswith(".png"):
             assert Image.open(io.BytesIO(read_bytes(fs, f"{root}/{name}"))).size[0] > 200
