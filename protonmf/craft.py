@@ -294,15 +294,19 @@ def class_concepts(
     top = LayerCut(backbone, None, size)
     cuts = [LayerCut(backbone, layer, size) for layer in s.sub_layers]
 
-    crops = [crop_images(x.to(device), s.crop, stride=s.stride, n_random=s.n_random, seed=s.seed) for x in images]
-    acts = [pooled_activations(top, c, batch_size=s.batch_size) for c, _ in crops]
+    boxes, acts = [], []
+    for x in images:  # one class's crops at a time (ImageNet: ~0.5 GB each); only the boxes are kept
+        crops, b = crop_images(x.to(device), s.crop, stride=s.stride, n_random=s.n_random, seed=s.seed)
+        acts.append(pooled_activations(top, crops, batch_size=s.batch_size))
+        boxes.append(b)
+        del crops
     out = []
     for k, (c, (W, U, err)) in enumerate(zip(classes, _factorize(acts, s.n_concepts, s, device))):
         U_images = encode(pooled_activations(top, images[k].to(device), batch_size=s.batch_size), W)
         importance = concept_importance(U_images, W, _top_head(top), int(c), n_design=s.n_design, seed=s.seed)
         ids = image_ids[k] if image_ids is not None else torch.arange(images[k].shape[0])
         bank = Bank("root", top.layer, W, U, torch.arange(U.shape[0], device=U.device), importance, err)
-        out.append(ClassConcepts(int(c), torch.as_tensor(ids), crops[k][1], {"root": bank}))
+        out.append(ClassConcepts(int(c), torch.as_tensor(ids), boxes[k], {"root": bank}))
 
     parents = [(k, out[k].root) for k in range(len(out))]
     for cut in cuts:  # CRAFT §3.2: one level of sub-concepts per earlier layer
