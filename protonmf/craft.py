@@ -319,9 +319,10 @@ def class_concepts(
                     jobs.append((k, bank.concept_ids[i], chosen))
         if not jobs:
             break
-        sub_images = [crops_at(images[k].to(device), out[k].boxes[chosen]) for k, _, chosen in jobs]
-        maps = [torch.cat([cut.activations(x[i : i + s.batch_size]) for i in range(0, x.shape[0], s.batch_size)]).clamp_min(0)
-                for x in sub_images]  # (M', h', w', D')
+        maps = []  # per job, the activations (M', h', w', D') of its crops at the earlier layer
+        for k, _, chosen in jobs:
+            x = crops_at(images[k].to(device), out[k].boxes[chosen])
+            maps.append(torch.cat([cut.activations(x[i : i + s.batch_size]) for i in range(0, x.shape[0], s.batch_size)]).clamp_min(0))
         parents = []
         for (k, cid, chosen), F, (W, U, err) in zip(jobs, maps, _factorize([F.flatten(1, 2).mean(1) for F in maps], s.sub_concepts, s, device)):
             U_pos = encode_positions(F, W)  # the tail is not linear: perturb per position
