@@ -261,7 +261,7 @@ def _class_figures(
             maps = concept_maps(backbone, images, root.W.to(images.device), method="gradcam").cpu().numpy()
             files[f"{stem}_attribution.png"] = _png(cf.attribution_overlays(
                 pre.undo(images), maps, class_name=name, importance=root.importance.numpy(), top=3,
-                titles=[r.image_id for r in used[:6]], concept_names=root.concept_ids))
+                titles=[r.image_id.rsplit("/", 1)[-1] for r in used[:6]], concept_names=root.concept_ids))
     return files
 
 
