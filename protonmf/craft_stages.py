@@ -73,7 +73,7 @@ def plan_images(config: Config, store: FeatureStore) -> dict[int, list[dict]]:
     table = store.read_records()
     table = table.filter(pc.is_null(table["skipped"]))
     pred = table["pred"].to_numpy()
-    top = np.array([t[0] for t in table["top_logits"].to_pylist()], dtype=np.float64) if len(table) else np.zeros(0)
+    top = pc.list_element(table["top_logits"], 0).to_numpy(zero_copy_only=False).astype(np.float64)  # the top logit
     order = np.lexsort((-top, pred))  # by class, then by confidence
     ids, uris, labels = (table[name].to_pylist() for name in ("image_id", "uri", "label"))
     plan: dict[int, list[dict]] = {k: [] for k in range(len(store.class_names))}
