@@ -259,8 +259,9 @@ def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
     assert "prototypes.pp: unknown key" in capsys.readouterr().err
 
 
-def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, bucket, capsys):
-    """CRAFT on the demo CNN and the part-annotated synthetic set, through Prefect + Ray + S3."""
+def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, bucket, fault_marker, capsys):
+    """CRAFT on the demo CNN and the part-annotated synthetic set, through Prefect + Ray + S3, with
+    one of its Ray workers killed on the way (Ray retries the group)."""
     import io
 
     from PIL import Image
@@ -271,7 +272,9 @@ def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, buck
 
     base = f"s3://{bucket}/craft"
     sets = [f"storage.features={base}/features", f"storage.model={base}/model", f"storage.concepts={base}/concepts"]
+    fault_marker.unlink(missing_ok=True)
     assert main(["craft", "configs/demo.yaml", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert fault_marker.read_text().strip().isdigit(), "a CRAFT worker process was killed (its pid is in the marker)"
     out = capsys.readouterr().out
     assert f"concepts:         {base}/concepts" in out and "20 sub-concept banks" in out
     s = ConceptSet.read_manifest(f"{base}/concepts")["summary"]
