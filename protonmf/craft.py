@@ -22,8 +22,8 @@ Notation. CRAFT writes A ≈ U Wᵀ with W (D, r); we keep :mod:`protonmf.nmf`'s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -46,7 +46,9 @@ __all__ = [
     "encode",
     "encode_positions",
     "extract_concepts",
+    "pool",
     "pooled_activations",
+    "pooled_head",
 ]
 
 
@@ -96,12 +98,21 @@ def _activations(model: FeatureBackbone | LayerCut, images: Tensor) -> Tensor:
     return model.activations(images) if isinstance(model, LayerCut) else model(images)
 
 
+def pool(features: Tensor) -> Tensor:
+    """Feature maps (N, h, w, D) → (N, D): negatives set to 0, then averaged over positions."""
+    return features.clamp_min(0).flatten(1, 2).mean(1)
+
+
+def pooled_head(backbone: FeatureBackbone) -> Callable[[Tensor], Tensor]:
+    """h, the rest of the network after pooling: pooled activations (m, D) → logits (m, K)."""
+    V, bias = backbone.V, backbone.bias
+    return lambda a: a @ V.T.to(a) + bias.to(a)
+
+
 @torch.no_grad()
 def pooled_activations(model: FeatureBackbone | LayerCut, images: Tensor, *, batch_size: int = 64) -> Tensor:
-    """Activations at the backbone's feature layer (or a cut's layer) averaged over positions,
-    negatives set to 0: (N, D)."""
-    out = [_activations(model, images[i : i + batch_size]).flatten(1, 2).mean(1) for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out).clamp_min(0)
+    """:func:`pool` of the activations at the backbone's feature layer (or a cut's layer): (N, D)."""
+    return torch.cat([pool(_activations(model, images[i : i + batch_size])) for i in range(0, images.shape[0], batch_size)])
 
 
 def encode(activations: Tensor, W: Tensor) -> Tensor:
@@ -178,6 +189,9 @@ class Bank:
         return self.crops[order]
 
 
+_BANK_TENSORS = ("W", "U", "crops", "importance")  # what a bank stores as tensors
+
+
 @dataclass
 class ClassConcepts:
     """The concepts of one class: a tree of banks (see the module docstring).
@@ -235,7 +249,7 @@ class ClassConcepts:
     def to_tensors(self) -> dict[str, Tensor]:
         out = {"image_ids": self.image_ids.cpu(), "boxes": self.boxes.cpu()}
         for bank in self.banks.values():
-            for f in ("W", "U", "crops", "importance"):
+            for f in _BANK_TENSORS:
                 out[f"{bank.id}/{f}"] = getattr(bank, f).detach().cpu().contiguous()
         return out
 
@@ -247,7 +261,7 @@ class ClassConcepts:
     def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> ClassConcepts:
         banks = {}
         for b in meta["banks"]:
-            parts = {f.name: tensors[f"{b['id']}/{f.name}"] for f in fields(Bank) if f.name in ("W", "U", "crops", "importance")}
+            parts = {f: tensors[f"{b['id']}/{f}"] for f in _BANK_TENSORS}
             banks[b["id"]] = Bank(b["id"], b["layer"], relative_error=b["relative_error"], **parts)
         return cls(meta["class_idx"], tensors["image_ids"], tensors["boxes"], banks)
 
@@ -258,10 +272,6 @@ def _factorize(As: Sequence[Tensor], r: int, s: CraftSettings, device: torch.dev
     res = nmf(A, r, n_rows=rows, max_iter=s.max_iter, tol=s.tol, seed=s.seed, device=device)
     err = res.relative_error
     return [(res.B[i], res.E[i, : int(rows[i])], float(err[i])) for i in range(len(As))]
-
-
-def _top_head(cut: LayerCut):
-    return lambda a: cut.logits(a[:, None, None, :])  # pooled activations as a 1×1 map
 
 
 @torch.no_grad()
@@ -303,7 +313,7 @@ def class_concepts(
     out = []
     for k, (c, (W, U, err)) in enumerate(zip(classes, _factorize(acts, s.n_concepts, s, device))):
         U_images = encode(pooled_activations(top, images[k].to(device), batch_size=s.batch_size), W)
-        importance = concept_importance(U_images, W, _top_head(top), int(c), n_design=s.n_design, seed=s.seed)
+        importance = concept_importance(U_images, W, pooled_head(backbone), int(c), n_design=s.n_design, seed=s.seed)
         ids = image_ids[k] if image_ids is not None else torch.arange(images[k].shape[0])
         bank = Bank("root", top.layer, W, U, torch.arange(U.shape[0], device=U.device), importance, err)
         out.append(ClassConcepts(int(c), torch.as_tensor(ids), boxes[k], {"root": bank}))
@@ -324,7 +334,7 @@ def class_concepts(
             x = crops_at(images[k].to(device), out[k].boxes[chosen])
             maps.append(torch.cat([cut.activations(x[i : i + s.batch_size]) for i in range(0, x.shape[0], s.batch_size)]).clamp_min(0))
         parents = []
-        for (k, cid, chosen), F, (W, U, err) in zip(jobs, maps, _factorize([F.flatten(1, 2).mean(1) for F in maps], s.sub_concepts, s, device)):
+        for (k, cid, chosen), F, (W, U, err) in zip(jobs, maps, _factorize([pool(F) for F in maps], s.sub_concepts, s, device)):
             U_pos = encode_positions(F, W)  # the tail is not linear: perturb per position
             importance = concept_importance(U_pos, W, cut.logits, out[k].class_idx, n_design=s.n_design, seed=s.seed,
                                             batch_size=max(1, 2**22 // F[0].numel()))

@@ -24,21 +24,21 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from protonmf.backbones import FeatureBackbone
-from protonmf.craft import encode_positions
+from protonmf.craft import encode_positions, pool
 from protonmf.nnls import nnls_differentiable
 
-__all__ = ["METHODS", "concept_maps", "concept_values"]
+__all__ = ["METHODS", "concept_maps", "concept_values", "maps_from_features"]
 
 Method = Literal["nnls", "gradcam", "saliency"]
 METHODS: tuple[str, ...] = ("nnls", "gradcam", "saliency")
 
 
 def concept_values(features: Tensor, W: Tensor) -> Tensor:
-    """u = NNLS(mean_hw F, W): the concept values of images, differentiable (implicit, CRAFT eq. 3).
+    """u = NNLS(pool(F), W): the concept values of images, differentiable (implicit, CRAFT eq. 3).
 
     features (N, h, w, D), W (r, D) → (N, r).
     """
-    return nnls_differentiable(features.clamp_min(0).flatten(1, 2).mean(1), W, method="enumerate" if W.shape[0] <= 10 else "pgd")
+    return nnls_differentiable(pool(features), W, method="enumerate" if W.shape[0] <= 10 else "pgd")
 
 
 def _per_concept_grads(u: Tensor, wrt: Tensor) -> Tensor:
@@ -47,26 +47,39 @@ def _per_concept_grads(u: Tensor, wrt: Tensor) -> Tensor:
     return torch.stack([torch.autograd.grad(u, wrt, grad_outputs=row.expand_as(u), retain_graph=True)[0] for row in rows])
 
 
-def concept_maps(backbone: FeatureBackbone, images: Tensor, W: Tensor, *, method: Method = "nnls") -> Tensor:
-    """Attribution map of every concept of ``W`` (r, D) on ``images`` (N, 3, H, W) → (N, r, H, W)."""
+def _check(method: str, W: Tensor, D: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if W.ndim != 2 or W.shape[1] != backbone.V.shape[1]:
-        raise ValueError(f"W must have shape (r, {backbone.V.shape[1]}) for this backbone, got {tuple(W.shape)}")
-    W = W.to(device=images.device, dtype=torch.float32)
-    size = images.shape[-2:]
+    if W.ndim != 2 or W.shape[1] != D:
+        raise ValueError(f"W must have shape (r, {D}) for this backbone, got {tuple(W.shape)}")
+
+
+def maps_from_features(features: Tensor, W: Tensor, size: tuple[int, int], *, method: Method = "nnls") -> Tensor:
+    """The "nnls" and "gradcam" maps from feature maps (N, h, w, D) already computed → (N, r, *size)."""
+    if method == "saliency":
+        raise ValueError("method 'saliency' needs the images: use concept_maps")
+    _check(method, W, features.shape[-1])
+    F, W = features.detach().clamp_min(0), W.to(device=features.device, dtype=torch.float32)
     if method == "nnls":
-        with torch.no_grad():
-            maps = encode_positions(backbone(images).clamp_min(0), W).permute(0, 3, 1, 2)  # (N, r, h, w)
-    elif method == "gradcam":
+        maps = encode_positions(F, W).permute(0, 3, 1, 2)  # (N, r, h, w)
+    else:
         with torch.enable_grad():
-            F = backbone(images).detach().requires_grad_(True)
+            F = F.requires_grad_(True)
             grads = _per_concept_grads(concept_values(F, W), F)  # (r, N, h, w, D)
         alpha = grads.mean((2, 3))  # (r, N, D): Grad-CAM weights
         maps = torch.einsum("nhwd,rnd->nrhw", F.detach(), alpha).clamp_min(0)
-    else:
-        with torch.enable_grad():
-            x = images.detach().requires_grad_(True)
-            grads = _per_concept_grads(concept_values(backbone(x), W), x)  # (r, N, 3, H, W)
-        return grads.abs().amax(2).transpose(0, 1).contiguous()
-    return nnf.interpolate(maps, size=size, mode="bilinear", align_corners=False).clamp_min(0)
+    return nnf.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False).clamp_min(0)
+
+
+def concept_maps(backbone: FeatureBackbone, images: Tensor, W: Tensor, *, method: Method = "nnls") -> Tensor:
+    """Attribution map of every concept of ``W`` (r, D) on ``images`` (N, 3, H, W) → (N, r, H, W)."""
+    _check(method, W, backbone.V.shape[1])
+    if method != "saliency":
+        with torch.no_grad():
+            F = backbone(images)
+        return maps_from_features(F, W, images.shape[-2:], method=method)
+    W = W.to(device=images.device, dtype=torch.float32)
+    with torch.enable_grad():
+        x = images.detach().requires_grad_(True)
+        grads = _per_concept_grads(concept_values(backbone(x), W), x)  # (r, N, 3, H, W)
+    return grads.abs().amax(2).transpose(0, 1).contiguous()

@@ -33,11 +33,12 @@ from protonmf.craft import (
     class_concepts,
     crops_at,
     encode,
-    pooled_activations,
+    pool,
+    pooled_head,
 )
 from protonmf.craft_artifact import ConceptSet, class_tensors, split_class_tensors
 from protonmf.craft_fidelity import concept_fidelity, tcav_ranking
-from protonmf.craft_maps import concept_maps
+from protonmf.craft_maps import concept_maps, maps_from_features
 from protonmf.data import ImageSource, Record, load_images
 from protonmf.extract import feature_key
 from protonmf.localization import class_localization
@@ -104,11 +105,6 @@ def _group_name(classes: list[int]) -> str:
     return f"g{classes[0]:05d}-{classes[-1]:05d}"
 
 
-def _head(backbone: FeatureBackbone):
-    V, bias = backbone.V, backbone.bias
-    return lambda a: a @ V.T.to(a) + bias.to(a)  # h on pooled activations: the linear head
-
-
 @torch.no_grad()
 def _predicted_val_images(config: Config, backbone: FeatureBackbone, source: ImageSource, k: int) -> tuple[torch.Tensor, list[Record]]:
     n = config.craft.eval_images_per_class
@@ -127,8 +123,10 @@ def _evaluate_class(config: Config, backbone: FeatureBackbone, cc: ClassConcepts
     if not used:
         return {"n_eval_images": 0}
     device = backbone.V.device
-    x, W, head, k = images.to(device), cc.W.to(device), _head(backbone), cc.class_idx
-    U = encode(pooled_activations(backbone, x, batch_size=config.compute.batch_size), W)
+    W, head, k = cc.W.to(device), pooled_head(backbone), cc.class_idx
+    with torch.no_grad():  # one forward pass serves the encoding and every map
+        F = torch.cat([backbone(b.to(device)) for b in images.split(config.compute.batch_size)])
+    U = encode(pool(F), W)
     tcav_order, tcav_score = tcav_ranking(U, W, head, k)
     orders = {"sobol": cc.importance.argsort(descending=True), "tcav": tcav_order}
     fidelity = {}
@@ -142,7 +140,8 @@ def _evaluate_class(config: Config, backbone: FeatureBackbone, cc: ClassConcepts
         if masks.shape[1:] == images.shape[2:]:
             n_parts = len(val.part_names) - 1
             out["localization"] = {
-                m: class_localization(concept_maps(backbone, x, W, method=m).cpu(), masks, n_parts) for m in MAP_METHODS
+                m: class_localization(maps_from_features(F, W, images.shape[-2:], method=m).cpu(), masks, n_parts)
+                for m in MAP_METHODS
             }
     return out
 
