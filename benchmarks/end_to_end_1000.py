@@ -28,7 +28,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from protonmf.config import parse_config  # noqa: E402
-from protonmf.store import RECORD_SCHEMA, FeatureStore  # noqa: E402
+from protonmf.data.store import RECORD_SCHEMA, FeatureStore  # noqa: E402
 
 N_IMAGES, GRID, D, RANK = 40, (7, 7), 512, 8
 

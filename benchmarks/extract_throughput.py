@@ -22,9 +22,9 @@ from PIL import Image
 from _common import save, timed
 from protonmf import BackboneSpec, build_backbone
 from protonmf.data import Preprocess, iter_batches, make_source
-from protonmf.extract import extract_classes, feature_key
-from protonmf.store import FeatureStore
-from protonmf.synthetic import make_synthetic_parts
+from protonmf.data.extract import extract_classes, feature_key
+from protonmf.data.store import FeatureStore
+from protonmf.demo.synthetic import make_synthetic_parts
 
 
 def write_jpegs(root: Path, n: int, classes: int = 4) -> None:

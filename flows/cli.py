@@ -68,9 +68,9 @@ def _craft(config, overrides) -> int:
 def _evaluate(args) -> int:
     from protonmf.config import parse_config
     from protonmf.data import make_source
-    from protonmf.evaluate import evaluate_model
-    from protonmf.model import PrototypeModel
-    from protonmf.stages import make_preprocess, make_split_source
+    from protonmf.evaluation.held_out import evaluate_model
+    from protonmf.prototypes.model import PrototypeModel
+    from protonmf.pipeline.prototype_run import make_preprocess, make_split_source
 
     model = PrototypeModel.load(args.model)
     if args.config:
@@ -88,8 +88,8 @@ def _evaluate(args) -> int:
     result = evaluate_model(model, source, preprocess)
     features = args.features or model.settings.get("features")
     if args.features or (features and args.reconstruction):
-        from protonmf.evaluate import reconstruction_study
-        from protonmf.store import FeatureStore
+        from protonmf.evaluation.held_out import reconstruction_study
+        from protonmf.data.store import FeatureStore
 
         store = FeatureStore.open(features)
         classes = list(range(min(args.classes, len(store.class_names))))
@@ -106,8 +106,8 @@ def _evaluate(args) -> int:
 
 
 def _explain(args) -> int:
-    from protonmf.explain import explain_images, parse_interventions
-    from protonmf.model import PrototypeModel
+    from protonmf.prototypes.explain_images import explain_images, parse_interventions
+    from protonmf.prototypes.model import PrototypeModel
 
     model = PrototypeModel.load(args.model)
     results = explain_images(model, args.images, args.out, interventions=parse_interventions(args.intervene))

@@ -1,7 +1,7 @@
 """Artifacts: a folder of files plus ``manifest.json``, written last, holding every file's sha256.
 
-Both published artifacts (the prototype model, :mod:`protonmf.model`, and the CRAFT concepts,
-:mod:`protonmf.craft_artifact`) use these two functions, so both keep the same promises:
+Both published artifacts (the prototype model, :mod:`protonmf.prototypes.model`, and the CRAFT concepts,
+:mod:`protonmf.craft.artifact`) use these two functions, so both keep the same promises:
 
 - a reader never sees a half-written artifact: the old manifest is removed before any file
   changes, files are written and read back, and the new manifest goes last;

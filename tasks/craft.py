@@ -10,9 +10,9 @@ import ray
 import torch
 
 from protonmf.config import Config
-from protonmf.craft_stages import craft_group, plan_images, publish_concepts
-from protonmf.stages import load_backbone, make_split_source
-from protonmf.store import FeatureStore
+from protonmf.pipeline.craft_run import craft_group, plan_images, publish_concepts
+from protonmf.pipeline.prototype_run import load_backbone, make_split_source
+from protonmf.data.store import FeatureStore
 from tasks.runtime import gather, maybe_fail_for_test
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import ray
 
 from protonmf.config import Config
-from protonmf.stages import extract_group, load_backbone, make_split_source
-from protonmf.store import FeatureStore
+from protonmf.pipeline.prototype_run import extract_group, load_backbone, make_split_source
+from protonmf.data.store import FeatureStore
 
 
 class FeatureExtractor:

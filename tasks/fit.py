@@ -8,8 +8,8 @@ from dataclasses import asdict
 import ray
 
 from protonmf.config import Config
-from protonmf.stages import fit_group
-from protonmf.store import FeatureStore
+from protonmf.pipeline.prototype_run import fit_group
+from protonmf.data.store import FeatureStore
 from tasks.runtime import gather, maybe_fail_for_test
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ray
 
 from protonmf.config import Config
-from protonmf.stages import evaluate_published, load_backbone, make_split_source, publish_model
-from protonmf.store import FeatureStore
+from protonmf.pipeline.prototype_run import evaluate_published, load_backbone, make_split_source, publish_model
+from protonmf.data.store import FeatureStore
 
 
 @ray.remote(max_retries=2)
@@ -28,7 +28,7 @@ def prepare_task(config_json: str) -> dict:
 
     Returns the config to use from here on (with the weights' location) and the store's classes.
     """
-    from protonmf.stages import prepare_store, resolve_backbone
+    from protonmf.pipeline.prototype_run import prepare_store, resolve_backbone
 
     config, backbone = resolve_backbone(Config.model_validate_json(config_json))
     store = prepare_store(config, backbone, make_split_source(config, "train"))

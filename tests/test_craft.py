@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.optimize import nnls as scipy_nnls
 
-from protonmf.backbones import FeatureBackbone
-from protonmf.craft import (
+from protonmf.backbones.feature_backbone import FeatureBackbone
+from protonmf.craft.concepts import (
     ClassConcepts,
     CraftSettings,
     class_concepts,
@@ -17,8 +17,8 @@ from protonmf.craft import (
     extract_concepts,
     pooled_activations,
 )
-from protonmf.layers import LayerCut
-from protonmf.nets import SmallCNN
+from protonmf.backbones.layer_cut import LayerCut
+from protonmf.backbones.nets import SmallCNN
 
 
 def test_grid_and_random_crops_are_the_boxes_resized():

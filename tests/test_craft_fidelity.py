@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from protonmf.craft_fidelity import concept_fidelity, tcav_ranking
+from protonmf.craft.fidelity import concept_fidelity, tcav_ranking
 
 
 def _problem(seed=0, N=30, r=4, D=6):

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protonmf.craft_figures import (
+from protonmf.viz.concept_figures import (
     attribution_overlays,
     concept_sheet,
     concept_tree,
     fidelity_curves,
     importance_bars,
 )
-from protonmf.figures import PROTOTYPE_COLORS
+from protonmf.viz.prototype_figures import PROTOTYPE_COLORS
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -5,9 +5,9 @@ import pytest
 import torch
 from scipy.optimize import nnls as scipy_nnls
 
-from protonmf.backbones import FeatureBackbone
-from protonmf.craft_maps import concept_maps, concept_values
-from protonmf.nets import SmallCNN
+from protonmf.backbones.feature_backbone import FeatureBackbone
+from protonmf.craft.maps import concept_maps, concept_values
+from protonmf.backbones.nets import SmallCNN
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from protonmf.data import (
     load_image,
     make_source,
 )
-from protonmf.synthetic import make_synthetic_parts, write_image_folder
+from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
 
 N_CLASSES, N_PER_CLASS, SIZE, SEED = 3, 4, 32, 1
 SMALL = Preprocess(resize=SIZE, crop=SIZE)  # identity geometry on the 32×32 synthetic images

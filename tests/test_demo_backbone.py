@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from protonmf import BackboneSpec, build_backbone
-from protonmf.demo_backbone import DEMO_MEAN, DEMO_STD, default_cache_dir, preprocess_images, train_demo_backbone
-from protonmf.synthetic import make_synthetic_parts
+from protonmf.demo.backbone import DEMO_MEAN, DEMO_STD, default_cache_dir, preprocess_images, train_demo_backbone
+from protonmf.demo.synthetic import make_synthetic_parts
 
 TINY = dict(n_classes=3, n_train_per_class=8, n_val_per_class=4, epochs=1)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.optimize import nnls as scipy_nnls
 
-from protonmf.baselines import basis_error, patch_prototypes
-from protonmf.evaluate import _fixed_by_intervention, matched_cosine, reconstruction_study
+from protonmf.evaluation.baselines import basis_error, patch_prototypes
+from protonmf.evaluation.held_out import _fixed_by_intervention, matched_cosine, reconstruction_study
 
 
 def test_intervention_count_matches_editing_the_model_image_by_image(resnet, resnet_data, resnet_model):
@@ -51,7 +51,7 @@ def test_matched_cosine_ignores_order():
 
 
 def test_reconstruction_study_on_a_store(tmp_path):
-    from protonmf.store import FeatureStore
+    from protonmf.data.store import FeatureStore
     from tests.test_store import records
 
     g = torch.Generator().manual_seed(3)
@@ -70,8 +70,8 @@ def test_reconstruction_study_on_a_store(tmp_path):
 
 
 def test_reconstruction_study_reuses_a_given_fit(tmp_path):
-    from protonmf.fit import fit_prototypes, stack_classes
-    from protonmf.store import FeatureStore
+    from protonmf.prototypes.fit import fit_prototypes, stack_classes
+    from protonmf.data.store import FeatureStore
     from tests.test_store import records
 
     g = torch.Generator().manual_seed(4)

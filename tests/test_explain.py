@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from protonmf.explain import parse_interventions
+from protonmf.prototypes.explain_images import parse_interventions
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from PIL import Image
 
 from protonmf import BackboneSpec, build_backbone
 from protonmf.data import Preprocess, make_source
-from protonmf.extract import extract_classes, feature_key
-from protonmf.store import FeatureStore
-from protonmf.synthetic import make_synthetic_parts, write_image_folder
+from protonmf.data.extract import extract_classes, feature_key
+from protonmf.data.store import FeatureStore
+from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
 
 PRE = Preprocess(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -129,7 +129,7 @@ def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference
     import ray
 
     from protonmf.config import Config
-    from protonmf.stages import class_groups
+    from protonmf.pipeline.prototype_run import class_groups
     from tasks.extract import extract_features
     from tasks.fit import fit_all
     from tasks.publish import prepare_task
@@ -267,7 +267,7 @@ def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, buck
     from PIL import Image
 
     from flows.cli import main
-    from protonmf.craft_artifact import ConceptSet
+    from protonmf.craft.artifact import ConceptSet
     from protonmf.storage import read_bytes, to_fs
 
     base = f"s3://{bucket}/craft"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from protonmf.localization import class_localization, part_localization
+from protonmf.evaluation.localization import class_localization, part_localization
 
 
 def masks_and_maps():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from protonmf.fit import fit_prototypes, fit_prototypes_sweep
+from protonmf.prototypes.fit import fit_prototypes, fit_prototypes_sweep
 from protonmf.nmf import nmf, nmf_sweep
 
 PS = (5, 1, 10, 3)  # not sorted: the order of ps must not matter

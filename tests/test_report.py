@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from protonmf.data import make_source
-from protonmf.evaluate import evaluate_model
-from protonmf.report import render_report
+from protonmf.evaluation.held_out import evaluate_model
+from protonmf.viz.report import render_report
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

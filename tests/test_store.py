@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from protonmf.store import FeatureStore, StoreError
+from protonmf.data.store import FeatureStore, StoreError
 
 K, GRID, D = 3, (2, 2), 8
 

@@ -1,4 +1,4 @@
-"""Tests of protonmf.synthetic: the procedurally drawn, part-annotated demo data."""
+"""Tests of protonmf.demo.synthetic: the procedurally drawn, part-annotated demo data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from protonmf.synthetic import (
+from protonmf.demo.synthetic import (
     MAX_CLASSES,
     N_LOOKS,
     PART_LOOKS,

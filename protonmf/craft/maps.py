@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from protonmf.backbones import FeatureBackbone
-from protonmf.craft import encode_positions, pool
+from protonmf.backbones.feature_backbone import FeatureBackbone
+from protonmf.craft.concepts import encode_positions, pool
 from protonmf.nnls import nnls_differentiable
 
 __all__ = ["METHODS", "concept_maps", "concept_values", "maps_from_features"]

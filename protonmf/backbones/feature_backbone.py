@@ -104,7 +104,7 @@ def _build_model(spec: BackboneSpec) -> nn.Module:
             kwargs["pretrained_cfg_overlay"] = {"tag": enum_weights} if enum_weights != "default" else {}
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     elif library == "protonmf":
-        from protonmf import nets
+        from protonmf.backbones import nets
 
         if name not in nets.REGISTRY:
             raise ValueError(f"backbone.arch: protonmf has no model {name!r}; known: {sorted(nets.REGISTRY)}")

@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from protonmf.data import Preprocess, load_image
-from protonmf.figures import explanation_figure
-from protonmf.model import PrototypeModel
+from protonmf.viz.prototype_figures import explanation_figure
+from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import join, to_fs, write_bytes_atomic
 
 __all__ = ["explain_images", "parse_interventions"]

@@ -12,7 +12,7 @@
   of the concepts (CRAFT Figure 5).
 
 Notation: r concepts, k crops per concept, N images of H × W pixels. Concept i is drawn in
-``PROTOTYPE_COLORS[i % 10]`` (:mod:`protonmf.figures`), i its index in the bank, never its rank,
+``PROTOTYPE_COLORS[i % 10]`` (:mod:`protonmf.viz.prototype_figures`), i its index in the bank, never its rank,
 so that a concept keeps its colour from one figure to the next. Importance is CRAFT's total Sobol
 index S_T (:func:`protonmf.sobol.concept_importance`).
 
@@ -32,7 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
-from protonmf.figures import PROTOTYPE_COLORS, prototype_overlay
+from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, prototype_overlay
 
 __all__ = ["attribution_overlays", "concept_sheet", "concept_tree", "fidelity_curves", "importance_bars"]
 

@@ -31,8 +31,8 @@ import torch.nn.functional as nnf
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
-from protonmf.synthetic import make_synthetic_parts
+from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.demo.synthetic import make_synthetic_parts
 
 __all__ = [
     "CODE_VERSION",

@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.backbones import FeatureBackbone
+from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.config import Config
-from protonmf.craft import (
+from protonmf.craft.concepts import (
     ClassConcepts,
     CraftSettings,
     class_concepts,
@@ -36,16 +36,16 @@ from protonmf.craft import (
     pool,
     pooled_head,
 )
-from protonmf.craft_artifact import ConceptSet, class_tensors, split_class_tensors
-from protonmf.craft_fidelity import concept_fidelity, tcav_ranking
-from protonmf.craft_maps import concept_maps, maps_from_features
+from protonmf.craft.artifact import ConceptSet, class_tensors, split_class_tensors
+from protonmf.craft.fidelity import concept_fidelity, tcav_ranking
+from protonmf.craft.maps import concept_maps, maps_from_features
 from protonmf.data import ImageSource, Record, load_images
-from protonmf.extract import feature_key
-from protonmf.localization import class_localization
-from protonmf.report import render_craft_page
-from protonmf.stages import class_groups, make_preprocess
+from protonmf.data.extract import feature_key
+from protonmf.evaluation.localization import class_localization
+from protonmf.viz.report import render_craft_page
+from protonmf.pipeline.prototype_run import class_groups, make_preprocess
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
-from protonmf.store import FeatureStore
+from protonmf.data.store import FeatureStore
 
 __all__ = ["craft_group", "craft_key", "craft_settings", "plan_images", "publish_concepts"]
 
@@ -228,7 +228,7 @@ def _png(fig) -> bytes:
 def _class_figures(
     config: Config, backbone: FeatureBackbone, cc: ClassConcepts, info: dict, name: str, train: ImageSource, val: ImageSource | None
 ) -> dict[str, bytes]:
-    from protonmf import craft_figures as cf
+    from protonmf.viz import concept_figures as cf
 
     pre = make_preprocess(config)
     stem = f"c{cc.class_idx:05d}"
@@ -293,7 +293,7 @@ def publish_concepts(
         figures.update(_class_figures(config, backbone, concepts[k], info[k], store.class_names[k], train, val))
     summary = _summary(info)
     if "fidelity" in summary:
-        from protonmf import craft_figures as cf
+        from protonmf.viz import concept_figures as cf
 
         fid = [v["fidelity"] for v in info.values() if "fidelity" in v]
         n = min(len(f["sobol"]["deletion"]) for f in fid)

@@ -18,9 +18,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from protonmf.backbones import FeatureBackbone
+from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.data import ImageSource, iter_batches
-from protonmf.store import RECORD_SCHEMA, FeatureStore
+from protonmf.data.store import RECORD_SCHEMA, FeatureStore
 
 __all__ = ["ClassExtraction", "extract_classes", "feature_key"]
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from protonmf.data import ImageSource, iter_batches
-from protonmf.fit import ClassPrototypes
-from protonmf.localization import part_localization
-from protonmf.model import MODES, PrototypeModel
-from protonmf.store import FeatureStore
+from protonmf.prototypes.fit import ClassPrototypes
+from protonmf.evaluation.localization import part_localization
+from protonmf.prototypes.model import MODES, PrototypeModel
+from protonmf.data.store import FeatureStore
 
 __all__ = ["evaluate_model"]
 
@@ -38,7 +38,7 @@ def evaluate_model(
     p and mode), ``max_abs_logit_diff`` and ``max_abs_logit`` (augmented model vs black box, over
     all p), ``table3``: {p: {mode: top1}}, and, for sources with part masks (the synthetic set),
     ``localization``: {p: purity, on_object, coverage, iou} of the prototypes' heatmaps on the
-    images' true class (see :mod:`protonmf.localization`); ``intervention`` (Table 4): {p:
+    images' true class (see :mod:`protonmf.evaluation.localization`); ``intervention`` (Table 4): {p:
     top1_before, top1_after, fixed} when each wrong prediction loses its predicted class's most
     important prototype.
     """
@@ -155,11 +155,11 @@ def reconstruction_study(
 
     For each p: mean ± std over classes of the feature reconstruction error ||A − EB||²/||A||²
     and the head reconstruction error ||V − CB||²/||V||² of NMF prototypes, the same for the
-    real-patch baseline (:mod:`protonmf.baselines`), and the matched cosine similarity of the
+    real-patch baseline (:mod:`protonmf.evaluation.baselines`), and the matched cosine similarity of the
     prototypes fitted from two seeds.
     """
-    from protonmf.baselines import basis_error, patch_prototypes
-    from protonmf.fit import fit_prototypes_sweep, stack_classes
+    from protonmf.evaluation.baselines import basis_error, patch_prototypes
+    from protonmf.prototypes.fit import fit_prototypes_sweep, stack_classes
     from protonmf.head import reconstruct_head
 
     ks = list(range(len(store.class_names))) if classes is None else list(classes)

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from protonmf.backbones import FeatureBackbone
-from protonmf.fit import stack_classes
-from protonmf.layers import LayerCut
+from protonmf.backbones.feature_backbone import FeatureBackbone
+from protonmf.prototypes.fit import stack_classes
+from protonmf.backbones.layer_cut import LayerCut
 from protonmf.nmf import nmf
 from protonmf.nnls import nnls
 from protonmf.sobol import concept_importance

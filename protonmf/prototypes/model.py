@@ -30,8 +30,8 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from protonmf.artifact import ArtifactError, open_artifact, write_artifact
-from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
-from protonmf.fit import ClassPrototypes, fit_prototypes, fit_prototypes_sweep, fit_settings, stack_classes
+from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes, fit_prototypes_sweep, fit_settings, stack_classes
 from protonmf.nnls import nnls
 
 __all__ = ["ArtifactError", "Explanation", "PrototypeModel"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from protonmf.backbones import FeatureBackbone
+from protonmf.backbones.feature_backbone import FeatureBackbone
 
 __all__ = ["LayerCut"]
 

@@ -23,15 +23,15 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.backbones import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
-from protonmf.evaluate import evaluate_model
-from protonmf.extract import ClassExtraction, extract_classes, feature_key
-from protonmf.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
-from protonmf.model import PrototypeModel
+from protonmf.evaluation.held_out import evaluate_model
+from protonmf.data.extract import ClassExtraction, extract_classes, feature_key
+from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
+from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
-from protonmf.store import FeatureStore
+from protonmf.data.store import FeatureStore
 
 __all__ = [
     "GroupFit",
@@ -135,7 +135,7 @@ def load_backbone(config: Config) -> FeatureBackbone:
     if b.weights == "demo":
         if config.data.source not in ("synthetic", "digits") or b.arch != "protonmf:small_cnn":
             raise ValueError("backbone.weights: 'demo' trains protonmf:small_cnn on the synthetic set or the digits only")
-        from protonmf.demo_backbone import train_demo_backbone
+        from protonmf.demo.backbone import train_demo_backbone
 
         n_classes = 10 if config.data.source == "digits" else config.data.n_classes
         return train_demo_backbone(
@@ -308,8 +308,8 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
 
 def evaluate_published(config: Config, source: ImageSource, **kwargs: Any) -> dict[str, Any]:
     """Evaluate the published model on held-out images; write the HTML report beside it."""
-    from protonmf.evaluate import reconstruction_study
-    from protonmf.report import render_report
+    from protonmf.evaluation.held_out import reconstruction_study
+    from protonmf.viz.report import render_report
 
     opts = config.storage.storage_options or None
     model = PrototypeModel.load(config.storage.model, storage_options=opts)

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from protonmf.data import ImageSource, Preprocess, load_images
-from protonmf.figures import PROTOTYPE_COLORS, error_curves, prototype_overlay
-from protonmf.model import PrototypeModel
+from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, error_curves, prototype_overlay
+from protonmf.prototypes.model import PrototypeModel
 
 __all__ = ["render_craft_page", "render_report"]
 

@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from protonmf.artifact import open_artifact, write_artifact
-from protonmf.craft import ClassConcepts
+from protonmf.craft.concepts import ClassConcepts
 
 __all__ = ["TOP_CROP_SCHEMA", "ConceptSet", "class_tensors", "split_class_tensors", "top_crops_table"]
 

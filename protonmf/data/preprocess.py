@@ -1,0 +1,93 @@
+"""Preprocessing: resize, centre crop, normalise, and back again for display."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from protonmf.data.decode import to_rgb
+
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize``, center-crop ``crop`` × ``crop``, scale to [0, 1] and
+    normalize with ``mean``/``std`` (the standard ImageNet evaluation transform by default).
+
+    Calling it on a PIL image gives a (3, crop, crop) float32 tensor. Non-RGB images are first
+    converted with :func:`to_rgb`. Resizing is bilinear with antialiasing, done by PIL (as
+    ``torchvision.transforms.v2.Resize`` does for PIL input).
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"Preprocess.{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"Preprocess.{name} must have 3 values (R, G, B), got {value!r}")
+            object.__setattr__(self, name, value)
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"Preprocess.std must be positive, got {self.std!r}")
+
+    def _build(self):
+        from torchvision.transforms import InterpolationMode, v2
+
+        return v2.Compose(
+            [
+                v2.Resize(self.resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                v2.CenterCrop(self.crop),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.mean), std=list(self.std)),
+            ]
+        )
+
+    @property
+    def transform(self):
+        """The torchvision v2 pipeline (built once per instance)."""
+        t = self.__dict__.get("_transform")
+        if t is None:
+            t = self._build()
+            object.__setattr__(self, "_transform", t)  # a cache, not a field: not in eq/hash/repr
+        return t
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        if isinstance(img, Image.Image):
+            img = to_rgb(img)
+        out = self.transform(img)
+        return out.as_subclass(Tensor) if isinstance(out, Tensor) else out
+
+    def undo(self, images: Tensor) -> np.ndarray:
+        """Normalized images (N, 3, H, W) back to displayable (N, H, W, 3) floats in [0, 1]."""
+        mean = torch.tensor(self.mean)[:, None, None]
+        std = torch.tensor(self.std)[:, None, None]
+        return (images.detach().cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values (e.g. for a model manifest)."""
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_transform"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)

@@ -1,0 +1,63 @@
+"""What a source lists (:class:`Record`), what it could not read (:class:`Skipped`), and a batch of
+preprocessed images with both (:class:`Batch`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a source.
+
+    Attributes
+    ----------
+    image_id : str, stable and unique within the source, e.g. ``"<class>/<filename>"``.
+    uri : str, where the image lives (an fsspec URI or local path; for in-memory sources a
+        descriptive ``sklearn://`` or ``synthetic://`` name).
+    label : int, index into the source's ``classes``.
+    bbox : (x, y, width, height) in pixels or None; :class:`CUBSource` crops to it when loading.
+    index : int or None, row in an in-memory array (digits, synthetic).
+    """
+
+    image_id: str
+    uri: str
+    label: int
+    bbox: tuple[float, float, float, float] | None = None
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that could not be used, and why (e.g. ``"truncated image: ..."``)."""
+
+    image_id: str
+    uri: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    """Preprocessed images with their labels and ids.
+
+    Attributes
+    ----------
+    images : (B, 3, S, S) float32.
+    labels : (B,) int64.
+    image_ids, uris : B strings each, in the order of ``images``.
+    skipped : files skipped since the previous batch (the last batch also carries those skipped
+        after its last image). Only when no file at all could be used is a batch empty (B = 0).
+    """
+
+    images: Tensor
+    labels: Tensor
+    image_ids: list[str]
+    uris: list[str]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)

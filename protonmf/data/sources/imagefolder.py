@@ -1,0 +1,188 @@
+"""``root/<class>/<image>`` on any fsspec URI (a local path, ``file://``, ``s3://``, ``gs://``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from protonmf.data.decode import load_image, describe_error
+from protonmf.data.records import Record
+from protonmf.data.sources.base import ImageSource
+from protonmf.storage import to_fs
+
+#: File name endings (compared in lower case) that :class:`ImageFolderSource` takes as images.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _check_names(value: Any, what: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"{what} must be a list of class names, got {value!r}")
+    names = [str(v) for v in value]
+    if not names:
+        raise ValueError(f"{what} is empty")
+    dupes = sorted(n for n, k in Counter(names).items() if k > 1)
+    if dupes:
+        raise ValueError(f"{what} has duplicate names: {', '.join(dupes)}")
+    return names
+
+
+class ImageFolderSource(ImageSource):
+    """Images laid out as ``root/<class>/<image>`` (ImageNet train style), on any fsspec URI.
+
+    The tree is listed with a single recursive listing (``fs.find``: on S3 one paginated
+    ``ListObjectsV2`` over the prefix, not one request per file). A file is an image if its name
+    ends with one of :data:`IMAGE_EXTENSIONS` (any case); files and folders whose name starts
+    with ``.`` are ignored; files below a class folder's sub-folders belong to that class (as in
+    torchvision's ``ImageFolder``). Whether a file really is an image is found out when it is
+    loaded.
+
+    Parameters
+    ----------
+    root : str, local path or URI of the folder holding the class folders.
+    classes : list of str or None. None: the sorted names of the folders that hold images. Given
+        (e.g. the 1000 ImageNet wnids in logit order): label i is ``classes[i]``; folders not in
+        it are ignored (see ``unlisted_folders``); a used class without images is a ValueError.
+    max_images_per_class : int or None, keep the first n images (in sorted order) of each class.
+    class_subset : list of str or None, keep only these classes; labels stay indices into the
+        full ``classes`` list.
+    storage_options : dict or None, passed to fsspec (e.g. ``{"anon": True}``).
+
+    Attributes
+    ----------
+    classes, records : see :class:`ImageSource`; records are sorted by (label, path).
+    fs, path : the filesystem and the root's path inside it.
+    unlisted_folders : folders with images that are not in a given ``classes`` list.
+
+    Raises
+    ------
+    ValueError
+        Nothing found under ``root`` ("no images found under ..."), ``root`` does not exist, a
+        used class has no images, a ``class_subset`` name is not a class, or a bad argument.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        classes: Sequence[str] | None = None,
+        max_images_per_class: int | None = None,
+        class_subset: Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if max_images_per_class is not None and (
+            isinstance(max_images_per_class, bool) or not isinstance(max_images_per_class, (int, np.integer))
+            or max_images_per_class < 1
+        ):
+            raise ValueError(f"max_images_per_class must be a positive integer or None, got {max_images_per_class!r}")
+        given = None if classes is None else _check_names(classes, "classes")
+        subset = None if class_subset is None else _check_names(class_subset, "class_subset")
+
+        self.root = str(root).rstrip("/") or str(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, path = to_fs(self.root, self.storage_options)
+        self.path = path.rstrip("/") or path
+        self._local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol))
+
+        by_class, n_other = self._list()
+        exts = ", ".join(IMAGE_EXTENSIONS)
+        if not by_class:
+            if not self._exists():
+                raise ValueError(f"no images found under {self.root}: it does not exist")
+            other = f"found {n_other} other file(s); " if n_other else ""
+            raise ValueError(
+                f"no images found under {self.root} ({other}checked {self.root}/<class>/<image> "
+                f"for extensions {exts}, any case)"
+            )
+
+        if given is None:
+            self.classes = sorted(by_class)
+            self.unlisted_folders: list[str] = []
+        else:
+            self.classes = given
+            self.unlisted_folders = sorted(set(by_class) - set(given))
+        index = {name: i for i, name in enumerate(self.classes)}
+
+        if subset is not None:
+            unknown = [n for n in subset if n not in index]
+            if unknown:
+                where = "the given classes list" if given is not None else f"the class folders under {self.root}"
+                raise ValueError(f"class_subset names {len(unknown)} class(es) not in {where}: {', '.join(unknown[:20])}")
+            used = sorted(subset, key=index.__getitem__)
+        else:
+            used = list(self.classes)
+        self.class_subset = None if subset is None else used
+
+        missing = [n for n in used if n not in by_class]
+        if missing:
+            more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
+            raise ValueError(
+                f"{len(missing)} class(es) have no folder with images under {self.root}: "
+                f"{', '.join(missing[:20])}{more}"
+            )
+
+        records: list[Record] = []
+        for name in used:
+            rels = sorted(by_class[name])
+            if max_images_per_class is not None:
+                rels = rels[: int(max_images_per_class)]
+            label = index[name]
+            for rel in rels:
+                records.append(Record(image_id=rel, uri=self._uri(rel), label=label))
+        self.records = records
+        self.max_images_per_class = max_images_per_class
+
+    def _list(self) -> tuple[dict[str, list[str]], int]:
+        """One recursive listing: {class folder: [relative paths of images]}, number of other files."""
+        try:
+            self.fs.invalidate_cache(self.path)
+        except Exception:  # pragma: no cover - a filesystem without a cache
+            pass
+        try:
+            paths = self.fs.find(self.path)
+        except FileNotFoundError:
+            paths = []
+        except Exception as err:
+            raise ValueError(f"cannot list {self.root}: {describe_error(err)}") from err
+        prefix = self.path.rstrip("/") + "/"
+        by_class: dict[str, list[str]] = {}
+        n_other = 0
+        for p in paths:
+            p = str(p)
+            if not p.startswith(prefix):
+                continue
+            rel = p[len(prefix):]
+            parts = rel.split("/")
+            if len(parts) < 2 or any(_hidden(part) or not part for part in parts):
+                n_other += 1
+                continue
+            if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+                n_other += 1
+                continue
+            by_class.setdefault(parts[0], []).append(rel)
+        return by_class, n_other
+
+    def _exists(self) -> bool:
+        try:
+            return bool(self.fs.exists(self.path))
+        except Exception:
+            return False
+
+    def _uri(self, rel: str) -> str:
+        full = f"{self.path.rstrip('/')}/{rel}"
+        return full if self._local else self.fs.unstrip_protocol(full)
+
+    def load(self, record: Record) -> tuple[Image.Image | None, str | None]:
+        return load_image(record.uri, self.fs)
+
+    def _describe(self) -> str:
+        return repr(self.root)
+
+
