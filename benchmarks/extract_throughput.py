@@ -22,7 +22,8 @@ from PIL import Image
 from _common import save, timed
 from protonmf import BackboneSpec, build_backbone
 from protonmf.data import Preprocess, iter_batches, make_source
-from protonmf.data.extract import extract_classes, feature_key
+from protonmf.data.extract import extract_classes
+from protonmf.pipeline.staging import run_key
 from protonmf.data.store import FeatureStore
 from protonmf.demo.synthetic import make_synthetic_parts
 
@@ -72,7 +73,7 @@ def main() -> None:
     _, t_forward = timed(forward_only)
     with torch.no_grad():
         F = backbone(batch[:1])
-    store = FeatureStore.create(str(work / "features"), key=feature_key(b="bench"), class_names=source.classes,
+    store = FeatureStore.create(str(work / "features"), key=run_key(b="bench"), class_names=source.classes,
                                 grid=tuple(F.shape[1:3]), dim=F.shape[3], V=backbone.V.cpu(), bias=backbone.bias.cpu())
     _, t_pipeline = timed(extract_classes, backbone, source, pre, store, range(len(source.classes)),
                           batch_size=args.batch, workers=args.workers, device=device,

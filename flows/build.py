@@ -27,7 +27,8 @@ from prefect.artifacts import (  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
-from protonmf.pipeline.prototype_run import class_groups, preflight  # noqa: E402
+from protonmf.pipeline.prototype_run import preflight
+from protonmf.pipeline.staging import class_groups  # noqa: E402
 from tasks.extract import extract_features as ray_extract_features  # noqa: E402
 from tasks.fit import fit_all  # noqa: E402
 from tasks.publish import evaluate_task, prepare_task, publish_task  # noqa: E402

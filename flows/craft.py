@@ -30,7 +30,8 @@ from rich.progress import Progress  # noqa: E402
 from flows.build import _config, extract_features, prepared_config  # noqa: E402
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft.artifact import ConceptSet  # noqa: E402
-from protonmf.pipeline.prototype_run import class_groups, preflight  # noqa: E402
+from protonmf.pipeline.prototype_run import preflight
+from protonmf.pipeline.staging import class_groups  # noqa: E402
 from tasks.craft import craft_all, plan_task, publish_concepts_task  # noqa: E402
 from tasks.runtime import ray_session  # noqa: E402
 

@@ -14,7 +14,7 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["join", "read_bytes", "sha256", "to_fs", "write_bytes_atomic"]
+__all__ = ["class_of_stem", "class_stem", "join", "read_bytes", "sha256", "to_fs", "write_bytes_atomic"]
 
 
 def to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -56,3 +56,13 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def class_stem(k: int) -> str:
+    """The name under which class ``k``'s files are kept in every store and artifact: ``c00042``."""
+    return f"c{k:05d}"
+
+
+def class_of_stem(stem: str) -> int | None:
+    """The class of a :func:`class_stem` name, or None if ``stem`` is not one."""
+    return int(stem[1:]) if len(stem) == 6 and stem[0] == "c" and stem[1:].isdigit() else None

@@ -11,7 +11,8 @@ from protonmf.artifact import ArtifactError
 from protonmf.config import parse_config
 from protonmf.craft.artifact import ConceptSet
 from protonmf.pipeline.craft_run import craft_group, plan_images, publish_concepts
-from protonmf.pipeline.prototype_run import class_groups, extract_group, make_split_source, prepare_store, resolve_backbone
+from protonmf.pipeline.staging import class_groups
+from protonmf.pipeline.prototype_run import extract_group, make_split_source, prepare_store, resolve_backbone
 from protonmf.storage import read_bytes, to_fs
 
 

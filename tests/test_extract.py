@@ -8,7 +8,8 @@ from PIL import Image
 
 from protonmf import BackboneSpec, build_backbone
 from protonmf.data import Preprocess, make_source
-from protonmf.data.extract import extract_classes, feature_key
+from protonmf.data.extract import extract_classes
+from protonmf.pipeline.staging import run_key
 from protonmf.data.store import FeatureStore
 from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
 
@@ -40,7 +41,7 @@ def tree(tmp_path):
 def extract(backbone, root, store_uri):
     source = make_source("imagefolder", root=str(root))
     store = FeatureStore.create(
-        store_uri, key=feature_key(arch="resnet18", data="tree"), class_names=source.classes,
+        store_uri, key=run_key(arch="resnet18", data="tree"), class_names=source.classes,
         grid=(2, 2), dim=512, V=backbone.V, bias=backbone.bias, chunk_images=4,
     )
     summary = extract_classes(backbone, source, PRE, store, range(3), batch_size=4, workers=2)
@@ -95,7 +96,7 @@ def test_bfloat16_channels_last_extraction_is_close_to_float32(backbone, tree, t
     stores = {}
     for name, kwargs in {"fp32": {}, "bf16": {"precision": "bfloat16", "channels_last": True}}.items():
         stores[name] = FeatureStore.create(
-            str(tmp_path / name), key=feature_key(arch="resnet18", data="tree", **kwargs), class_names=source.classes,
+            str(tmp_path / name), key=run_key(arch="resnet18", data="tree", **kwargs), class_names=source.classes,
             grid=(2, 2), dim=512, V=backbone.V, bias=backbone.bias,
         )
         extract_classes(backbone, source, PRE, stores[name], [0], batch_size=4, workers=0, **kwargs)

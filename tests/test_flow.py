@@ -129,7 +129,7 @@ def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference
     import ray
 
     from protonmf.config import Config
-    from protonmf.pipeline.prototype_run import class_groups
+    from protonmf.pipeline.staging import class_groups
     from tasks.extract import extract_features
     from tasks.fit import fit_all
     from tasks.publish import prepare_task

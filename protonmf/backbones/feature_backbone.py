@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from protonmf.backbones.hooks import output_of
+
 __all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "load_state_dict"]
 
 
@@ -224,20 +226,7 @@ class FeatureBackbone(nn.Module):
     def _raw_features(self, images: Tensor) -> Tensor:
         if self._layer is None:  # timm: forward_features is the feature layer
             return self.model.forward_features(images)
-        captured: list[Tensor] = []
-
-        def hook(_module, _inp, out):
-            captured.append(out)
-            raise _Stop
-
-        handle = self._layer.register_forward_hook(hook)
-        try:
-            self.model(images)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
+        return output_of(self.model, self._layer, images)
 
     def forward(self, images: Tensor) -> Tensor:
         """Features F of shape (B, h, w, D), not clamped (the NMF clamps its own input)."""
@@ -268,10 +257,6 @@ class FeatureBackbone(nn.Module):
     def spec_dict(self) -> dict[str, Any]:
         base = self.spec.to_dict() if self.spec is not None else {"arch": type(self.model).__name__}
         return {**base, "feature_layer": self.feature_layer, "head": self.head_name}
-
-
-class _Stop(Exception):
-    """Raised by the feature hook: nothing after the feature layer needs to run."""
 
 
 def build_backbone(spec: BackboneSpec) -> FeatureBackbone:

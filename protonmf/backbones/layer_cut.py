@@ -19,12 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from protonmf.backbones.feature_backbone import FeatureBackbone
+from protonmf.backbones.hooks import output_of
 
 __all__ = ["LayerCut"]
-
-
-class _Stop(Exception):
-    pass
 
 
 class LayerCut:
@@ -58,20 +55,7 @@ class LayerCut:
         """Activations at the cut, (B, h, w, C), as the network computes them (not clamped)."""
         if self.top:
             return self.backbone(images)
-        captured: list[Tensor] = []
-
-        def hook(_m, _i, out):
-            captured.append(out)
-            raise _Stop
-
-        handle = self._module.register_forward_hook(hook)
-        try:
-            self.backbone.model(images)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        out = captured[0]
+        out = output_of(self.backbone.model, self._module, images)
         if out.ndim != 4:
             raise ValueError(f"layer {self.layer!r} gives shape {tuple(out.shape)}, not (B, C, h, w)")
         return out.permute(0, 2, 3, 1)

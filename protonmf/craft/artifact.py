@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from protonmf.artifact import open_artifact, write_artifact
 from protonmf.craft.concepts import ClassConcepts
+from protonmf.storage import class_of_stem, class_stem
 
 __all__ = ["TOP_CROP_SCHEMA", "ConceptSet", "class_tensors", "split_class_tensors", "top_crops_table"]
 
@@ -54,7 +55,7 @@ TOP_CROP_SCHEMA = pa.schema(
 
 def class_tensors(concepts: dict[int, ClassConcepts]) -> dict[str, torch.Tensor]:
     """All classes' tensors in one flat dict, keyed ``c{k:05d}/<name>``."""
-    return {f"c{k:05d}/{name}": t for k, cc in concepts.items() for name, t in cc.to_tensors().items()}
+    return {f"{class_stem(k)}/{name}": t for k, cc in concepts.items() for name, t in cc.to_tensors().items()}
 
 
 def split_class_tensors(tensors: dict[str, torch.Tensor], info: dict[int, dict]) -> dict[int, ClassConcepts]:
@@ -62,7 +63,7 @@ def split_class_tensors(tensors: dict[str, torch.Tensor], info: dict[int, dict])
     per: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         head, name = key.split("/", 1)
-        per.setdefault(int(head[1:]), {})[name] = t
+        per.setdefault(class_of_stem(head), {})[name] = t
     return {k: ClassConcepts.from_tensors(per[k], {"class_idx": k, "banks": info[k]["banks"]}) for k in sorted(per)}
 
 

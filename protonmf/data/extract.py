@@ -7,8 +7,6 @@ or absent and a rerun skips complete classes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,12 +20,7 @@ from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.data import ImageSource, iter_batches
 from protonmf.data.store import RECORD_SCHEMA, FeatureStore
 
-__all__ = ["ClassExtraction", "extract_classes", "feature_key"]
-
-
-def feature_key(**parts: Any) -> str:
-    """A stable hash of everything that determines stored features (backbone, weights, layer, data, preprocessing)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+__all__ = ["ClassExtraction", "extract_classes"]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import zarr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
+from protonmf.storage import class_stem, join, read_bytes, to_fs, write_bytes_atomic
 
 __all__ = ["FeatureStore", "RECORD_SCHEMA", "StoreError"]
 
@@ -56,10 +56,6 @@ RECORD_SCHEMA = pa.schema(
 
 class StoreError(ValueError):
     """A feature store is missing, was made with other settings, or lacks a class."""
-
-
-def _name(k: int) -> str:
-    return f"c{k:05d}"
 
 
 class FeatureStore:
@@ -135,7 +131,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ classes
     def _marker(self, k: int) -> str:
-        return join(self.root, "done", f"{_name(k)}.json")
+        return join(self.root, "done", f"{class_stem(k)}.json")
 
     def is_done(self, k: int) -> bool:
         return self.fs.exists(self._marker(k))
@@ -166,14 +162,14 @@ class FeatureStore:
         data = F.to(torch.float16).cpu().numpy()
         zarr.create_array(
             self.group.store,
-            name=_name(k),
+            name=class_stem(k),
             data=data,
             chunks=(max(1, min(self.chunk_images, data.shape[0])), h * w, self.dim),
             overwrite=True,
         )
         sink = pa.BufferOutputStream()
         pq.write_table(records, sink)
-        write_bytes_atomic(self.fs, join(self.root, "tables", f"{_name(k)}.parquet"), sink.getvalue().to_pybytes())
+        write_bytes_atomic(self.fs, join(self.root, "tables", f"{class_stem(k)}.parquet"), sink.getvalue().to_pybytes())
         marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
                   "n_skipped": records.num_rows - used, "key": self.key}
         write_bytes_atomic(self.fs, self._marker(k), json.dumps(marker).encode())
@@ -182,7 +178,7 @@ class FeatureStore:
         """Class k's features, (n, h·w, D) float16, in one read of its chunks."""
         if not self.is_done(k):
             raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
-        return torch.from_numpy(np.asarray(self.group[_name(k)][...]))
+        return torch.from_numpy(np.asarray(self.group[class_stem(k)][...]))
 
     def read_records(self, classes: Sequence[int] | None = None) -> pa.Table:
         """The records of the given (default: all completed) classes, as one table."""
@@ -191,7 +187,7 @@ class FeatureStore:
         for k in ks:
             if not self.is_done(k):
                 raise StoreError(f"class {k} is not complete in the store at {self.uri!r}")
-            tables.append(pq.read_table(pa.BufferReader(read_bytes(self.fs, join(self.root, "tables", f"{_name(k)}.parquet")))))
+            tables.append(pq.read_table(pa.BufferReader(read_bytes(self.fs, join(self.root, "tables", f"{class_stem(k)}.parquet")))))
         return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:

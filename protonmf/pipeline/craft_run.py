@@ -15,7 +15,6 @@ finished one is reused as it is).
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -40,11 +39,12 @@ from protonmf.craft.artifact import ConceptSet, class_tensors, split_class_tenso
 from protonmf.craft.fidelity import concept_fidelity, tcav_ranking
 from protonmf.craft.maps import concept_maps, maps_from_features
 from protonmf.data import ImageSource, Record, load_images
-from protonmf.data.extract import feature_key
 from protonmf.evaluation.localization import class_localization
 from protonmf.viz.report import render_craft_page
-from protonmf.pipeline.prototype_run import class_groups, make_preprocess
-from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
+from protonmf.pipeline.prototype_run import make_preprocess
+from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
+from protonmf.viz.png import figure_png
+from protonmf.storage import class_stem, join, read_bytes, write_bytes_atomic
 from protonmf.data.store import FeatureStore
 
 __all__ = ["craft_group", "craft_key", "craft_settings", "plan_images", "publish_concepts"]
@@ -62,7 +62,7 @@ def craft_settings(config: Config) -> CraftSettings:
 
 
 def craft_key(config: Config, store: FeatureStore) -> str:
-    return feature_key(features=store.key, craft=config.craft.model_dump(), val=config.data.val,
+    return run_key(features=store.key, craft=config.craft.model_dump(), val=config.data.val,
                        val_images=config.data.val_images_per_class)
 
 
@@ -94,15 +94,6 @@ def _records(source: ImageSource, wanted: list[dict]) -> list[Record]:
             raise ValueError(f"data.train: image {w['image_id']!r} of the feature store is no longer in the data")
         out.append(index[w["image_id"]])
     return out
-
-
-def _staging(config: Config, key: str) -> tuple[Any, str]:
-    fs, root = to_fs(config.storage.concepts, config.storage.storage_options or None)
-    return fs, join(root.rstrip("/") + ".staging", key[:16])
-
-
-def _group_name(classes: list[int]) -> str:
-    return f"g{classes[0]:05d}-{classes[-1]:05d}"
 
 
 @torch.no_grad()
@@ -160,8 +151,8 @@ def craft_group(
     Returns the group's ``classes.json`` entries (small).
     """
     key = craft_key(config, store)
-    fs, staging = _staging(config, key)
-    base = join(staging, _group_name(classes))
+    fs, staging = staging_dir(config.storage.concepts, key, config.storage.storage_options or None)
+    base = join(staging, group_stem(classes))
     if fs.exists(base + ".json"):  # written last: the group is complete
         return {"classes": classes, "info": json.loads(read_bytes(fs, base + ".json")), "resumed": True}
     pre = make_preprocess(config)
@@ -217,12 +208,7 @@ def _summary(info: dict[int, dict]) -> dict[str, Any]:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, tight=True)
 
 
 def _class_figures(
@@ -231,7 +217,7 @@ def _class_figures(
     from protonmf.viz import concept_figures as cf
 
     pre = make_preprocess(config)
-    stem = f"c{cc.class_idx:05d}"
+    stem = class_stem(cc.class_idx)
     x, used = load_images(train, pre, _records(train, info["images"]), workers=0)
     if len(used) != len(info["images"]):
         raise ValueError(f"class {name}: {len(info['images']) - len(used)} of its images can no longer be read")
@@ -273,15 +259,13 @@ def publish_concepts(
     """
     key = craft_key(config, store)
     uri, opts = config.storage.concepts, config.storage.storage_options or None
-    fs, root = to_fs(uri, opts)
-    manifest = join(root, "manifest.json")
-    if fs.exists(manifest) and json.loads(read_bytes(fs, manifest)).get("settings", {}).get("craft_key") == key:
+    if published_key(uri, "craft_key", opts) == key:
         return uri
-    _, staging = _staging(config, key)
+    fs, staging = staging_dir(uri, key, opts)
     concepts: dict[int, ClassConcepts] = {}
     info: dict[int, dict] = {}
     for classes in class_groups(len(store.class_names), config.craft.classes_per_task):
-        base = join(staging, _group_name(classes))
+        base = join(staging, group_stem(classes))
         if not fs.exists(base + ".json"):
             raise FileNotFoundError(f"the concepts of classes {classes[0]}–{classes[-1]} are missing at {base}.json")
         part = {int(k): v for k, v in json.loads(read_bytes(fs, base + ".json")).items()}

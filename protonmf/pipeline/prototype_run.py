@@ -15,7 +15,6 @@ complete classes and groups are read, not recomputed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,8 @@ from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, b
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
 from protonmf.evaluation.held_out import evaluate_model
-from protonmf.data.extract import ClassExtraction, extract_classes, feature_key
+from protonmf.data.extract import ClassExtraction, extract_classes
+from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
 from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
@@ -153,7 +153,7 @@ def _grid(backbone: FeatureBackbone, crop: int) -> tuple[int, int, int]:
 
 def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str]) -> str:
     precision = {} if config.compute.precision == "float32" else {"precision": config.compute.precision}
-    return feature_key(
+    return run_key(
         backbone=backbone.spec_dict(),
         data=config.data.model_dump(exclude={"val", "val_images_per_class"}),
         classes=classes,
@@ -192,23 +192,14 @@ def extract_group(
     )
 
 
-def class_groups(num_classes: int, per_group: int) -> list[list[int]]:
-    return [list(range(s, min(s + per_group, num_classes))) for s in range(0, num_classes, per_group)]
-
-
 def fit_key(config: Config, store: FeatureStore) -> str:
     pr = config.prototypes
-    return feature_key(features=store.key, p=pr.p, settings=_settings(config))
+    return run_key(features=store.key, p=pr.p, settings=_settings(config))
 
 
 def _settings(config: Config) -> dict[str, Any]:
     pr = config.prototypes
     return fit_settings(max_iter=pr.max_iter, tol=pr.tol, seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver)
-
-
-def _staging(config: Config, key: str) -> tuple[Any, str]:
-    fs, root = to_fs(config.storage.model, config.storage.storage_options or None)
-    return fs, join(root.rstrip("/") + ".staging", key[:16])
 
 
 @dataclass(frozen=True)
@@ -226,15 +217,11 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _group_name(classes: list[int]) -> str:
-    return f"g{classes[0]:05d}-{classes[-1]:05d}.safetensors"
-
-
 def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device: str | None = None) -> GroupFit:
     """Fit every p of the config for ``classes`` from stored features; staged, resumable."""
     key = fit_key(config, store)
-    fs, staging = _staging(config, key)
-    path = join(staging, _group_name(classes))
+    fs, staging = staging_dir(config.storage.model, key, config.storage.storage_options or None)
+    path = join(staging, group_stem(classes) + ".safetensors")
     if fs.exists(path):
         tensors = load_safetensors(read_bytes(fs, path))
         resumed = True
@@ -277,18 +264,14 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
     If the artifact there already comes from the same fit key, it is kept as it is.
     """
     key = fit_key(config, store)
-    uri = config.storage.model
-    fs, root = to_fs(uri, config.storage.storage_options or None)
-    manifest_path = join(root, "manifest.json")
-    if fs.exists(manifest_path):
-        manifest = json.loads(read_bytes(fs, manifest_path))
-        if manifest.get("settings", {}).get("fit_key") == key:
-            return uri
-    _, staging = _staging(config, key)
+    uri, opts = config.storage.model, config.storage.storage_options or None
+    if published_key(uri, "fit_key", opts) == key:
+        return uri
+    fs, staging = staging_dir(uri, key, opts)
     groups = class_groups(len(store.class_names), config.prototypes.classes_per_task)
     by_p: dict[int, list[ClassPrototypes]] = {p: [] for p in config.prototypes.p}
     for classes in groups:
-        path = join(staging, _group_name(classes))
+        path = join(staging, group_stem(classes) + ".safetensors")
         if not fs.exists(path):
             raise FileNotFoundError(f"the fit of classes {classes[0]}–{classes[-1]} is missing at {path}")
         for p, fit in _split_by_p(load_safetensors(read_bytes(fs, path))).items():
@@ -301,7 +284,7 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         preprocess=make_preprocess(config).to_dict(),
         settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri},
     )
-    model.save(uri, storage_options=config.storage.storage_options or None)  # re-reads every file, manifest last
+    model.save(uri, storage_options=opts)  # re-reads every file, manifest last
     fs.rm(staging, recursive=True)
     return uri
 

@@ -7,17 +7,16 @@ share, the bias, and a picture with each prototype's area in its own colour. Wit
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 
 from protonmf.data import Preprocess, load_image
 from protonmf.viz.prototype_figures import explanation_figure
 from protonmf.prototypes.model import PrototypeModel
+from protonmf.viz.png import figure_png
 from protonmf.storage import join, to_fs, write_bytes_atomic
 
 __all__ = ["explain_images", "parse_interventions"]
@@ -82,8 +81,7 @@ def explain_images(
             results.append({"image": uri, "skipped": reason})
             continue
         x = pre(img).unsqueeze(0)
-        display = (x[0] * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]).clamp(0, 1)
-        display = display.permute(1, 2, 0).numpy()
+        display = pre.undo(x)[0]
         entry: dict[str, Any] = {"image": uri}
         for name, m in (("model", model), ("intervened", edited)):
             if m is None:
@@ -97,10 +95,7 @@ def explain_images(
                       f"(logit {row['logit']:.3f}, p {row['probability']:.2f})",
                 residual=None if row["residual_spread_over_prototypes"] else row["residual"],
             )
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=100)
-            plt.close(fig)
-            write_bytes_atomic(fs, join(root, f"{stem}.png"), buf.getvalue())
+            write_bytes_atomic(fs, join(root, f"{stem}.png"), figure_png(fig, dpi=100))
             entry[name] = {**row, "picture": join(out, f"{stem}.png")}
         results.append(entry)
     write_bytes_atomic(fs, join(root, "explanations.json"), json.dumps(results, indent=2).encode())

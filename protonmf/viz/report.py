@@ -14,19 +14,18 @@ object storage in a browser:
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from protonmf.data import ImageSource, Preprocess, load_images
 from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, error_curves, prototype_overlay
 from protonmf.prototypes.model import PrototypeModel
+from protonmf.storage import class_of_stem
+from protonmf.viz.png import figure_png, png_data_uri
 
 __all__ = ["render_craft_page", "render_report"]
 
@@ -39,10 +38,7 @@ h2{border-bottom:1px solid #ddd;padding-bottom:4px}.note{color:#666;font-size:90
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return png_data_uri(figure_png(fig))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -54,17 +50,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _display(images: torch.Tensor, pre: Preprocess) -> np.ndarray:
-    return pre.undo(images)
-
-
 def _class_images(source: ImageSource, pre: Preprocess, k: int, n: int) -> torch.Tensor:
     return load_images(source, pre, source.records_of(k)[: 2 * n], workers=0)[0][:n]
 
 
 def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess, k: int) -> str:
     exp = model.explain(images, target=[k] * len(images))
-    shown = _display(images, pre)
+    shown = pre.undo(images)
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
     for i in range(n):
@@ -94,7 +86,7 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
 
 def _figure4(model: PrototypeModel, images: torch.Tensor, labels: Sequence[int], pre: Preprocess) -> str:
     ps = model.available_p
-    shown = _display(images, pre)
+    shown = pre.undo(images)
     fig, axes = plt.subplots(len(images), len(ps), figsize=(1.8 * len(ps), 1.8 * len(images)), squeeze=False)
     for j, p in enumerate(ps):
         exp = model.with_p(p).explain(images, target=list(labels))
@@ -197,10 +189,9 @@ def render_craft_page(summary: dict[str, Any], class_names: Sequence[str], figur
             [[m, v["on_object"], v["purity"], v["coverage"], v["iou"]] for m, v in summary["localization"].items()]))
     by_class: dict[str, list[str]] = {}
     for name in sorted(figures):
-        stem = name.rsplit("/", 1)[-1]
-        by_class.setdefault(stem.split("_", 1)[0] if stem.startswith("c0") else "all classes", []).append(name)
-    for group, names in by_class.items():
-        label = class_names[int(group[1:])] if group.startswith("c") and group[1:].isdigit() else group
+        k = class_of_stem(name.rsplit("/", 1)[-1].split("_", 1)[0])
+        by_class.setdefault("all classes" if k is None else class_names[k], []).append(name)
+    for label, names in by_class.items():
         parts.append(f"<h2>{html.escape(label)}</h2>" + "".join(
             f'<img alt="{html.escape(n.rsplit("/", 1)[-1][:-4])}" src="{html.escape(n)}"><br>' for n in names))
     parts.append("</body></html>")
