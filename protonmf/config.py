@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from protonmf.craft.settings import CraftSettings
+
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 
 
@@ -104,26 +106,15 @@ class EvaluationConfig(_Section):
     reconstruction_classes: int = Field(20, ge=0)  # classes of the Table 1 / Figure 5 study (0: skip)
 
 
-class CraftConfig(_Section):
-    """CRAFT concepts (``protonmf craft``): see :class:`protonmf.craft.CraftSettings`."""
+class CraftConfig(CraftSettings):
+    """CRAFT concepts (``protonmf craft``): the method's :class:`~protonmf.craft.settings.CraftSettings`
+    and what a run needs around them."""
 
-    n_concepts: int = Field(10, ge=1)
-    crop: int = Field(64, ge=1)  # crop side in pixels (of the preprocessed image)
-    stride: int | None = Field(None, ge=1)  # grid crops every stride pixels (default: crop)
-    n_random: int = Field(0, ge=0)  # > 0: that many random crops per image instead of a grid
-    n_design: int = Field(32, ge=2)  # Sobol design size; n_design·(r + 2) masks per image
-    sub_layers: list[str] = Field(default_factory=list)  # recursion: one earlier layer per tree level
-    sub_concepts: int = Field(3, ge=1)
-    recurse: int = Field(2, ge=0)  # most important concepts of each bank decomposed further
-    percentile: float = Field(90.0, gt=0, lt=100)  # crops above it are decomposed (CRAFT §3.2)
     max_images_per_class: int = Field(100, ge=1)  # training images predicted as the class
     eval_images_per_class: int = Field(20, ge=1)  # held-out images: fidelity, maps, localization
     top_crops: int = Field(10, ge=1)  # crops kept per concept
     classes_per_task: int = Field(16, ge=1)
     figure_classes: int = Field(3, ge=0)  # classes drawn as PNG sheets
-    max_iter: int = Field(200, ge=0)
-    tol: float = Field(1e-4, ge=0)
-    seed: int = 0
 
 
 class Config(_Section):

@@ -32,6 +32,7 @@ from torchvision.ops import roi_align
 from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.prototypes.fit import stack_classes
 from protonmf.backbones.layer_cut import LayerCut
+from protonmf.craft.settings import CraftSettings
 from protonmf.nmf import nmf
 from protonmf.nnls import nnls
 from protonmf.sobol import concept_importance
@@ -126,33 +127,6 @@ def encode(activations: Tensor, W: Tensor) -> Tensor:
 def encode_positions(features: Tensor, W: Tensor) -> Tensor:
     """Each position of feature maps encoded against the bank: (N, h, w, D) → (N, h, w, r)."""
     return encode(features.reshape(-1, features.shape[-1]), W).reshape(*features.shape[:-1], W.shape[0])
-
-
-@dataclass(frozen=True)
-class CraftSettings:
-    """How concepts are extracted (the ``craft`` section of a run's config)."""
-
-    n_concepts: int = 10
-    crop: int = 64  # crop side in pixels
-    stride: int | None = None  # grid crops (default: non-overlapping); n_random > 0 for random crops
-    n_random: int = 0
-    n_design: int = 32  # Sobol design size: n_design·(r + 2) masks per image
-    sub_layers: tuple[str, ...] = ()  # recursion: one earlier layer per level of the tree
-    sub_concepts: int = 3  # concepts per sub-bank
-    recurse: int = 2  # concepts of each bank decomposed at the next level (the most important ones)
-    percentile: float = 90.0  # crops above this percentile of a concept's coefficient are decomposed
-    max_iter: int = 200
-    tol: float = 1e-4
-    seed: int = 0
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.n_concepts < 1 or self.sub_concepts < 1:
-            raise ValueError(f"n_concepts and sub_concepts must be ≥ 1, got {self.n_concepts}, {self.sub_concepts}")
-        if not 0 < self.percentile < 100:
-            raise ValueError(f"percentile must be in (0, 100), got {self.percentile}")
-        if self.recurse < 0:
-            raise ValueError(f"recurse must be ≥ 0, got {self.recurse}")
 
 
 @dataclass
@@ -282,6 +256,7 @@ def class_concepts(
     settings: CraftSettings = CraftSettings(),
     *,
     image_ids: Sequence[Tensor] | None = None,
+    batch_size: int = 64,
 ) -> list[ClassConcepts]:
     """CRAFT steps 1–5 for several classes at once.
 
@@ -292,6 +267,7 @@ def class_concepts(
     classes : the class of each entry of ``images``.
     settings : see :class:`CraftSettings`.
     image_ids : per class, ids recorded for its images (default 0..N_c−1).
+    batch_size : images (or crops) per forward pass.
     """
     s = settings
     if len(images) != len(classes) or not images:
@@ -307,12 +283,12 @@ def class_concepts(
     boxes, acts = [], []
     for x in images:  # one class's crops at a time (ImageNet: ~0.5 GB each); only the boxes are kept
         crops, b = crop_images(x.to(device), s.crop, stride=s.stride, n_random=s.n_random, seed=s.seed)
-        acts.append(pooled_activations(top, crops, batch_size=s.batch_size))
+        acts.append(pooled_activations(top, crops, batch_size=batch_size))
         boxes.append(b)
         del crops
     out = []
     for k, (c, (W, U, err)) in enumerate(zip(classes, _factorize(acts, s.n_concepts, s, device))):
-        U_images = encode(pooled_activations(top, images[k].to(device), batch_size=s.batch_size), W)
+        U_images = encode(pooled_activations(top, images[k].to(device), batch_size=batch_size), W)
         importance = concept_importance(U_images, W, pooled_head(backbone), int(c), n_design=s.n_design, seed=s.seed)
         ids = image_ids[k] if image_ids is not None else torch.arange(images[k].shape[0])
         bank = Bank("root", top.layer, W, U, torch.arange(U.shape[0], device=U.device), importance, err)
@@ -332,7 +308,7 @@ def class_concepts(
         maps = []  # per job, the activations (M', h', w', D') of its crops at the earlier layer
         for k, _, chosen in jobs:
             x = crops_at(images[k].to(device), out[k].boxes[chosen])
-            maps.append(torch.cat([cut.activations(x[i : i + s.batch_size]) for i in range(0, x.shape[0], s.batch_size)]).clamp_min(0))
+            maps.append(torch.cat([cut.activations(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]).clamp_min(0))
         parents = []
         for (k, cid, chosen), F, (W, U, err) in zip(jobs, maps, _factorize([pool(F) for F in maps], s.sub_concepts, s, device)):
             U_pos = encode_positions(F, W)  # the tail is not linear: perturb per position
@@ -371,5 +347,5 @@ def extract_concepts(
     if chosen.numel() == 0:
         raise ValueError(f"no image is predicted as class {class_idx}: CRAFT learns concepts from predicted images")
     s = CraftSettings(n_concepts=n_concepts, crop=crop, stride=stride, n_random=n_random, n_design=n_design,
-                      seed=seed, batch_size=batch_size, **settings)
-    return class_concepts(backbone, [images[chosen]], [class_idx], s, image_ids=[chosen.cpu()])[0]
+                      seed=seed, **settings)
+    return class_concepts(backbone, [images[chosen]], [class_idx], s, image_ids=[chosen.cpu()], batch_size=batch_size)[0]

@@ -28,7 +28,6 @@ from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.config import Config
 from protonmf.craft.concepts import (
     ClassConcepts,
-    CraftSettings,
     class_concepts,
     crops_at,
     encode,
@@ -47,18 +46,9 @@ from protonmf.viz.png import figure_png
 from protonmf.storage import class_stem, join, read_bytes, write_bytes_atomic
 from protonmf.data.store import FeatureStore
 
-__all__ = ["craft_group", "craft_key", "craft_settings", "plan_images", "publish_concepts"]
+__all__ = ["craft_group", "craft_key", "plan_images", "publish_concepts"]
 
 MAP_METHODS = ("nnls", "gradcam")  # measured against part masks; "saliency" is drawn on demand
-
-
-def craft_settings(config: Config) -> CraftSettings:
-    c = config.craft
-    return CraftSettings(
-        n_concepts=c.n_concepts, crop=c.crop, stride=c.stride, n_random=c.n_random, n_design=c.n_design,
-        sub_layers=tuple(c.sub_layers), sub_concepts=c.sub_concepts, recurse=c.recurse, percentile=c.percentile,
-        max_iter=c.max_iter, tol=c.tol, seed=c.seed, batch_size=config.compute.batch_size,
-    )
 
 
 def craft_key(config: Config, store: FeatureStore) -> str:
@@ -169,7 +159,7 @@ def craft_group(
         records.append(used)
     concepts: dict[int, ClassConcepts] = {}
     if todo:
-        for cc, used in zip(class_concepts(backbone, images, todo, craft_settings(config)), records):
+        for cc, used in zip(class_concepts(backbone, images, todo, config.craft, batch_size=config.compute.batch_size), records):
             k = cc.class_idx
             concepts[k] = cc
             info[k] = {
