@@ -68,7 +68,8 @@ def _craft(config, overrides) -> int:
 def _evaluate(args) -> int:
     from protonmf.config import parse_config
     from protonmf.data import make_source
-    from protonmf.evaluation.held_out import evaluate_model
+    from protonmf.data.store import FeatureStore
+    from protonmf.evaluation.published import evaluate_published_model
     from protonmf.prototypes.model import PrototypeModel
     from protonmf.pipeline.prototype_run import make_preprocess, make_split_source
 
@@ -85,19 +86,9 @@ def _evaluate(args) -> int:
         config = parse_config({"data": {"preprocess": model.preprocess}}) if model.preprocess else parse_config({})
         source = make_source("imagefolder", name="--val", root=args.val, classes=model.class_names)
         preprocess = make_preprocess(config)
-    result = evaluate_model(model, source, preprocess)
-    features = args.features or model.settings.get("features")
-    if args.features or (features and args.reconstruction):
-        from protonmf.evaluation.held_out import reconstruction_study
-        from protonmf.data.store import FeatureStore
-
-        store = FeatureStore.open(features)
-        classes = list(range(min(args.classes, len(store.class_names))))
-        seed = int(model.settings.get("seed", 0))
-        result["reconstruction"] = reconstruction_study(
-            store, model.available_p, classes=classes, seeds=(seed, seed + 1),
-            fitted={p: model.with_p(p).prototypes for p in model.available_p} if features == model.settings.get("features") else None,
-        )
+    features = args.features or (model.settings.get("features") if args.reconstruction else None)
+    store = FeatureStore.open(features) if features else None
+    result = evaluate_published_model(model, source, preprocess, store=store, study_classes=args.classes)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)

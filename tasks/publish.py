@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 
 from protonmf.config import Config
-from protonmf.pipeline.prototype_run import evaluate_published, load_backbone, make_split_source, publish_model
+from protonmf.pipeline.prototype_run import evaluate_run, load_backbone, make_split_source, publish_model
 from protonmf.data.store import FeatureStore
 
 
@@ -19,7 +19,7 @@ def publish_task(config_json: str) -> str:
 @ray.remote(max_retries=2)
 def evaluate_task(config_json: str) -> dict:
     config = Config.model_validate_json(config_json)
-    return evaluate_published(config, make_split_source(config, "val"))
+    return evaluate_run(config, make_split_source(config, "val"))
 
 
 @ray.remote(max_retries=2)

@@ -6,7 +6,8 @@ import torch
 from scipy.optimize import nnls as scipy_nnls
 
 from protonmf.evaluation.baselines import basis_error, patch_prototypes
-from protonmf.evaluation.held_out import _fixed_by_intervention, matched_cosine, reconstruction_study
+from protonmf.evaluation.held_out import _fixed_by_intervention
+from protonmf.evaluation.reconstruction import matched_cosine, reconstruction_study
 
 
 def test_intervention_count_matches_editing_the_model_image_by_image(resnet, resnet_data, resnet_model):

@@ -7,7 +7,7 @@ a notebook can call them one after the other:
 2. :func:`extract_group` extracts the features of some classes into it.
 3. :func:`fit_group` fits the prototypes of some classes (every p) into a staging file.
 4. :func:`publish_model` merges the staged groups into one model artifact, manifest last.
-5. :func:`evaluate_published` compares the published model with its black box on held-out images.
+5. :func:`evaluate_run` compares the published model with its black box on held-out images.
 
 Everything a step writes is keyed by a hash of the settings it depends on, so a rerun resumes:
 complete classes and groups are read, not recomputed.
@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
-from protonmf.evaluation.held_out import evaluate_model
+from protonmf.evaluation.published import evaluate_published_model
 from protonmf.data.extract import ClassExtraction, extract_classes
 from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
 from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
@@ -36,7 +36,7 @@ from protonmf.data.store import FeatureStore
 __all__ = [
     "GroupFit",
     "class_groups",
-    "evaluate_published",
+    "evaluate_run",
     "extract_group",
     "fit_group",
     "fit_key",
@@ -289,27 +289,18 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
     return uri
 
 
-def evaluate_published(config: Config, source: ImageSource, **kwargs: Any) -> dict[str, Any]:
-    """Evaluate the published model on held-out images; write the HTML report beside it."""
-    from protonmf.evaluation.held_out import reconstruction_study
+def evaluate_run(config: Config, source: ImageSource) -> dict[str, Any]:
+    """Evaluate the run's published model on held-out images; write the HTML report beside it."""
     from protonmf.viz.report import render_report
 
     opts = config.storage.storage_options or None
     model = PrototypeModel.load(config.storage.model, storage_options=opts)
-    result = evaluate_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size, **kwargs)
     ev = config.evaluation
-    reconstruction = None
-    if ev.reconstruction_classes:
-        store = FeatureStore.open(config.storage.features, storage_options=opts)
-        classes = list(range(min(ev.reconstruction_classes, len(store.class_names))))
-        reconstruction = reconstruction_study(
-            store, model.available_p, classes=classes, seeds=(config.prototypes.seed, config.prototypes.seed + 1),
-            max_iter=config.prototypes.max_iter, tol=config.prototypes.tol,
-            fitted={p: model.with_p(p).prototypes for p in model.available_p},  # the seed-0 fit is the model
-        )
-        result["reconstruction"] = reconstruction
+    store = FeatureStore.open(config.storage.features, storage_options=opts) if ev.reconstruction_classes else None
+    result = evaluate_published_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size,
+                                      store=store, study_classes=ev.reconstruction_classes)
     if ev.report:
-        page = render_report(model, result, source, reconstruction=reconstruction,
+        page = render_report(model, result, source, reconstruction=result.get("reconstruction"),
                              classes=list(range(min(ev.report_classes, model.num_classes))),
                              title=f"Prototype model: {config.backbone.arch}")
         fs, root = to_fs(config.storage.model, opts)
