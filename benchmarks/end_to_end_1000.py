@@ -1,7 +1,7 @@
 """Benchmark 4: the fit stage over many classes through Prefect + Ray on this machine.
 
 Writes a feature store of K classes of synthetic low-rank non-negative features (40 images × 7×7
-positions × 512 channels ≈ 2,000 rows per class, float16), then runs the real ``fit_prototypes``
+positions × 512 channels ≈ 2,000 rows per class, float16), then runs the real ``fit_prototype_groups``
 Prefect task of ``flows/build.py`` (one Ray task per group of classes) inside a flow, and reports
 wall time and peak memory (the whole machine's used memory above the baseline, sampled every
 0.2 s, so Ray's worker processes count). Run for K = 100 and 1000 to see how both grow:
@@ -82,7 +82,7 @@ def main() -> None:
     import ray
     from prefect import flow
 
-    from flows.build import fit_prototypes
+    from flows.build import fit_prototype_groups
     from tasks.runtime import ray_session
 
     results = []
@@ -99,7 +99,7 @@ def main() -> None:
 
             @flow(name=f"fit-stage-{K}-classes")
             def fit_stage():
-                return fit_prototypes(config, K)
+                return fit_prototype_groups(config, K)
 
             with ray_session(config):
                 ray.get(ray.remote(lambda: 0).remote())  # workers up before the clock starts

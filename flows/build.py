@@ -9,93 +9,38 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import ray  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import (  # noqa: E402
-    create_link_artifact,
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-from rich.progress import Progress  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from protonmf.config import Config, load_config, parse_config  # noqa: E402
-from protonmf.pipeline.prototype_run import preflight
+from flows.shared import coerce_config, extract_features, prepare_run, progress  # noqa: E402
+from protonmf.config import Config  # noqa: E402
+from protonmf.pipeline.prototype_run import preflight  # noqa: E402
 from protonmf.pipeline.staging import class_groups  # noqa: E402
-from tasks.extract import extract_features as ray_extract_features  # noqa: E402
-from tasks.fit import fit_all  # noqa: E402
-from tasks.publish import evaluate_task, prepare_task, publish_task  # noqa: E402
+from tasks.fit import fit_on_ray  # noqa: E402
+from tasks.publish_and_evaluate import evaluate_on_ray, publish_on_ray  # noqa: E402
 from tasks.runtime import ray_session  # noqa: E402
 
 
-def _config(config: Config | dict[str, Any] | str, overrides: list[str] | None) -> Config:
-    if isinstance(config, Config):
-        return parse_config(config.model_dump(), overrides or [])
-    if isinstance(config, (str, Path)):
-        return load_config(config, overrides or [])
-    return parse_config(config, overrides or [], origin="flow parameter")
-
-
 @task(retries=2, retry_delay_seconds=5)
-def prepare(config: Config) -> dict:
-    return ray.get(prepare_task.remote(config.model_dump_json()))
-
-
-def prepared_config(config: Config) -> tuple[Config, list[str], dict]:
-    """Run ``prepare``: the config with the black box's weights pinned, the class names, and what
-    ``prepare`` reported (classes already extracted)."""
-    prepared = prepare(config)
-    return Config.model_validate_json(prepared["config_json"]), prepared["class_names"], prepared
-
-
-@task(retries=2, retry_delay_seconds=5)
-def extract_features(config: Config, num_classes: int) -> list[dict]:
-    progress_id = create_progress_artifact(0.0, key="extract-progress", description="classes extracted")
-    done = 0
-    with Progress(transient=True) as bar:
-        job = bar.add_task("extract", total=num_classes)
-
-        def tick(_row: dict) -> None:
-            nonlocal done
-            done += 1
-            bar.advance(job)
-            update_progress_artifact(progress_id, 100.0 * done / num_classes)
-
-        return ray_extract_features(config, list(range(num_classes)), on_class=tick)
-
-
-@task(retries=2, retry_delay_seconds=5)
-def fit_prototypes(config: Config, num_classes: int) -> list[dict]:
+def fit_prototype_groups(config: Config, num_classes: int) -> list[dict]:
     groups = class_groups(num_classes, config.prototypes.classes_per_task)
-    progress_id = create_progress_artifact(0.0, key="fit-progress", description="class groups fitted")
-    done = 0
-    with Progress(transient=True) as bar:
-        job = bar.add_task("fit", total=len(groups))
-
-        def tick(_result: dict) -> None:
-            nonlocal done
-            done += 1
-            bar.advance(job)
-            update_progress_artifact(progress_id, 100.0 * done / len(groups))
-
-        return fit_all(config, groups, on_group=tick)
+    with progress("fit-progress", "class groups fitted", len(groups)) as tick:
+        return fit_on_ray(config, groups, on_group=tick)
 
 
 @task(retries=2, retry_delay_seconds=5)
-def publish_model(config: Config) -> str:
-    return ray.get(publish_task.remote(config.model_dump_json()))
+def publish_prototype_model(config: Config) -> str:
+    return publish_on_ray(config)
 
 
 @task(retries=1)
-def evaluate(config: Config) -> dict:
-    return ray.get(evaluate_task.remote(config.model_dump_json()))
+def evaluate_prototype_model(config: Config) -> dict:
+    return evaluate_on_ray(config)
 
 
 def _localization_table(evaluation: dict) -> str:
@@ -167,29 +112,29 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     ``overrides`` are ``key.path=value`` strings.
     """
     logger = get_run_logger()
-    cfg = _config(config, overrides)
+    cfg = coerce_config(config, overrides)
     preflight(cfg)
     timings: dict[str, float] = {}
     with ray_session(cfg):
         t = time.perf_counter()
-        cfg, class_names, prepared = prepared_config(cfg)
+        cfg, class_names, done = prepare_run(cfg)
         timings["prepare"] = time.perf_counter() - t
-        logger.info("%d classes, %d already extracted", len(class_names), len(prepared["done"]))
+        logger.info("%d classes, %d already extracted", len(class_names), len(done))
 
         t = time.perf_counter()
         extraction = extract_features(cfg, len(class_names))
         timings["extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        fits = fit_prototypes(cfg, len(class_names))
+        fits = fit_prototype_groups(cfg, len(class_names))
         timings["fit"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        uri = publish_model(cfg)
+        uri = publish_prototype_model(cfg)
         timings["publish"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        evaluation = evaluate(cfg)
+        evaluation = evaluate_prototype_model(cfg)
         timings["evaluate"] = time.perf_counter() - t
     summary = _report(cfg, class_names, extraction, fits, evaluation, uri, timings)
     logger.info(summary)

@@ -8,7 +8,6 @@ a ``protonmf run`` already filled is reused as it is.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -16,51 +15,33 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import ray  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import (  # noqa: E402
-    create_link_artifact,
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-from rich.progress import Progress  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from flows.build import _config, extract_features, prepared_config  # noqa: E402
+from flows.shared import coerce_config, extract_features, prepare_run, progress  # noqa: E402
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft.artifact import ConceptSet  # noqa: E402
-from protonmf.pipeline.prototype_run import preflight
+from protonmf.pipeline.prototype_run import preflight  # noqa: E402
 from protonmf.pipeline.staging import class_groups  # noqa: E402
-from tasks.craft import craft_all, plan_task, publish_concepts_task  # noqa: E402
+from tasks.craft import craft_on_ray, plan_on_ray, publish_concepts_on_ray  # noqa: E402
 from tasks.runtime import ray_session  # noqa: E402
 
 
 @task(retries=2, retry_delay_seconds=5)
-def plan_images(config: Config) -> dict[int, list[dict]]:
-    return {int(k): v for k, v in json.loads(ray.get(plan_task.remote(config.model_dump_json()))).items()}
+def plan_concept_images(config: Config) -> dict[int, list[dict]]:
+    return plan_on_ray(config)
 
 
 @task(retries=2, retry_delay_seconds=5)
-def extract_concepts(config: Config, plan: dict[int, list[dict]], num_classes: int) -> list[dict]:
+def learn_concepts(config: Config, plan: dict[int, list[dict]], num_classes: int) -> list[dict]:
     groups = class_groups(num_classes, config.craft.classes_per_task)
-    progress_id = create_progress_artifact(0.0, key="craft-progress", description="class groups done")
-    done = 0
-    with Progress(transient=True) as bar:
-        job = bar.add_task("craft", total=len(groups))
-
-        def tick(_result: dict) -> None:
-            nonlocal done
-            done += 1
-            bar.advance(job)
-            update_progress_artifact(progress_id, 100.0 * done / len(groups))
-
-        return craft_all(config, groups, plan, on_group=tick)
+    with progress("craft-progress", "class groups done", len(groups)) as tick:
+        return craft_on_ray(config, groups, plan, on_group=tick)
 
 
 @task(retries=2, retry_delay_seconds=5)
-def publish_concepts(config: Config) -> str:
-    return ray.get(publish_concepts_task.remote(config.model_dump_json()))
+def publish_concept_set(config: Config) -> str:
+    return publish_concepts_on_ray(config)
 
 
 def _report(config: Config, class_names: list[str], groups: list[dict], summary: dict, uri: str, timings: dict) -> str:
@@ -116,22 +97,22 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     ``overrides`` are ``key.path=value`` strings.
     """
     logger = get_run_logger()
-    cfg = _config(config, overrides)
+    cfg = coerce_config(config, overrides)
     preflight(cfg)
     timings: dict[str, float] = {}
     with ray_session(cfg):
         t = time.perf_counter()
-        cfg, class_names, _ = prepared_config(cfg)
+        cfg, class_names, _ = prepare_run(cfg)
         extract_features(cfg, len(class_names))
         timings["prepare+extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        plan = plan_images(cfg)
-        groups = extract_concepts(cfg, plan, len(class_names))
+        plan = plan_concept_images(cfg)
+        groups = learn_concepts(cfg, plan, len(class_names))
         timings["concepts"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        uri = publish_concepts(cfg)
+        uri = publish_concept_set(cfg)
         timings["publish"] = time.perf_counter() - t
     summary = ConceptSet.read_manifest(uri, storage_options=cfg.storage.storage_options or None)["summary"]
     logger.info(_report(cfg, class_names, groups, summary, uri, timings))

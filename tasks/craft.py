@@ -10,7 +10,7 @@ import ray
 import torch
 
 from protonmf.config import Config
-from protonmf.pipeline.craft_run import craft_group, plan_images, publish_concepts
+from protonmf.pipeline.craft_run import craft_group, predicted_images, publish_concepts
 from protonmf.pipeline.prototype_run import load_backbone, make_split_source
 from protonmf.data.store import FeatureStore
 from tasks.runtime import gather, maybe_fail_for_test
@@ -23,14 +23,14 @@ def _open(config: Config):
 
 
 @ray.remote(max_retries=2)
-def plan_task(config_json: str) -> str:
+def _plan(config_json: str) -> str:
     config = Config.model_validate_json(config_json)
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    return json.dumps(plan_images(config, store))
+    return json.dumps(predicted_images(config, store))
 
 
 @ray.remote(max_retries=3)
-def craft_group_task(config_json: str, plan_json: str, classes: list[int]) -> dict:
+def _craft_group(config_json: str, plan_json: str, classes: list[int]) -> dict:
     maybe_fail_for_test()
     config = Config.model_validate_json(config_json)
     store, backbone, train, val = _open(config)
@@ -39,15 +39,25 @@ def craft_group_task(config_json: str, plan_json: str, classes: list[int]) -> di
 
 
 @ray.remote(max_retries=2)
-def publish_concepts_task(config_json: str) -> str:
+def _publish_concepts(config_json: str) -> str:
     config = Config.model_validate_json(config_json)
     store, backbone, train, val = _open(config)
     return publish_concepts(config, backbone, store, train, val)
 
 
-def craft_all(config: Config, groups: list[list[int]], plan: dict[int, list[dict]],
+def plan_on_ray(config: Config) -> dict[int, list[dict]]:
+    """Per class, the training images the black box predicts as it (see ``predicted_images``)."""
+    return {int(k): v for k, v in json.loads(ray.get(_plan.remote(config.model_dump_json()))).items()}
+
+
+def publish_concepts_on_ray(config: Config) -> str:
+    """Merge the staged groups, draw the figures, publish the concept set; its URI."""
+    return ray.get(_publish_concepts.remote(config.model_dump_json()))
+
+
+def craft_on_ray(config: Config, groups: list[list[int]], plan: dict[int, list[dict]],
               on_group: Callable[[dict], None] | None = None) -> list[dict]:
     """Every group in parallel (GPU tasks when ``compute.extract_gpus`` > 0); results in group order."""
-    task = craft_group_task.options(num_gpus=config.compute.extract_gpus, num_cpus=1)
+    task = _craft_group.options(num_gpus=config.compute.extract_gpus, num_cpus=1)
     config_json = config.model_dump_json()
     return gather([task.remote(config_json, json.dumps({k: plan.get(k, []) for k in g}), g) for g in groups], on_group)

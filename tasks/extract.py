@@ -30,7 +30,7 @@ class FeatureExtractor:
         return {name: np.array([getattr(d, name) for d in done]) for name in ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")}
 
 
-def extract_features(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None) -> list[dict]:
+def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None) -> list[dict]:
     """Extract ``classes`` with a pool of actors; returns one small dict per class."""
     compute = config.compute
     ds = ray.data.from_items([{"k": k} for k in classes], override_num_blocks=max(1, len(classes)))

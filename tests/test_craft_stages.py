@@ -10,7 +10,7 @@ from PIL import Image
 from protonmf.artifact import ArtifactError
 from protonmf.config import parse_config
 from protonmf.craft.artifact import ConceptSet
-from protonmf.pipeline.craft_run import craft_group, plan_images, publish_concepts
+from protonmf.pipeline.craft_run import craft_group, predicted_images, publish_concepts
 from protonmf.pipeline.staging import class_groups
 from protonmf.pipeline.prototype_run import extract_group, make_split_source, prepare_store, resolve_backbone
 from protonmf.storage import read_bytes, to_fs
@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     train, val = make_split_source(config, "train"), make_split_source(config, "val")
     store = prepare_store(config, backbone, train)
     extract_group(config, backbone, train, store, [0, 1, 2], workers=0)
-    plan = plan_images(config, store)
+    plan = predicted_images(config, store)
     groups = [craft_group(config, backbone, store, plan, g, train, val) for g in class_groups(3, 2)]
     return config, backbone, store, plan, groups, train, val
 

@@ -126,20 +126,16 @@ def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runti
 
 
 def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference):
-    import ray
-
-    from protonmf.config import Config
     from protonmf.pipeline.staging import class_groups
-    from tasks.extract import extract_features
-    from tasks.fit import fit_all
-    from tasks.publish import prepare_task
+    from tasks.extract import extract_on_ray
+    from tasks.fit import fit_on_ray
+    from tasks.prepare import prepare_on_ray
 
     # A run that stopped mid-way: two classes extracted, one group of classes fitted, no model.
     config = tree(bucket, "resumed")
-    prepared = ray.get(prepare_task.remote(parse_config(config).model_dump_json()))
-    pinned = Config.model_validate_json(prepared["config_json"])
-    extract_features(pinned, [0, 1])
-    fit_all(pinned, class_groups(N_CLASSES, 2)[:1])
+    pinned, _, _ = prepare_on_ray(parse_config(config))
+    extract_on_ray(pinned, [0, 1])
+    fit_on_ray(pinned, class_groups(N_CLASSES, 2)[:1])
 
     result = run(config)
     def same(ev):

@@ -6,7 +6,7 @@ which class the black box predicts for every training image (CRAFT §3.1 learns 
 from the images *predicted* as it), so the extraction step of ``protonmf run`` comes first (a
 finished one is reused as it is).
 
-1. :func:`plan_images`: per class, the training images the black box predicts as it.
+1. :func:`predicted_images`: per class, the training images the black box predicts as it.
 2. :func:`craft_group`: concepts, importance, sub-concepts, fidelity and localization of some
    classes, staged under ``<storage.concepts>.staging/<key>/`` (resumable).
 3. :func:`publish_concepts`: the staged groups merged, figures drawn, published at
@@ -46,7 +46,7 @@ from protonmf.viz.png import figure_png
 from protonmf.storage import class_stem, join, read_bytes, write_bytes_atomic
 from protonmf.data.store import FeatureStore
 
-__all__ = ["craft_group", "craft_key", "plan_images", "publish_concepts"]
+__all__ = ["craft_group", "craft_key", "predicted_images", "publish_concepts"]
 
 MAP_METHODS = ("nnls", "gradcam")  # measured against part masks; "saliency" is drawn on demand
 
@@ -56,7 +56,7 @@ def craft_key(config: Config, store: FeatureStore) -> str:
                        val_images=config.data.val_images_per_class)
 
 
-def plan_images(config: Config, store: FeatureStore) -> dict[int, list[dict]]:
+def predicted_images(config: Config, store: FeatureStore) -> dict[int, list[dict]]:
     """Per class, the training images (image id, URI, label) the black box predicts as it.
 
     At most ``craft.max_images_per_class``, the most confident first (largest top logit).
