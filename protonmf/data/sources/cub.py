@@ -81,23 +81,8 @@ class CUBSource(ImageSource):
         self.classes = [name for _, name in sorted(class_rows)]
         labels = {int(k): int(v) - 1 for k, v in self._rows(tables["image_class_labels.txt"], "image_class_labels.txt", 2)}
         is_train = {int(k): int(v) for k, v in self._rows(tables["train_test_split.txt"], "train_test_split.txt", 2)}
-        boxes: dict[int, tuple[float, float, float, float]] = {}
-        if tables["bounding_boxes.txt"] is not None:
-            for k, rest in self._rows(tables["bounding_boxes.txt"], "bounding_boxes.txt", 2):
-                vals = rest.split()
-                if len(vals) != 4:
-                    raise ValueError(f"{self.root}/bounding_boxes.txt: image {k}: expected x y width height, got {rest!r}")
-                boxes[int(k)] = tuple(float(v) for v in vals)  # type: ignore[assignment]
-
-        for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)) + (
-            (("bounding_boxes.txt", boxes),) if self.crop else ()
-        ):
-            lacking = sorted(set(paths) - set(table))
-            if lacking:
-                raise ValueError(f"{self.root}/{name} has no entry for image id(s) {lacking[:10]}")
-        bad = sorted(k for k, v in labels.items() if k in paths and not 0 <= v < len(self.classes))
-        if bad:
-            raise ValueError(f"{self.root}/image_class_labels.txt: image id(s) {bad[:10]} have a class id not in classes.txt")
+        boxes = self._boxes(tables["bounding_boxes.txt"])
+        self._check_every_image_listed(paths, labels, is_train, boxes)
 
         keep = {"train": (1,), "test": (0,), "all": (0, 1)}[split]
         self.records = [
@@ -112,6 +97,29 @@ class CUBSource(ImageSource):
         ]
         if not self.records:
             raise ValueError(f"no images found under {self.root} for split {split!r}")
+
+    def _boxes(self, table: str | None) -> dict[int, tuple[float, float, float, float]]:
+        """bounding_boxes.txt: image id → (x, y, width, height)."""
+        boxes: dict[int, tuple[float, float, float, float]] = {}
+        if table is not None:
+            for k, rest in self._rows(table, "bounding_boxes.txt", 2):
+                vals = rest.split()
+                if len(vals) != 4:
+                    raise ValueError(f"{self.root}/bounding_boxes.txt: image {k}: expected x y width height, got {rest!r}")
+                boxes[int(k)] = tuple(float(v) for v in vals)  # type: ignore[assignment]
+        return boxes
+
+    def _check_every_image_listed(self, paths: dict, labels: dict, is_train: dict, boxes: dict) -> None:
+        """Every image of images.txt has a label, a split (and a box when cropping); labels are classes."""
+        for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)) + (
+            (("bounding_boxes.txt", boxes),) if self.crop else ()
+        ):
+            lacking = sorted(set(paths) - set(table))
+            if lacking:
+                raise ValueError(f"{self.root}/{name} has no entry for image id(s) {lacking[:10]}")
+        bad = sorted(k for k, v in labels.items() if k in paths and not 0 <= v < len(self.classes))
+        if bad:
+            raise ValueError(f"{self.root}/image_class_labels.txt: image id(s) {bad[:10]} have a class id not in classes.txt")
 
     def _read_table(self, name: str, required: bool) -> str | None:
         path = f"{self.path}/{name}"

@@ -92,34 +92,41 @@ class ImageFolderSource(ImageSource):
         self._local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol))
 
         by_class, n_other = self._list()
-        exts = ", ".join(IMAGE_EXTENSIONS)
-        if not by_class:
-            if not self._exists():
-                raise ValueError(f"no images found under {self.root}: it does not exist")
-            other = f"found {n_other} other file(s); " if n_other else ""
-            raise ValueError(
-                f"no images found under {self.root} ({other}checked {self.root}/<class>/<image> "
-                f"for extensions {exts}, any case)"
-            )
-
+        self._check_found(by_class, n_other)
         if given is None:
             self.classes = sorted(by_class)
             self.unlisted_folders: list[str] = []
         else:
             self.classes = given
             self.unlisted_folders = sorted(set(by_class) - set(given))
-        index = {name: i for i, name in enumerate(self.classes)}
+        used = self._used_classes(subset, given is not None, by_class)
+        self.class_subset = None if subset is None else used
+        self.records = self._records(used, by_class, max_images_per_class)
+        self.max_images_per_class = max_images_per_class
 
+    def _check_found(self, by_class: dict[str, list[str]], n_other: int) -> None:
+        """Nothing found under the root is an error that says what was looked for."""
+        if by_class:
+            return
+        if not self._exists():
+            raise ValueError(f"no images found under {self.root}: it does not exist")
+        other = f"found {n_other} other file(s); " if n_other else ""
+        raise ValueError(
+            f"no images found under {self.root} ({other}checked {self.root}/<class>/<image> "
+            f"for extensions {', '.join(IMAGE_EXTENSIONS)}, any case)"
+        )
+
+    def _used_classes(self, subset: list[str] | None, given: bool, by_class: dict[str, list[str]]) -> list[str]:
+        """The classes whose images are used (all, or ``class_subset`` in label order); each must have images."""
+        index = {name: i for i, name in enumerate(self.classes)}
         if subset is not None:
             unknown = [n for n in subset if n not in index]
             if unknown:
-                where = "the given classes list" if given is not None else f"the class folders under {self.root}"
+                where = "the given classes list" if given else f"the class folders under {self.root}"
                 raise ValueError(f"class_subset names {len(unknown)} class(es) not in {where}: {', '.join(unknown[:20])}")
             used = sorted(subset, key=index.__getitem__)
         else:
             used = list(self.classes)
-        self.class_subset = None if subset is None else used
-
         missing = [n for n in used if n not in by_class]
         if missing:
             more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
@@ -127,17 +134,17 @@ class ImageFolderSource(ImageSource):
                 f"{len(missing)} class(es) have no folder with images under {self.root}: "
                 f"{', '.join(missing[:20])}{more}"
             )
+        return used
 
+    def _records(self, used: list[str], by_class: dict[str, list[str]], limit: int | None) -> list[Record]:
+        index = {name: i for i, name in enumerate(self.classes)}
         records: list[Record] = []
         for name in used:
             rels = sorted(by_class[name])
-            if max_images_per_class is not None:
-                rels = rels[: int(max_images_per_class)]
-            label = index[name]
-            for rel in rels:
-                records.append(Record(image_id=rel, uri=self._uri(rel), label=label))
-        self.records = records
-        self.max_images_per_class = max_images_per_class
+            if limit is not None:
+                rels = rels[: int(limit)]
+            records.extend(Record(image_id=rel, uri=self._uri(rel), label=index[name]) for rel in rels)
+        return records
 
     def _list(self) -> tuple[dict[str, list[str]], int]:
         """One recursive listing: {class folder: [relative paths of images]}, number of other files."""
