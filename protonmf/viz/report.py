@@ -117,48 +117,67 @@ def render_report(
     spec = model.backbone.spec_dict()
     parts.append(f"<p class='note'>backbone {html.escape(str(spec.get('arch')))}, feature layer "
                  f"{html.escape(str(spec.get('feature_layer')))}, {model.num_classes} classes, p = {model.available_p}</p>")
-    parts.append("<h2>Accuracy</h2>" + _table(
+    parts.extend(_evaluation_tables(evaluation, model.p))
+    if reconstruction:
+        parts.append(_reconstruction_section(reconstruction))
+    chosen = list(classes) if classes is not None else list(range(min(3, model.num_classes)))
+    parts.extend(_class_sections(model, source, pre, chosen, images_per_class))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _by_p(table: dict) -> list[tuple[Any, Any]]:
+    return sorted(table.items(), key=lambda kv: int(kv[0]))
+
+
+def _evaluation_tables(evaluation: dict[str, Any], p: int) -> list[str]:
+    """Accuracy and exactness, Table 3, Table 4 and part localization (when measured)."""
+    parts = ["<h2>Accuracy</h2>" + _table(
         ["", f"top-1 ({evaluation['n_images']} held-out images)"],
-        [["black box", evaluation["top1_black_box"]], [f"prototype model (p = {model.p})", evaluation["top1_prototype"]]],
-    ) + f"<p>max |logit difference| {evaluation['max_abs_logit_diff']:.2e} (max |logit| {evaluation['max_abs_logit']:.3f})</p>")
-    table3 = sorted(evaluation["table3"].items(), key=lambda kv: int(kv[0]))
+        [["black box", evaluation["top1_black_box"]], [f"prototype model (p = {p})", evaluation["top1_prototype"]]],
+    ) + f"<p>max |logit difference| {evaluation['max_abs_logit_diff']:.2e} (max |logit| {evaluation['max_abs_logit']:.3f})</p>"]
     parts.append("<h2>Table 3: which prototypes carry the decision</h2>" + _table(
         ["p", "NMF only", "residual only", "NMF + residual"],
-        [[p, v["nmf_only"], v["residual_only"], v["augmented"]] for p, v in table3],
+        [[q, v["nmf_only"], v["residual_only"], v["augmented"]] for q, v in _by_p(evaluation["table3"])],
     ))
     if evaluation.get("intervention"):
-        rows = sorted(evaluation["intervention"].items(), key=lambda kv: int(kv[0]))
         parts.append("<h2>Table 4: test-time intervention</h2><p class='note'>each wrong prediction loses its "
                      "predicted class's most important prototype</p>" + _table(
                          ["p", "top-1 before", "top-1 after", "corrected"],
-                         [[p, v["top1_before"], v["top1_after"], v["fixed"]] for p, v in rows]))
+                         [[q, v["top1_before"], v["top1_after"], v["fixed"]] for q, v in _by_p(evaluation["intervention"])]))
     if evaluation.get("localization"):
-        rows = sorted(evaluation["localization"].items(), key=lambda kv: int(kv[0]))
         parts.append("<h2>Part localization</h2>" + _table(
             ["p", "peak on object", "purity", "parts covered", "IoU"],
-            [[p, v["on_object"], v["purity"], v["coverage"], v["iou"]] for p, v in rows]))
-    if reconstruction:
-        rows = sorted(reconstruction.items(), key=lambda kv: int(kv[0]))
-        ps = [int(p) for p, _ in rows]
+            [[q, v["on_object"], v["purity"], v["coverage"], v["iou"]] for q, v in _by_p(evaluation["localization"])]))
+    return parts
 
-        def ms(v: dict[str, float]) -> str:
-            return f"{v['mean']:.4f} ± {v['std']:.4f}"
 
-        parts.append("<h2>Table 1 / Figure 5: reconstruction</h2>" + _table(
-            ["p", "features, NMF", "features, real patches", "head, NMF", "head, real patches", "stability (cosine)"],
-            [[p, ms(v["feature_error"]), ms(v["baseline_feature_error"]), ms(v["head_error"]),
-              ms(v["baseline_head_error"]), ms(v["stability"])] for p, v in rows]))
-        fig = error_curves(ps, {
-            "features, NMF": [(v["feature_error"]["mean"], v["feature_error"]["std"]) for _, v in rows],
-            "features, real patches": [(v["baseline_feature_error"]["mean"], v["baseline_feature_error"]["std"]) for _, v in rows],
-            "head, NMF": [(v["head_error"]["mean"], v["head_error"]["std"]) for _, v in rows],
-        })
-        parts.append(f'<img alt="figure 5: reconstruction errors against p" src="{_png(fig)}">')
-    chosen = list(classes) if classes is not None else list(range(min(3, model.num_classes)))
-    parts.append(f"<h2>Figures 2–3: prototypes of {len(chosen)} classes (p = {model.p})</h2>")
+def _reconstruction_section(reconstruction: dict[int, dict[str, Any]]) -> str:
+    """Table 1 and Figure 5: reconstruction errors against p, NMF against real patches, and stability."""
+    rows = _by_p(reconstruction)
+
+    def ms(v: dict[str, float]) -> str:
+        return f"{v['mean']:.4f} ± {v['std']:.4f}"
+
+    table = _table(
+        ["p", "features, NMF", "features, real patches", "head, NMF", "head, real patches", "stability (cosine)"],
+        [[p, ms(v["feature_error"]), ms(v["baseline_feature_error"]), ms(v["head_error"]),
+          ms(v["baseline_head_error"]), ms(v["stability"])] for p, v in rows])
+    fig = error_curves([int(p) for p, _ in rows], {
+        "features, NMF": [(v["feature_error"]["mean"], v["feature_error"]["std"]) for _, v in rows],
+        "features, real patches": [(v["baseline_feature_error"]["mean"], v["baseline_feature_error"]["std"]) for _, v in rows],
+        "head, NMF": [(v["head_error"]["mean"], v["head_error"]["std"]) for _, v in rows],
+    })
+    return (f"<h2>Table 1 / Figure 5: reconstruction</h2>{table}"
+            f'<img alt="figure 5: reconstruction errors against p" src="{_png(fig)}">')
+
+
+def _class_sections(model: PrototypeModel, source: ImageSource, pre: Preprocess, chosen: list[int], n: int) -> list[str]:
+    """Figures 2–3 for each chosen class, then Figure 4 on the first image of each."""
+    parts = [f"<h2>Figures 2–3: prototypes of {len(chosen)} classes (p = {model.p})</h2>"]
     firsts, first_labels = [], []
     for k in chosen:
-        images = _class_images(source, pre, k, images_per_class)
+        images = _class_images(source, pre, k, n)
         if len(images) == 0:
             parts.append(f"<p>class {html.escape(model.class_names[k])}: no readable images</p>")
             continue
@@ -167,8 +186,7 @@ def render_report(
         first_labels.append(k)
     if firsts:
         parts.append("<h2>Figure 4: the same images with p prototypes</h2>" + _figure4(model, torch.stack(firsts), first_labels, pre))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def render_craft_page(summary: dict[str, Any], class_names: Sequence[str], figures: Sequence[str], title: str) -> str:
