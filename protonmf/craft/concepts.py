@@ -275,11 +275,24 @@ def class_concepts(
     empty = [int(c) for c, x in zip(classes, images) if x.shape[0] == 0]
     if empty:
         raise ValueError(f"classes {empty}: no image is predicted as them, so CRAFT has nothing to learn from")
-    device = backbone.V.device
     size = images[0].shape[-1]
     top = LayerCut(backbone, None, size)
-    cuts = [LayerCut(backbone, layer, size) for layer in s.sub_layers]
+    cuts = [LayerCut(backbone, layer, size) for layer in s.sub_layers]  # every cut checked before any work
+    out = _root_banks(backbone, top, images, classes, s, image_ids, batch_size)
+    parents = [(k, out[k].root) for k in range(len(out))]
+    for cut in cuts:  # CRAFT §3.2: one level of sub-concepts per earlier layer
+        parents = _sub_banks(cut, images, out, parents, s, batch_size)
+        if not parents:
+            break
+    return out
 
+
+def _root_banks(
+    backbone: FeatureBackbone, top: LayerCut, images: Sequence[Tensor], classes: Sequence[int], s: CraftSettings,
+    image_ids: Sequence[Tensor] | None, batch_size: int,
+) -> list[ClassConcepts]:
+    """Each class's concepts at the feature layer, from its crops, with their Sobol importance."""
+    device = backbone.V.device
     boxes, acts = [], []
     for x in images:  # one class's crops at a time (ImageNet: ~0.5 GB each); only the boxes are kept
         crops, b = crop_images(x.to(device), s.crop, stride=s.stride, n_random=s.n_random, seed=s.seed)
@@ -293,31 +306,38 @@ def class_concepts(
         ids = image_ids[k] if image_ids is not None else torch.arange(images[k].shape[0])
         bank = Bank("root", top.layer, W, U, torch.arange(U.shape[0], device=U.device), importance, err)
         out.append(ClassConcepts(int(c), torch.as_tensor(ids), boxes[k], {"root": bank}))
-
-    parents = [(k, out[k].root) for k in range(len(out))]
-    for cut in cuts:  # CRAFT §3.2: one level of sub-concepts per earlier layer
-        jobs = []  # (class position, parent concept id, crop indices)
-        for k, bank in parents:
-            for i in bank.importance.argsort(descending=True)[: s.recurse].tolist():
-                coef = bank.U[:, i]
-                chosen = bank.crops[coef > torch.quantile(coef, s.percentile / 100)]  # U_(n,i) > λ_i
-                if chosen.numel() >= 2:
-                    jobs.append((k, bank.concept_ids[i], chosen))
-        if not jobs:
-            break
-        maps = []  # per job, the activations (M', h', w', D') of its crops at the earlier layer
-        for k, _, chosen in jobs:
-            x = crops_at(images[k].to(device), out[k].boxes[chosen])
-            maps.append(torch.cat([cut.activations(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]).clamp_min(0))
-        parents = []
-        for (k, cid, chosen), F, (W, U, err) in zip(jobs, maps, _factorize([pool(F) for F in maps], s.sub_concepts, s, device)):
-            U_pos = encode_positions(F, W)  # the tail is not linear: perturb per position
-            importance = concept_importance(U_pos, W, cut.logits, out[k].class_idx, n_design=s.n_design, seed=s.seed,
-                                            batch_size=max(1, 2**22 // F[0].numel()))
-            bank = Bank(cid, cut.layer, W, U, chosen, importance, err)
-            out[k].banks[cid] = bank
-            parents.append((k, bank))
     return out
+
+
+def _sub_banks(
+    cut: LayerCut, images: Sequence[Tensor], out: list[ClassConcepts], parents: list[tuple[int, Bank]],
+    s: CraftSettings, batch_size: int,
+) -> list[tuple[int, Bank]]:
+    """One level of the recursion: the most important concepts of each parent bank decomposed at
+    ``cut`` from the crops where they are strongest; the new banks are added to ``out`` and returned."""
+    jobs = []  # (class position, parent concept id, crop indices)
+    for k, bank in parents:
+        for i in bank.importance.argsort(descending=True)[: s.recurse].tolist():
+            coef = bank.U[:, i]
+            chosen = bank.crops[coef > torch.quantile(coef, s.percentile / 100)]  # U_(n,i) > λ_i
+            if chosen.numel() >= 2:
+                jobs.append((k, bank.concept_ids[i], chosen))
+    if not jobs:
+        return []
+    device = cut.device
+    maps = []  # per job, the activations (M', h', w', D') of its crops at the earlier layer
+    for k, _, chosen in jobs:
+        x = crops_at(images[k].to(device), out[k].boxes[chosen])
+        maps.append(torch.cat([cut.activations(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]).clamp_min(0))
+    banks = []
+    for (k, cid, chosen), F, (W, U, err) in zip(jobs, maps, _factorize([pool(F) for F in maps], s.sub_concepts, s, device)):
+        U_pos = encode_positions(F, W)  # the tail is not linear: perturb per position
+        importance = concept_importance(U_pos, W, cut.logits, out[k].class_idx, n_design=s.n_design, seed=s.seed,
+                                        batch_size=max(1, 2**22 // F[0].numel()))
+        bank = Bank(cid, cut.layer, W, U, chosen, importance, err)
+        out[k].banks[cid] = bank
+        banks.append((k, bank))
+    return banks
 
 
 @torch.no_grad()
