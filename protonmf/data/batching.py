@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import deque
+from typing import Any
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -94,22 +95,22 @@ def load_images(
     return (torch.cat(images) if images else torch.zeros(0)), used
 
 
+def _batch(items: list[tuple[Record, Tensor]], skipped: list[Skipped], crop: Any) -> Batch:
+    if items:
+        images = torch.stack([x for _, x in items])
+    else:
+        images = torch.empty((0, 3, crop, crop) if isinstance(crop, int) else (0, 3, 0, 0), dtype=torch.float32)
+    return Batch(
+        images=images,
+        labels=torch.tensor([r.label for r, _ in items], dtype=torch.int64),
+        image_ids=[r.image_id for r, _ in items],
+        uris=[r.uri for r, _ in items],
+        skipped=skipped,
+    )
+
+
 def _batches(source, preprocess, batch_size: int, workers: int, todo: list[Record]) -> Iterator[Batch]:
     crop = getattr(preprocess, "crop", None)
-
-    def make(items: list[tuple[Record, Tensor]], skipped: list[Skipped]) -> Batch:
-        if items:
-            images = torch.stack([x for _, x in items])
-        else:
-            images = torch.empty((0, 3, crop, crop) if isinstance(crop, int) else (0, 3, 0, 0), dtype=torch.float32)
-        return Batch(
-            images=images,
-            labels=torch.tensor([r.label for r, _ in items], dtype=torch.int64),
-            image_ids=[r.image_id for r, _ in items],
-            uris=[r.uri for r, _ in items],
-            skipped=skipped,
-        )
-
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="protonmf-decode") if workers else None
     window = 4 * workers if workers else 1
     pending: deque[tuple[Record, Future]] = deque()
@@ -145,12 +146,12 @@ def _batches(source, preprocess, batch_size: int, workers: int, todo: list[Recor
                 held = None
             items.append((rec, x))
             if len(items) == batch_size:
-                held = make(items, skipped)
+                held = _batch(items, skipped, crop)
                 items, skipped = [], []
         if held is not None:
             yield held
         elif items or skipped:
-            yield make(items, skipped)
+            yield _batch(items, skipped, crop)
     finally:
         for _, fut in pending:
             fut.cancel()
