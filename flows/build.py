@@ -8,7 +8,6 @@ summary, a table of per-class reconstruction errors, a link to the model, and pr
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -17,13 +16,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from flows.shared import coerce_config, extract_features, prepare_run, progress  # noqa: E402
+from flows.shared import progress, started_run  # noqa: E402
 from protonmf.config import Config  # noqa: E402
-from protonmf.pipeline.prototype_run import preflight  # noqa: E402
 from protonmf.pipeline.staging import class_groups  # noqa: E402
 from tasks.fit import fit_on_ray  # noqa: E402
 from tasks.publish_and_evaluate import evaluate_on_ray, publish_on_ray  # noqa: E402
-from tasks.runtime import ray_session  # noqa: E402
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -111,31 +108,14 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     ``config`` is a config tree (as in ``configs/*.yaml``) or the path of a YAML file;
     ``overrides`` are ``key.path=value`` strings.
     """
-    logger = get_run_logger()
-    cfg = coerce_config(config, overrides)
-    preflight(cfg)
-    timings: dict[str, float] = {}
-    with ray_session(cfg):
-        t = time.perf_counter()
-        cfg, class_names, done = prepare_run(cfg)
-        timings["prepare"] = time.perf_counter() - t
-        logger.info("%d classes, %d already extracted", len(class_names), len(done))
-
-        t = time.perf_counter()
-        extraction = extract_features(cfg, len(class_names))
-        timings["extract"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        fits = fit_prototype_groups(cfg, len(class_names))
-        timings["fit"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        uri = publish_prototype_model(cfg)
-        timings["publish"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        evaluation = evaluate_prototype_model(cfg)
-        timings["evaluate"] = time.perf_counter() - t
-    summary = _report(cfg, class_names, extraction, fits, evaluation, uri, timings)
-    logger.info(summary)
-    return {"model": uri, "evaluation": evaluation, "timings": timings, "classes": len(class_names)}
+    with started_run(config, overrides) as run:
+        cfg, class_names = run.config, run.class_names
+        with run.timed("fit"):
+            fits = fit_prototype_groups(cfg, len(class_names))
+        with run.timed("publish"):
+            uri = publish_prototype_model(cfg)
+        with run.timed("evaluate"):
+            evaluation = evaluate_prototype_model(cfg)
+    summary = _report(cfg, class_names, run.extraction, fits, evaluation, uri, run.timings)
+    get_run_logger().info(summary)
+    return {"model": uri, "evaluation": evaluation, "timings": run.timings, "classes": len(class_names)}

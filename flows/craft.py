@@ -9,7 +9,6 @@ a ``protonmf run`` already filled is reused as it is.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -18,13 +17,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from flows.shared import coerce_config, extract_features, prepare_run, progress  # noqa: E402
+from flows.shared import progress, started_run  # noqa: E402
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft.artifact import ConceptSet  # noqa: E402
-from protonmf.pipeline.prototype_run import preflight  # noqa: E402
 from protonmf.pipeline.staging import class_groups  # noqa: E402
 from tasks.craft import craft_on_ray, plan_on_ray, publish_concepts_on_ray  # noqa: E402
-from tasks.runtime import ray_session  # noqa: E402
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -96,24 +93,13 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     ``config`` is a config tree (as in ``configs/*.yaml``) or the path of a YAML file;
     ``overrides`` are ``key.path=value`` strings.
     """
-    logger = get_run_logger()
-    cfg = coerce_config(config, overrides)
-    preflight(cfg)
-    timings: dict[str, float] = {}
-    with ray_session(cfg):
-        t = time.perf_counter()
-        cfg, class_names, _ = prepare_run(cfg)
-        extract_features(cfg, len(class_names))
-        timings["prepare+extract"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        plan = plan_concept_images(cfg)
-        groups = learn_concepts(cfg, plan, len(class_names))
-        timings["concepts"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        uri = publish_concept_set(cfg)
-        timings["publish"] = time.perf_counter() - t
+    with started_run(config, overrides) as run:
+        cfg, class_names = run.config, run.class_names
+        with run.timed("concepts"):
+            plan = plan_concept_images(cfg)
+            groups = learn_concepts(cfg, plan, len(class_names))
+        with run.timed("publish"):
+            uri = publish_concept_set(cfg)
     summary = ConceptSet.read_manifest(uri, storage_options=cfg.storage.storage_options or None)["summary"]
-    logger.info(_report(cfg, class_names, groups, summary, uri, timings))
-    return {"concepts": uri, "summary": summary, "timings": timings, "classes": len(class_names)}
+    get_run_logger().info(_report(cfg, class_names, groups, summary, uri, run.timings))
+    return {"concepts": uri, "summary": summary, "timings": run.timings, "classes": len(class_names)}

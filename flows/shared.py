@@ -4,21 +4,25 @@ progress artifact, and the first two steps (prepare, extract) that every run sta
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from prefect import task  # noqa: E402
+from prefect import get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
+from protonmf.pipeline.prototype_run import preflight  # noqa: E402
 from tasks.extract import extract_on_ray  # noqa: E402
 from tasks.prepare import prepare_on_ray  # noqa: E402
+from tasks.runtime import ray_session  # noqa: E402
 
 
 def coerce_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None) -> Config:
@@ -57,3 +61,35 @@ def prepare_run(config: Config) -> tuple[Config, list[str], list[int]]:
 def extract_features(config: Config, num_classes: int) -> list[dict]:
     with progress("extract-progress", "classes extracted", num_classes) as tick:
         return extract_on_ray(config, list(range(num_classes)), on_class=tick)
+
+
+@dataclass
+class StartedRun:
+    """A run after its first two steps: the pinned config, the classes, what extraction did, timings."""
+
+    config: Config
+    class_names: list[str]
+    extraction: list[dict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.timings[step] = time.perf_counter() - t
+
+
+@contextmanager
+def started_run(config: Config | dict[str, Any] | str, overrides: list[str] | None) -> Iterator[StartedRun]:
+    """Read and check the config (unreachable storage fails here, in seconds), connect to Ray for
+    the block, prepare the run and extract its features (both resume what an earlier run did)."""
+    cfg = coerce_config(config, overrides)
+    preflight(cfg)
+    with ray_session(cfg):
+        run = StartedRun(cfg, [], [])
+        with run.timed("prepare"):
+            run.config, run.class_names, done = prepare_run(cfg)
+        get_run_logger().info("%d classes, %d already extracted", len(run.class_names), len(done))
+        with run.timed("extract"):
+            run.extraction = extract_features(run.config, len(run.class_names))
+        yield run
