@@ -53,7 +53,7 @@ def test_matched_cosine_ignores_order():
 
 def test_reconstruction_study_on_a_store(tmp_path):
     from protonmf.data.store import FeatureStore
-    from tests.test_store import records
+    from tests.data.test_store import records
 
     g = torch.Generator().manual_seed(3)
     store = FeatureStore.create(str(tmp_path / "fs"), key="k", class_names=["a", "b"], grid=(2, 2), dim=16,
@@ -73,7 +73,7 @@ def test_reconstruction_study_on_a_store(tmp_path):
 def test_reconstruction_study_reuses_a_given_fit(tmp_path):
     from protonmf.prototypes.fit import fit_prototypes, stack_classes
     from protonmf.data.store import FeatureStore
-    from tests.test_store import records
+    from tests.data.test_store import records
 
     g = torch.Generator().manual_seed(4)
     store = FeatureStore.create(str(tmp_path / "fs"), key="k", class_names=["a", "b", "c"], grid=(2, 2), dim=12,

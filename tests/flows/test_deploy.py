@@ -7,7 +7,7 @@ import yaml
 
 from protonmf.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_prefect_deployments_point_at_the_flow_with_a_cron_schedule():
