@@ -8,6 +8,6 @@
 - :mod:`~protonmf.backbones.nets`: small networks of the project's own (``protonmf:<name>``).
 """
 
-from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone, load_state_dict
+from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone, load_state_dict, weights_sha256
 
-__all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "load_state_dict"]
+__all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "load_state_dict", "weights_sha256"]

@@ -18,6 +18,7 @@ state dict (``.pt``/``.pth`` or ``.safetensors``), or None for a random init.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from protonmf.backbones.hooks import output_of
 
-__all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "load_state_dict"]
+__all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "load_state_dict", "weights_sha256"]
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,7 @@ def _build_model(spec: BackboneSpec) -> nn.Module:
         if not timm.is_model(name):
             raise ValueError(f"backbone.arch: timm has no model {name!r}")
         pretrained = enum_weights is not None
-        if pretrained:
-            kwargs["pretrained_cfg_overlay"] = {"tag": enum_weights} if enum_weights != "default" else {}
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(_timm_pretrained_name(name, enum_weights), pretrained=pretrained, **kwargs)
     elif library == "protonmf":
         from protonmf.backbones import nets
 
@@ -117,13 +116,45 @@ def _build_model(spec: BackboneSpec) -> nn.Module:
         raise ValueError(f"backbone.arch: unknown library {library!r} (torchvision, timm or protonmf)")
     if spec.weights and _is_weights_file(spec.weights):
         state = load_state_dict(spec.weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"backbone.weights {spec.weights!r} do not fit {spec.arch}: "
-                f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
-            )
+        _check_state_fits(model, state, spec)
+        model.load_state_dict(state)
     return model
+
+
+def _timm_pretrained_name(name: str, tag: str | None) -> str:
+    """``name.tag``, timm's way of choosing one pretrained checkpoint; a tag timm does not know is an error."""
+    if tag is None or tag == "default":
+        return name
+    import timm
+
+    known = sorted(n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*") if n.split(".", 1)[0] == name)
+    if tag not in known:
+        raise ValueError(f"backbone.weights: timm {name} has no pretrained tag {tag!r}; known: {', '.join(known) or 'none'}")
+    return f"{name}.{tag}"
+
+
+def _check_state_fits(model: nn.Module, state: dict[str, Tensor], spec: BackboneSpec) -> None:
+    """A checkpoint for another network is an error naming the file and the layers that differ."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        parts = [f"{len(shapes)} with another shape: {', '.join(shapes[:5])}" if shapes else "",
+                 f"{len(missing)} missing: {', '.join(missing[:5])}" if missing else "",
+                 f"{len(unexpected)} unexpected: {', '.join(unexpected[:5])}" if unexpected else ""]
+        raise ValueError(f"backbone.weights {spec.weights!r} do not fit {spec.arch}: layers " + "; ".join(p for p in parts if p))
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """The sha256 of a network's weights (names, dtypes, shapes and bytes, in name order): what
+    identifies a black box, whatever file or name its weights came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _default_layers(model: nn.Module) -> tuple[str, str, bool]:

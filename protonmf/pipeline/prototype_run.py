@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone, weights_sha256
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
 from protonmf.evaluation.published import evaluate_published_model
@@ -111,20 +111,22 @@ def make_split_source(config: Config, split: str) -> ImageSource:
 def resolve_backbone(config: Config) -> tuple[Config, FeatureBackbone]:
     """Load the black box once and pin its weights, so every worker loads the very same network.
 
-    ``weights: demo`` becomes the path of the trained demo CNN; ``weights: null`` (a random init,
-    for tests) is drawn from ``prototypes.seed`` and saved beside the features.
+    Whatever ``backbone.weights`` names (a torchvision enum or timm tag fetched here, ``demo``
+    trained here, a file, or ``null``: a random init drawn from ``prototypes.seed``), the weights
+    actually loaded are written once to ``<storage.features>/weights/<sha256>.safetensors`` and
+    the returned config points there: workers need no internet and no node-local cache, and a
+    checkpoint overwritten at its old path cannot reach a run that already started.
     """
-    weights = config.backbone.weights
-    if weights is None:
+    if config.backbone.weights is None:
         torch.manual_seed(config.prototypes.seed)
     backbone = load_backbone(config)
-    if weights is None:
-        fs, root = to_fs(config.storage.features, config.storage.storage_options or None)
+    digest = weights_sha256(backbone.model)
+    fs, root = to_fs(config.storage.features, config.storage.storage_options or None)
+    path = join(root, "weights", f"{digest}.safetensors")
+    if not fs.exists(path):  # content-addressed: an existing file holds these very weights
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-        write_bytes_atomic(fs, join(root, "backbone.safetensors"), save_safetensors(state))
-        weights = join(config.storage.features, "backbone.safetensors")
-    elif weights == "demo":
-        weights = backbone.spec.weights
+        write_bytes_atomic(fs, path, save_safetensors(state))
+    weights = join(config.storage.features, "weights", f"{digest}.safetensors")
     pinned = config.model_copy(update={"backbone": config.backbone.model_copy(update={"weights": weights})})
     return pinned, backbone
 
@@ -155,6 +157,7 @@ def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str])
     precision = {} if config.compute.precision == "float32" else {"precision": config.compute.precision}
     return run_key(
         backbone=backbone.spec_dict(),
+        weights_sha256=weights_sha256(backbone.model),  # the network itself, not the name of its file
         data=config.data.model_dump(exclude={"val", "val_images_per_class"}),
         classes=classes,
         **precision,  # bfloat16 features are other features (float32 keeps the keys of earlier stores)
@@ -282,7 +285,8 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         fits,
         store.class_names,
         preprocess=make_preprocess(config).to_dict(),
-        settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri},
+        settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri,
+                  "weights_sha256": weights_sha256(backbone.model)},
     )
     model.save(uri, storage_options=opts)  # re-reads every file, manifest last
     fs.rm(staging, recursive=True)

@@ -32,9 +32,45 @@ def test_weights_from_a_local_file_and_from_s3(trained, tmp_path, s3, s3_bucket)
 
 
 def test_a_checkpoint_of_another_network_is_refused(trained, tmp_path):
-    torch.save(trained.state_dict(), tmp_path / "ckpt.pth")
-    with pytest.raises(ValueError, match=r"do not fit torchvision:resnet34: missing \['layer1.2"):
-        build_backbone(BackboneSpec("torchvision:resnet34", weights=str(tmp_path / "ckpt.pth"), num_classes=7))
+    ckpt = str(tmp_path / "ckpt.pth")
+    torch.save(trained.state_dict(), ckpt)
+    with pytest.raises(ValueError, match=rf"backbone.weights '{ckpt}' do not fit torchvision:resnet34: layers \d+ missing: layer1.2.conv1.weight"):
+        build_backbone(BackboneSpec("torchvision:resnet34", weights=ckpt, num_classes=7))
+    with pytest.raises(ValueError) as err:  # the same network with another number of classes
+        build_backbone(BackboneSpec("torchvision:resnet18", weights=ckpt, num_classes=10))
+    assert str(err.value) == (f"backbone.weights '{ckpt}' do not fit torchvision:resnet18: layers 2 with another shape: "
+                              "fc.weight (7, 512) (model (10, 512)), fc.bias (7,) (model (10,))")
+
+
+def test_weights_are_identified_by_their_content(trained, tmp_path):
+    from protonmf.backbones import weights_sha256
+
+    torch.save(trained.state_dict(), tmp_path / "a.pth")
+    (tmp_path / "b.safetensors").write_bytes(save_safetensors({k: v.contiguous() for k, v in trained.state_dict().items()}))
+    a, b = (build_backbone(BackboneSpec("torchvision:resnet18", weights=str(tmp_path / f), num_classes=7)) for f in ("a.pth", "b.safetensors"))
+    assert weights_sha256(a.model) == weights_sha256(b.model) == weights_sha256(trained)
+    with torch.no_grad():
+        b.model.fc.bias[0] += 1e-3
+    assert weights_sha256(b.model) != weights_sha256(a.model)
+
+
+def test_timm_weights_select_the_pretrained_tag(monkeypatch):
+    import timm
+
+    with pytest.raises(ValueError) as err:
+        build_backbone(BackboneSpec("timm:resnet18", weights="no_such_tag"))
+    assert "timm resnet18 has no pretrained tag 'no_such_tag'; known: " in str(err.value) and "a1_in1k" in str(err.value)
+    asked = []
+    real = timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):  # no download here: build the same net unpretrained
+        asked.append((name, pretrained))
+        return real(name.split(".")[0], pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    build_backbone(BackboneSpec("timm:resnet18", weights="a1_in1k"))
+    build_backbone(BackboneSpec("timm:resnet18", weights="default"))
+    assert asked == [("resnet18.a1_in1k", True), ("resnet18", True)]
 
 
 @pytest.mark.parametrize(

@@ -110,11 +110,13 @@ def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runti
 
     model = PrototypeModel.load(f"s3://{bucket}/e2e/model")
     assert model.p == 3 and model.available_p == [1, 3] and len(model.class_names) == N_CLASSES
-    cfg = parse_config(config)
-    weights = cfg.storage.features + "/backbone.safetensors"
+    weights = model.backbone.spec.weights  # pinned by prepare in the run's storage, named by its sha256
     from protonmf import BackboneSpec, build_backbone
+    from protonmf.backbones import weights_sha256
 
+    assert weights == f"s3://{bucket}/e2e/features/weights/{model.settings['weights_sha256']}.safetensors"
     black_box = build_backbone(BackboneSpec("torchvision:resnet18", weights=weights, num_classes=N_CLASSES))
+    assert weights_sha256(black_box.model) == model.settings["weights_sha256"]
     source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=5, split="val", image_size=64)
     pre = Preprocess(resize=64, crop=64, mean=(0.5,) * 3, std=(0.25,) * 3)
     images = torch.stack([pre(source.load(r)[0]) for r in source.records])
