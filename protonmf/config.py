@@ -97,6 +97,7 @@ class StorageConfig(_Section):
     features: str = "out/features"
     model: str = "out/model"
     concepts: str = "out/concepts"  # the CRAFT concepts artifact (``protonmf craft``)
+    keep_versions: int = Field(3, ge=1)  # published versions of the model and of the concepts kept
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 

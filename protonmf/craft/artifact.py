@@ -109,8 +109,10 @@ class ConceptSet:
     figures: dict[str, bytes] = field(default_factory=dict)
     page: str = ""  # index.html: the summary and the figures, for a browser
 
-    def save(self, uri: str, *, storage_options: dict[str, Any] | None = None, top_crops: int = 10) -> str:
-        """Write the artifact at ``uri`` (every file, read back, then the manifest)."""
+    def save(
+        self, uri: str, *, storage_options: dict[str, Any] | None = None, top_crops: int = 10, keep_versions: int = 3
+    ) -> str:
+        """Publish the set as a new version of the artifact at ``uri`` (see :mod:`protonmf.artifact`)."""
         table = top_crops_table(self.concepts, self.info, top_crops)
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -124,23 +126,30 @@ class ConceptSet:
             files["index.html"] = self.page.encode()
         meta = {"backbone": self.backbone, "class_names": self.class_names, "settings": self.settings,
                 "summary": self.summary, "classes": sorted(self.concepts)}
-        return write_artifact(uri, files, meta, format=FORMAT, version=FORMAT_VERSION, storage_options=storage_options)
+        write_artifact(uri, files, meta, format=FORMAT, format_version=FORMAT_VERSION, keep=keep_versions,
+                       storage_options=storage_options)
+        return uri
 
     @classmethod
-    def load(cls, uri: str, *, storage_options: dict[str, Any] | None = None) -> ConceptSet:
-        """Read a published concept set, checking every file against the manifest's sha256."""
-        reader = open_artifact(uri, format=FORMAT, version=FORMAT_VERSION, what="concepts", storage_options=storage_options)
+    def load(cls, uri: str, *, version: str | None = None, storage_options: dict[str, Any] | None = None) -> ConceptSet:
+        """Read a published concept set (its current version, or ``version``), checking every file's sha256."""
+        reader = _open(uri, version, storage_options)
         m = reader.manifest
         info = {int(k): v for k, v in json.loads(reader.blob("classes.json")).items()}
         concepts = split_class_tensors(load_safetensors(reader.blob("concepts.safetensors")), info)
         return cls(m["class_names"], concepts, info, m["backbone"], m["settings"], m.get("summary", {}))
 
     @staticmethod
-    def read_manifest(uri: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    def read_manifest(uri: str, *, version: str | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
         """The manifest alone (settings, summary, files), without reading the concepts."""
-        return open_artifact(uri, format=FORMAT, version=FORMAT_VERSION, what="concepts", storage_options=storage_options).manifest
+        return _open(uri, version, storage_options).manifest
 
     @staticmethod
-    def read_top_crops(uri: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
-        reader = open_artifact(uri, format=FORMAT, version=FORMAT_VERSION, what="concepts", storage_options=storage_options)
+    def read_top_crops(uri: str, *, version: str | None = None, storage_options: dict[str, Any] | None = None) -> pa.Table:
+        reader = _open(uri, version, storage_options)
         return pq.read_table(io.BytesIO(reader.blob("top_crops.parquet")))
+
+
+def _open(uri: str, version: str | None, storage_options: dict[str, Any] | None):
+    return open_artifact(uri, format=FORMAT, format_version=FORMAT_VERSION, what="concepts", version=version,
+                         storage_options=storage_options)

@@ -278,6 +278,6 @@ def publish_concepts(
     settings = {**config.craft.model_dump(), "craft_key": key, "features": store.uri}
     page = render_craft_page(summary, store.class_names, [f"figures/{n}" for n in figures], f"CRAFT concepts: {config.backbone.arch}")
     ConceptSet(store.class_names, concepts, info, backbone.spec_dict(), settings, summary, figures, page).save(
-        uri, storage_options=opts, top_crops=config.craft.top_crops)
+        uri, storage_options=opts, top_crops=config.craft.top_crops, keep_versions=config.storage.keep_versions)
     fs.rm(staging, recursive=True)
     return uri

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from protonmf.artifact import attach_file
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone, weights_sha256
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
@@ -288,7 +289,7 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri,
                   "weights_sha256": weights_sha256(backbone.model)},
     )
-    model.save(uri, storage_options=opts)  # re-reads every file, manifest last
+    model.save(uri, keep_versions=config.storage.keep_versions, storage_options=opts)  # a new version, then the pointer
     fs.rm(staging, recursive=True)
     return uri
 
@@ -307,7 +308,6 @@ def evaluate_run(config: Config, source: ImageSource) -> dict[str, Any]:
         page = render_report(model, result, source, reconstruction=result.get("reconstruction"),
                              classes=list(range(min(ev.report_classes, model.num_classes))),
                              title=f"Prototype model: {config.backbone.arch}")
-        fs, root = to_fs(config.storage.model, opts)
-        write_bytes_atomic(fs, join(root, "report", "index.html"), page.encode())
-        result["report"] = join(config.storage.model, "report", "index.html")
+        result["report"] = attach_file(config.storage.model, model.version, "report/index.html", page.encode(),
+                                       storage_options=opts)
     return result

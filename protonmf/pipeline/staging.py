@@ -17,8 +17,8 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from protonmf.artifact import MANIFEST
-from protonmf.storage import join, read_bytes, to_fs
+from protonmf.artifact import current_manifest
+from protonmf.storage import join, to_fs
 
 __all__ = ["class_groups", "group_stem", "published_key", "run_key", "staging_dir"]
 
@@ -44,9 +44,6 @@ def staging_dir(uri: str, key: str, storage_options: dict[str, Any] | None = Non
 
 
 def published_key(uri: str, field: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """``settings[field]`` of the artifact's manifest at ``uri``, or None if nothing is published."""
-    fs, root = to_fs(uri, storage_options)
-    path = join(root, MANIFEST)
-    if not fs.exists(path):
-        return None
-    return json.loads(read_bytes(fs, path)).get("settings", {}).get(field)
+    """``settings[field]`` of the current version of the artifact at ``uri``, or None if nothing is published."""
+    manifest = current_manifest(uri, storage_options=storage_options)
+    return None if manifest is None else manifest.get("settings", {}).get(field)

@@ -103,6 +103,7 @@ class PrototypeModel(nn.Module):
         self.preprocess = dict(preprocess or {})
         self.settings = dict(settings or {})
         self.interventions = {int(k): sorted(int(i) for i in v) for k, v in (interventions or {}).items()}
+        self.version: str | None = None  # the artifact version it was loaded from (None: not loaded)
         # Other prototype counts of the same fit, kept so that save() writes them all back.
         self.extra_prototypes = dict(extra_prototypes or {})
         for name, tensor in prototypes.to_tensors().items():
@@ -302,8 +303,9 @@ class PrototypeModel(nn.Module):
         return key
 
     # ----------------------------------------------------------------- artifact
-    def save(self, uri: str, *, storage_options: dict[str, Any] | None = None) -> str:
-        """Write the artifact folder at ``uri``; the manifest goes last. Returns the URI."""
+    def save(self, uri: str, *, keep_versions: int = 3, storage_options: dict[str, Any] | None = None) -> str:
+        """Publish the model as a new version of the artifact at ``uri`` (see :mod:`protonmf.artifact`);
+        the newest ``keep_versions`` versions stay. Returns the URI."""
         files: dict[str, bytes] = {
             "backbone.safetensors": save_safetensors(
                 {k: v.detach().cpu().contiguous() for k, v in self.backbone.model.state_dict().items()}
@@ -322,7 +324,9 @@ class PrototypeModel(nn.Module):
             "settings": self.settings,
             "interventions": {str(k): v for k, v in sorted(self.interventions.items())},
         }
-        return write_artifact(uri, files, meta, format=FORMAT, version=FORMAT_VERSION, storage_options=storage_options)
+        write_artifact(uri, files, meta, format=FORMAT, format_version=FORMAT_VERSION, keep=keep_versions,
+                       storage_options=storage_options)
+        return uri
 
     @classmethod
     def load(
@@ -332,10 +336,14 @@ class PrototypeModel(nn.Module):
         p: int | None = None,
         mode: Mode | None = None,
         map_location: str | torch.device = "cpu",
+        version: str | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> "PrototypeModel":
-        """Load an artifact from a local path or any fsspec URI, verifying every file's sha256."""
-        reader = open_artifact(uri, format=FORMAT, version=FORMAT_VERSION, what="model", storage_options=storage_options)
+        """Load the current version of the artifact at a local path or any fsspec URI (or the
+        published ``version``, an id of :func:`protonmf.artifact.list_versions`), verifying every
+        file's sha256. ``model.version`` says which version was loaded."""
+        reader = open_artifact(uri, format=FORMAT, format_version=FORMAT_VERSION, what="model", version=version,
+                               storage_options=storage_options)
         manifest, blob = reader.manifest, reader.blob
         spec_fields = manifest["backbone"]
         spec = BackboneSpec(
@@ -365,4 +373,5 @@ class PrototypeModel(nn.Module):
             interventions={int(k): v for k, v in manifest.get("interventions", {}).items()},
             extra_prototypes=fits,
         )
+        model.version = reader.version
         return model.to(map_location).eval()

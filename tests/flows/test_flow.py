@@ -106,9 +106,10 @@ def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runti
     assert ev["n_images"] == N_CLASSES * 5 and ev["max_abs_logit_diff"] <= 1e-4 * ev["max_abs_logit"]
     assert ev["top1_prototype"] == ev["top1_black_box"]
     assert set(ev["table3"]) == {1, 3}
-    assert set(ev["reconstruction"]) == {1, 3} and ev["report"] == f"s3://{bucket}/e2e/model/report/index.html"
-
     model = PrototypeModel.load(f"s3://{bucket}/e2e/model")
+    assert set(ev["reconstruction"]) == {1, 3}
+    assert ev["report"] == f"s3://{bucket}/e2e/model/versions/{model.version}/report/index.html"  # the report of this version
+
     assert model.p == 3 and model.available_p == [1, 3] and len(model.class_names) == N_CLASSES
     weights = model.backbone.spec.weights  # pinned by prepare in the run's storage, named by its sha256
     from protonmf import BackboneSpec, build_backbone
@@ -152,10 +153,14 @@ def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference
     # Rerunning a finished run recomputes nothing and keeps the artifact.
     import s3fs
 
+    from protonmf.artifact import list_versions
+
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    before = fs.info(f"{bucket}/resumed/model/manifest.json")["LastModified"]
+    before = fs.info(f"{bucket}/resumed/model/current.json")["LastModified"]
+    versions = list_versions(f"s3://{bucket}/resumed/model")
     again = run(config)
-    assert fs.info(f"{bucket}/resumed/model/manifest.json")["LastModified"] == before
+    assert fs.info(f"{bucket}/resumed/model/current.json")["LastModified"] == before
+    assert list_versions(f"s3://{bucket}/resumed/model") == versions and len(versions) == 1
     assert same(again["evaluation"]) == same(reference["evaluation"])
 
 
@@ -203,6 +208,11 @@ EVERY_FIGURE = {
 }
 
 
+def _report_of(model_dir):
+    """The HTML report of the current version of the model at ``model_dir``."""
+    return model_dir / "versions" / PrototypeModel.load(str(model_dir)).version / "report" / "index.html"
+
+
 def report_figures(path) -> set[str]:
     """The figures of a report (their alt texts), each checked to be a non-empty embedded PNG."""
     import base64
@@ -228,7 +238,7 @@ def test_digits_config_produces_every_figure(runtime, tmp_path, capsys):
 
     black_box = float(re.search(r"black box top-1:  ([0-9.]+)  \(360 held-out images\)", printed).group(1))
     assert black_box > 0.85 and f"prototype top-1:  {black_box:.4f}" in printed  # measured 0.8944 both
-    assert report_figures(out / "model" / "report" / "index.html") == EVERY_FIGURE
+    assert report_figures(_report_of(out / "model")) == EVERY_FIGURE
 
 
 def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
@@ -243,7 +253,7 @@ def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
     assert f"model:            {tmp_path / 'demo'}/model" in out and "black box top-1:  1.0000" in out
     model = PrototypeModel.load(str(tmp_path / "demo" / "model"))
     assert model.available_p == [1, 3, 5, 10] and len(model.class_names) == 10
-    assert report_figures(tmp_path / "demo" / "model" / "report" / "index.html") == EVERY_FIGURE
+    assert report_figures(_report_of(tmp_path / "demo" / "model")) == EVERY_FIGURE
 
     config = tree(bucket, "e2e")
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(config))
@@ -296,14 +306,15 @@ def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, buck
             coef = cc.root.U[:, int(b.id[1:])]
             assert torch.equal(b.crops, (coef > torch.quantile(coef, 0.9)).nonzero().flatten())
     fs, root = to_fs(f"{base}/concepts")
-    files = ConceptSet.read_manifest(f"{base}/concepts")["files"]
+    manifest = ConceptSet.read_manifest(f"{base}/concepts")
+    files, version = manifest["files"], manifest["version"]
     kinds = ("concepts", "importance", "tree", "fidelity", "attribution")
     expected = {f"figures/c{k:05d}_{kind}.png" for k in range(3) for kind in kinds} | {"figures/fidelity_all_classes.png", "index.html"}
     assert expected <= set(files)
     for name in files:
         if name.endswith(".png"):
-            assert Image.open(io.BytesIO(read_bytes(fs, f"{root}/{name}"))).size[0] > 200
+            assert Image.open(io.BytesIO(read_bytes(fs, f"{root}/versions/{version}/{name}"))).size[0] > 200
 
-    mtime = fs.info(f"{root}/manifest.json")["LastModified"]
+    mtime = fs.info(f"{root}/current.json")["LastModified"]
     assert main(["craft", "configs/demo.yaml", *[a for s in sets for a in ("--set", s)]]) == 0  # a rerun resumes
-    assert fs.info(f"{root}/manifest.json")["LastModified"] == mtime
+    assert fs.info(f"{root}/current.json")["LastModified"] == mtime

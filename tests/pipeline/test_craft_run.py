@@ -7,7 +7,7 @@ import re
 import pytest
 from PIL import Image
 
-from protonmf.artifact import ArtifactError
+from protonmf.artifact import ArtifactError, list_versions
 from protonmf.config import parse_config
 from protonmf.craft.artifact import ConceptSet
 from protonmf.pipeline.craft_run import craft_group, predicted_images, publish_concepts
@@ -76,6 +76,7 @@ def test_groups_resume_and_publish_round_trips(run):
     first = rows[0]  # concept c0, rank 0: the crop with the largest coefficient
     assert crops["concept"][first] == "c0" and crops["coefficient"][first] == pytest.approx(float(cc.root.U[:, 0].max()))
     manifest = ConceptSet.read_manifest(uri)
+    root = f"{root}/versions/{manifest['version']}"  # the published version's folder
     pngs = [name for name in manifest["files"] if name.endswith(".png")]
     assert {f"figures/c{with_images[0]:05d}_{kind}.png" for kind in ("concepts", "importance", "tree")} <= set(pngs)
     for name in pngs:
@@ -86,6 +87,7 @@ def test_groups_resume_and_publish_round_trips(run):
     before = fs.info(f"{root}/manifest.json")["mtime"]
     assert publish_concepts(config, backbone, store, train, val) == uri  # same key: kept as it is
     assert fs.info(f"{root}/manifest.json")["mtime"] == before
+    assert list_versions(uri) == [manifest["version"]]  # nothing republished
     with open(f"{root}/classes.json", "ab") as f:
         f.write(b" ")
     with pytest.raises(ArtifactError, match="classes.json does not match its sha256"):

@@ -98,7 +98,9 @@ def test_intervention_removes_exactly_one_contribution(resnet_data, resnet_model
 def test_artifact_round_trip_and_checksums(tmp_path, resnet_data, resnet_model):
     _, _, x = resnet_data
     uri = resnet_model.save(str(tmp_path / "model"))
-    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    version = json.loads((tmp_path / "model" / "current.json").read_text())["version"]
+    folder = tmp_path / "model" / "versions" / version
+    manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["p"] == [1, 3, 5] and manifest["default_p"] == 3
     assert manifest["class_names"] == [f"class{k}" for k in range(5)]
     assert manifest["backbone"]["arch"] == "torchvision:resnet18"
@@ -106,7 +108,7 @@ def test_artifact_round_trip_and_checksums(tmp_path, resnet_data, resnet_model):
     assert set(manifest["files"]) == {"backbone.safetensors", "prototypes_p1.safetensors", "prototypes_p3.safetensors", "prototypes_p5.safetensors"}
 
     loaded = PrototypeModel.load(uri)
-    assert loaded.class_names == resnet_model.class_names and loaded.p == 3
+    assert loaded.class_names == resnet_model.class_names and loaded.p == 3 and loaded.version == version
     assert torch.equal(loaded(x), resnet_model(x))
     assert torch.equal(PrototypeModel.load("file://" + uri, p=5)(x), resnet_model.with_p(5)(x))
     edited = resnet_model.intervene({0: [0]})
@@ -116,7 +118,7 @@ def test_artifact_round_trip_and_checksums(tmp_path, resnet_data, resnet_model):
 
     with pytest.raises(ValueError, match=r"p = 4 is not in the artifact .* available: \[1, 3, 5\]"):
         PrototypeModel.load(uri, p=4)
-    blob = tmp_path / "model" / "prototypes_p3.safetensors"
+    blob = folder / "prototypes_p3.safetensors"
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -125,8 +127,11 @@ def test_artifact_round_trip_and_checksums(tmp_path, resnet_data, resnet_model):
     blob.unlink()
     with pytest.raises(ArtifactError, match="prototypes_p3.safetensors is missing"):
         PrototypeModel.load(uri)
-    (tmp_path / "model" / "manifest.json").unlink()
-    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match=f"versions/{version}/manifest.json is missing"):
+        PrototypeModel.load(uri)
+    (tmp_path / "model" / "current.json").unlink()
+    with pytest.raises(ArtifactError, match="neither current.json nor manifest.json"):
         PrototypeModel.load(uri)
 
 
@@ -150,8 +155,10 @@ def test_fit_rejects_features_and_head_of_different_width(resnet):
 
 
 def test_manifest_records_the_solver_settings(tmp_path, resnet_model):
+    from protonmf.artifact import current_manifest
+
     resnet_model.save(str(tmp_path / "m"))
-    settings = json.loads((tmp_path / "m" / "manifest.json").read_text())["settings"]
+    settings = current_manifest(str(tmp_path / "m"))["settings"]
     assert settings == {
         "p": [3, 1, 5], "max_iter": 200, "tol": 1e-4, "seed": 0, "nonneg": False, "solver": "closed_form",
         "nmf_input": "negative features set to 0 (ProtoNMF §3.1)",
