@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.gridspec import GridSpec
 from matplotlib.patches import FancyBboxPatch
 
 from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, prototype_overlay
@@ -109,6 +110,47 @@ def _label_width(lines: Sequence[str], fontsize: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def _sheet_grid(labels: Sequence[str], r: int, n_cols: int) -> tuple[Figure, GridSpec]:
+    """The figure of a concept sheet and its r × n_cols grid of crop cells.
+
+    The left margin is as wide as the longest line of ``labels``, so that no label is cut.
+    """
+    cell, pad, top = 1.15, 0.15, 0.55
+    left = 0.35 + _label_width([line for s in labels for line in s.split("\n")], 9)
+    width, height = left + n_cols * cell + pad, top + r * cell + pad
+    fig = Figure(figsize=(width, height))
+    gs = fig.add_gridspec(
+        r, n_cols, left=left / width, right=1 - pad / width, top=1 - top / height, bottom=pad / height, wspace=0.08, hspace=0.1
+    )
+    return fig, gs
+
+
+def _draw_sheet_row(fig: Figure, gs: GridSpec, row: int, crops: np.ndarray, label: str, color: np.ndarray, n_cols: int) -> None:
+    """One concept's row of a sheet: its crops (k', H, W, 3) in cells ``gs[row, :n_cols]``.
+
+    A missing crop (NaN) or a column beyond k' is a blank dashed cell; the first cell carries
+    ``label`` on a strip in the concept's ``color``.
+    """
+    for j in range(n_cols):
+        ax = fig.add_subplot(gs[row, j])
+        if j < crops.shape[0] and not _missing(crops[j]):
+            ax.imshow(np.clip(crops[j], 0, 1))
+            _bare(ax, color)
+        else:
+            _bare(ax, _BLANK_EDGE, width=1.0, dashed=True)
+        if j == 0:
+            ax.set_ylabel(
+                label,
+                rotation=0,
+                ha="right",
+                va="center",
+                fontsize=9,
+                labelpad=10,
+                color=_ink(color),
+                bbox={"boxstyle": "round,pad=0.35", "facecolor": color, "edgecolor": "none"},
+            )
+
+
 def concept_sheet(
     crops: np.ndarray,
     importance: np.ndarray,
@@ -146,33 +188,9 @@ def concept_sheet(
         raise ValueError(f"k must be ≥ 1 (crops holds {k_given} crops per concept), got {n_cols}")
 
     labels = [f"{names[i]}\nS_T={importance[i]:.2f}" for i in range(r)]
-    cell, pad, top = 1.15, 0.15, 0.55
-    left = 0.35 + _label_width([line for s in labels for line in s.split("\n")], 9)
-    width, height = left + n_cols * cell + pad, top + r * cell + pad
-    fig = Figure(figsize=(width, height))
-    gs = fig.add_gridspec(
-        r, n_cols, left=left / width, right=1 - pad / width, top=1 - top / height, bottom=pad / height, wspace=0.08, hspace=0.1
-    )
+    fig, gs = _sheet_grid(labels, r, n_cols)
     for row, i in enumerate(_order(importance)):
-        color = _color(int(i))
-        for j in range(n_cols):
-            ax = fig.add_subplot(gs[row, j])
-            if j < k_given and not _missing(crops[i, j]):
-                ax.imshow(np.clip(crops[i, j], 0, 1))
-                _bare(ax, color)
-            else:
-                _bare(ax, _BLANK_EDGE, width=1.0, dashed=True)
-            if j == 0:
-                ax.set_ylabel(
-                    labels[i],
-                    rotation=0,
-                    ha="right",
-                    va="center",
-                    fontsize=9,
-                    labelpad=10,
-                    color=_ink(color),
-                    bbox={"boxstyle": "round,pad=0.35", "facecolor": color, "edgecolor": "none"},
-                )
+        _draw_sheet_row(fig, gs, row, crops[i], labels[i], _color(int(i)), n_cols)
     fig.suptitle(f"{class_name}: top crops of each concept, by total Sobol index")
     return fig
 
