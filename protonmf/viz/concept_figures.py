@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.gridspec import GridSpec
+from matplotlib.gridspec import GridSpec, SubplotSpec
 from matplotlib.patches import FancyBboxPatch
 
 from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, prototype_overlay
@@ -238,6 +238,101 @@ def importance_bars(
     return fig
 
 
+def _checked_images_and_maps(images: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` (N, H, W, 3) and ``maps`` (N, r, H, W) as float arrays, N ≥ 1 and r ≥ 1."""
+    images = np.asarray(images, dtype=float)
+    maps = np.asarray(maps, dtype=float)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
+    if maps.ndim != 4:
+        raise ValueError(f"maps must have shape (N, r, H, W), got {maps.shape}")
+    N, H, W = images.shape[:3]
+    if N == 0:
+        raise ValueError("images must hold at least one image, got N = 0")
+    if maps.shape[0] != N:
+        raise ValueError(f"maps must have one set of maps per image: maps has {maps.shape[0]}, images has {N}")
+    if maps.shape[2:] != (H, W):
+        raise ValueError(f"maps must be at image resolution {(H, W)}, got {maps.shape[2:]}")
+    if maps.shape[1] == 0:
+        raise ValueError("maps must hold at least one concept, got r = 0")
+    return images, maps
+
+
+def _overlay_grid(N: int, t: int) -> tuple[Figure, GridSpec, int, int]:
+    """The figure for N images and t top concepts: (fig, its 3 × N grid, lines, per_line).
+
+    Grid rows: the images, the overlays, then the cells that hold each image's t small panels,
+    laid out as ``lines`` lines of at most ``per_line`` (at most 3 a line, lines evenly filled).
+    """
+    lines = -(-t // 3)
+    per_line = -(-t // lines)  # 4 panels as 2 × 2, not 3 + 1
+    col = 2.1
+    small = lines * (1 / per_line + 0.15)  # the small panels and their titles, in column widths
+    width = 0.5 + N * col
+    height = 0.7 + col * (2 + small)
+    fig = Figure(figsize=(width, height))
+    gs = fig.add_gridspec(
+        3, N, height_ratios=[1, 1, small], left=0.45 / width, right=1 - 0.05 / width,
+        top=1 - 0.6 / height, bottom=0.05 / height, wspace=0.06, hspace=0.15,
+    )
+    return fig, gs, lines, per_line
+
+
+def _draw_image_and_overlay(
+    fig: Figure,
+    image_cell: SubplotSpec,
+    overlay_cell: SubplotSpec,
+    image: np.ndarray,
+    maps: np.ndarray,
+    chosen: np.ndarray,
+    title: str,
+    first: bool,
+) -> None:
+    """The image panel and the overlay panel of one image's column.
+
+    ``image`` (H, W, 3) goes in ``image_cell``; ``overlay_cell`` shows the areas of the concepts
+    ``chosen`` among ``maps`` (r, H, W) over it, each in its colour. The ``first`` column also
+    names the two rows.
+    """
+    image_ax = fig.add_subplot(image_cell)
+    image_ax.imshow(image)
+    _bare(image_ax)
+    image_ax.set_title(title, fontsize=9)
+    ax = fig.add_subplot(overlay_cell)
+    shown = np.zeros_like(maps)
+    shown[chosen] = maps[chosen]  # zero maps never win: only top concepts are coloured, by index
+    ax.imshow(prototype_overlay(image, shown))
+    _bare(ax)
+    if first:
+        image_ax.set_ylabel("image", fontsize=9)
+        ax.set_ylabel(f"top {len(chosen)} concepts", fontsize=9)
+
+
+def _draw_concept_heatmaps(
+    fig: Figure,
+    cell: SubplotSpec,
+    lines: int,
+    per_line: int,
+    image: np.ndarray,
+    maps: np.ndarray,
+    chosen: np.ndarray,
+    labels: Sequence[str],
+) -> None:
+    """The small panels of one image's column, in ``cell``: one per concept of ``chosen``.
+
+    Each shows the concept's map among ``maps`` (r, H, W) as a heatmap in its colour over
+    ``image`` (H, W, 3), titled with its entry of ``labels``; ``lines`` lines of ``per_line``.
+    """
+    sub = cell.subgridspec(lines, per_line, wspace=0.1, hspace=0.5)
+    for s, (i, label) in enumerate(zip(chosen, labels)):
+        ax = fig.add_subplot(sub[s // per_line, s % per_line])
+        one = np.zeros_like(maps)
+        one[i] = maps[i]
+        ax.imshow(prototype_overlay(image, one, threshold=0.0, alpha=0.75))
+        _bare(ax, _color(int(i)), width=2.0)
+        ax.set_title(label, fontsize=6, pad=2)
+
+
 def attribution_overlays(
     images: np.ndarray,
     maps: np.ndarray,
@@ -269,70 +364,27 @@ def attribution_overlays(
     -------
     Figure with N·(2 + min(top, r)) axes, column by column (image, overlay, small panels).
     """
-    images = np.asarray(images, dtype=float)
-    maps = np.asarray(maps, dtype=float)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
-    if maps.ndim != 4:
-        raise ValueError(f"maps must have shape (N, r, H, W), got {maps.shape}")
-    N, H, W = images.shape[:3]
-    if N == 0:
-        raise ValueError("images must hold at least one image, got N = 0")
-    if maps.shape[0] != N:
-        raise ValueError(f"maps must have one set of maps per image: maps has {maps.shape[0]}, images has {N}")
-    if maps.shape[2:] != (H, W):
-        raise ValueError(f"maps must be at image resolution {(H, W)}, got {maps.shape[2:]}")
-    r = maps.shape[1]
-    if r == 0:
-        raise ValueError("maps must hold at least one concept, got r = 0")
+    images, maps = _checked_images_and_maps(images, maps)
+    N, r = images.shape[0], maps.shape[1]
     if top < 1:
         raise ValueError(f"top must be ≥ 1, got {top}")
     if importance is not None:
         importance = _importance(importance, r, "maps")
     order = np.arange(r) if importance is None else _order(importance)
     chosen = order[: min(top, r)]
-    t = len(chosen)
     if titles is None:
         titles = [f"image {n}" for n in range(N)]
     elif len(titles) != N:
         raise ValueError(f"titles must have one title per image ({N}), got {len(titles)}")
     names = _names(concept_names, r)
+    labels = [names[i] if importance is None else f"{names[i]}\nS_T={importance[i]:.2f}" for i in chosen]
     maps = np.clip(np.nan_to_num(maps), 0, None)
     images = np.clip(images, 0, 1)
 
-    lines = -(-t // 3)
-    per_line = -(-t // lines)  # 4 panels as 2 × 2, not 3 + 1
-    col = 2.1
-    small = lines * (1 / per_line + 0.15)  # the small panels and their titles, in column widths
-    width = 0.5 + N * col
-    height = 0.7 + col * (2 + small)
-    fig = Figure(figsize=(width, height))
-    gs = fig.add_gridspec(
-        3, N, height_ratios=[1, 1, small], left=0.45 / width, right=1 - 0.05 / width,
-        top=1 - 0.6 / height, bottom=0.05 / height, wspace=0.06, hspace=0.15,
-    )
+    fig, gs, lines, per_line = _overlay_grid(N, len(chosen))
     for n in range(N):
-        image_ax = fig.add_subplot(gs[0, n])
-        image_ax.imshow(images[n])
-        _bare(image_ax)
-        image_ax.set_title(titles[n], fontsize=9)
-        ax = fig.add_subplot(gs[1, n])
-        shown = np.zeros_like(maps[n])
-        shown[chosen] = maps[n, chosen]  # zero maps never win: only top concepts are coloured, by index
-        ax.imshow(prototype_overlay(images[n], shown))
-        _bare(ax)
-        if n == 0:
-            image_ax.set_ylabel("image", fontsize=9)
-            ax.set_ylabel(f"top {t} concepts", fontsize=9)
-        sub = gs[2, n].subgridspec(lines, per_line, wspace=0.1, hspace=0.5)
-        for s, i in enumerate(chosen):
-            ax = fig.add_subplot(sub[s // per_line, s % per_line])
-            one = np.zeros_like(maps[n])
-            one[i] = maps[n, i]
-            ax.imshow(prototype_overlay(images[n], one, threshold=0.0, alpha=0.75))
-            _bare(ax, _color(int(i)), width=2.0)
-            label = names[i] if importance is None else f"{names[i]}\nS_T={importance[i]:.2f}"
-            ax.set_title(label, fontsize=6, pad=2)
+        _draw_image_and_overlay(fig, gs[0, n], gs[1, n], images[n], maps[n], chosen, titles[n], first=n == 0)
+        _draw_concept_heatmaps(fig, gs[2, n], lines, per_line, images[n], maps[n], chosen, labels)
     fig.suptitle(f"{class_name}: concept attribution maps")
     return fig
 
