@@ -26,9 +26,11 @@ made of dicts and lists raises TypeError.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec, SubplotSpec
 from matplotlib.patches import FancyBboxPatch
@@ -440,6 +442,97 @@ def _tree_nodes(tree: dict) -> list[tuple[dict, int, float, int | None, np.ndarr
     return [tuple(n) for n in nodes]
 
 
+def _tree_thumbnails(crops: dict[str, np.ndarray] | None, nodes: Sequence[tuple]) -> dict[str, list[np.ndarray]]:
+    """node id → up to 3 of its crops (H, W, 3), clipped to [0, 1], those holding NaN left out.
+
+    ``crops`` maps node ids to (k, H, W, 3) arrays; every id must be one of ``nodes``.
+    """
+    crops = dict(crops or {})
+    ids = {str(n[0].get("id")) for n in nodes}
+    unknown = sorted(set(map(str, crops)) - ids)
+    if unknown:
+        raise ValueError(f"crops has ids that are not in the tree: {unknown}")
+    thumbs: dict[str, list[np.ndarray]] = {}
+    for key, arr in crops.items():
+        arr = np.asarray(arr, dtype=float)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"crops[{key!r}] must have shape (k, H, W, 3), got {arr.shape}")
+        thumbs[str(key)] = [np.clip(c, 0, 1) for c in arr if not _missing(c)][:3]
+    return thumbs
+
+
+# Sizes in inches of a concept tree: each leaf has a slot; a level is a box, the band of
+# thumbnails under it (none when no node has any) and a gap.
+_SLOT_W, _BOX_W, _BOX_H, _TITLE_H = 1.9, 1.7, 0.62, 0.55
+_THUMB = (_BOX_W - 0.1) / 3  # so that 3 thumbnails fill a box's width
+
+
+@dataclass(frozen=True)
+class _TreeGeometry:
+    """The size of a concept tree's figure and its levels, in inches (the main axes' data units)."""
+
+    width: float
+    height: float
+    offset: float  # left margin that centres the slots when the figure is wider than they are
+    band: float  # height of a row of thumbnails and its gap, 0 when no node has thumbnails
+    level_h: float
+
+    def centre(self, node: tuple) -> tuple[float, float]:
+        """The centre (x, y) of a node's box, from its depth and its x slot."""
+        return self.offset + (node[2] + 0.5) * _SLOT_W, self.height - _TITLE_H - node[1] * self.level_h - _BOX_H / 2
+
+
+def _tree_geometry(nodes: Sequence[tuple], thumbs: dict[str, list[np.ndarray]]) -> _TreeGeometry:
+    """The geometry of the tree of ``nodes`` (from :func:`_tree_nodes`), with ``thumbs`` or not."""
+    band = _THUMB + 0.1 if any(thumbs.values()) else 0.0
+    level_h = _BOX_H + band + 0.5
+    n_slots = 1 + max(n[2] for n in nodes)
+    depth = 1 + max(n[1] for n in nodes)
+    width = max(n_slots * _SLOT_W, 3.5)
+    height = _TITLE_H + depth * level_h
+    offset = (width - n_slots * _SLOT_W) / 2
+    return _TreeGeometry(width=width, height=height, offset=offset, band=band, level_h=level_h)
+
+
+def _draw_tree_edges(ax: Axes, nodes: Sequence[tuple], geo: _TreeGeometry, thumbs: dict[str, list[np.ndarray]]) -> None:
+    """An elbow from under each parent's box (and its thumbnails) to the top of each child's box."""
+    for node in nodes:
+        if node[3] is None:
+            continue
+        parent = nodes[node[3]]
+        (px, py), (cx, cy) = geo.centre(parent), geo.centre(node)
+        start = py - _BOX_H / 2 - (geo.band if thumbs.get(str(parent[0].get("id"))) else 0.0)
+        end = cy + _BOX_H / 2
+        ax.plot([px, px, cx, cx], [start, (start + end) / 2, (start + end) / 2, end], color="0.45", linewidth=1.0, zorder=1)
+
+
+def _draw_tree_node(fig: Figure, ax: Axes, node: tuple, geo: _TreeGeometry, row: Sequence[np.ndarray]) -> None:
+    """One node: its box in its colour, its label and "layer · S_T", its thumbnails ``row`` under it."""
+    data, _, _, _, color = node
+    x, y = geo.centre(node)
+    box = FancyBboxPatch((x - _BOX_W / 2, y - _BOX_H / 2), _BOX_W, _BOX_H, boxstyle="round,pad=0,rounding_size=0.08")
+    box.set(facecolor=color, edgecolor="0.3", linewidth=0.8, zorder=2)
+    ax.add_patch(box)
+    label = str(data.get("label", data.get("id", "")))
+    if len(label) > 24:
+        label = label[:23] + "…"
+    details = []
+    if data.get("layer") is not None:
+        details.append(str(data["layer"]))
+    if data.get("importance") is not None:
+        details.append(f"S_T={float(data['importance']):.2f}")
+    ink = _ink(color)
+    ax.text(x, y + (0.1 if details else 0.0), label, ha="center", va="center", fontsize=8, fontweight="bold", color=ink, zorder=3)
+    if details:
+        ax.text(x, y - 0.14, " · ".join(details), ha="center", va="center", fontsize=7, color=ink, zorder=3)
+    start = x - (len(row) * _THUMB + (len(row) - 1) * 0.05) / 2
+    for s, img in enumerate(row):
+        x0, y0 = start + s * (_THUMB + 0.05), y - _BOX_H / 2 - 0.05 - _THUMB
+        tax = fig.add_axes((x0 / geo.width, y0 / geo.height, _THUMB / geo.width, _THUMB / geo.height))
+        tax.imshow(img, aspect="auto")
+        _bare(tax, color, width=1.5)
+
+
 def concept_tree(
     tree: dict,
     *,
@@ -463,73 +556,17 @@ def concept_tree(
     Figure whose first axes holds the boxes and edges; one more axes per thumbnail.
     """
     nodes = _tree_nodes(tree)
-    crops = dict(crops or {})
-    ids = {str(n[0].get("id")) for n in nodes}
-    unknown = sorted(set(map(str, crops)) - ids)
-    if unknown:
-        raise ValueError(f"crops has ids that are not in the tree: {unknown}")
-    thumbs: dict[str, list[np.ndarray]] = {}
-    for key, arr in crops.items():
-        arr = np.asarray(arr, dtype=float)
-        if arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(f"crops[{key!r}] must have shape (k, H, W, 3), got {arr.shape}")
-        thumbs[str(key)] = [np.clip(c, 0, 1) for c in arr if not _missing(c)][:3]
-
-    # Geometry in inches: the main axes spans the figure and its data units are inches.
-    slot_w, box_w, box_h = 1.9, 1.7, 0.62
-    thumb = (box_w - 0.1) / 3
-    band = thumb + 0.1 if any(thumbs.values()) else 0.0
-    level_h = box_h + band + 0.5
-    n_slots = 1 + max(n[2] for n in nodes)
-    depth = 1 + max(n[1] for n in nodes)
-    title_h = 0.55
-    width = max(n_slots * slot_w, 3.5)
-    height = title_h + depth * level_h
-    fig = Figure(figsize=(width, height))
+    thumbs = _tree_thumbnails(crops, nodes)
+    geo = _tree_geometry(nodes, thumbs)
+    fig = Figure(figsize=(geo.width, geo.height))
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, width)
-    ax.set_ylim(0, height)
+    ax.set_xlim(0, geo.width)
+    ax.set_ylim(0, geo.height)
     ax.axis("off")
-    offset = (width - n_slots * slot_w) / 2
-
-    def centre(n) -> tuple[float, float]:  # centre of a node's box
-        return offset + (n[2] + 0.5) * slot_w, height - title_h - n[1] * level_h - box_h / 2
-
+    _draw_tree_edges(ax, nodes, geo, thumbs)
     for node in nodes:
-        if node[3] is None:
-            continue
-        parent = nodes[node[3]]
-        (px, py), (cx, cy) = centre(parent), centre(node)
-        # An elbow from under the parent (and its thumbnails) to the top of the child's box.
-        start = py - box_h / 2 - (band if thumbs.get(str(parent[0].get("id"))) else 0.0)
-        end = cy + box_h / 2
-        ax.plot([px, px, cx, cx], [start, (start + end) / 2, (start + end) / 2, end], color="0.45", linewidth=1.0, zorder=1)
-    for node in nodes:
-        data, _, _, _, color = node
-        x, y = centre(node)
-        box = FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0,rounding_size=0.08")
-        box.set(facecolor=color, edgecolor="0.3", linewidth=0.8, zorder=2)
-        ax.add_patch(box)
-        label = str(data.get("label", data.get("id", "")))
-        if len(label) > 24:
-            label = label[:23] + "…"
-        details = []
-        if data.get("layer") is not None:
-            details.append(str(data["layer"]))
-        if data.get("importance") is not None:
-            details.append(f"S_T={float(data['importance']):.2f}")
-        ink = _ink(color)
-        ax.text(x, y + (0.1 if details else 0.0), label, ha="center", va="center", fontsize=8, fontweight="bold", color=ink, zorder=3)
-        if details:
-            ax.text(x, y - 0.14, " · ".join(details), ha="center", va="center", fontsize=7, color=ink, zorder=3)
-        row = thumbs.get(str(data.get("id")), [])
-        start = x - (len(row) * thumb + (len(row) - 1) * 0.05) / 2
-        for s, img in enumerate(row):
-            x0, y0 = start + s * (thumb + 0.05), y - box_h / 2 - 0.05 - thumb
-            tax = fig.add_axes((x0 / width, y0 / height, thumb / width, thumb / height))
-            tax.imshow(img, aspect="auto")
-            _bare(tax, color, width=1.5)
-    fig.suptitle(f"{class_name}: concepts and sub-concepts", y=1 - 0.15 / height, va="top")
+        _draw_tree_node(fig, ax, node, geo, thumbs.get(str(node[0].get("id")), []))
+    fig.suptitle(f"{class_name}: concepts and sub-concepts", y=1 - 0.15 / geo.height, va="top")
     return fig
 
 
