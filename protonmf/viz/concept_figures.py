@@ -575,6 +575,53 @@ def concept_tree(
 # ---------------------------------------------------------------------------------------------
 
 
+_FIDELITY_PANELS = ("deletion", "insertion")
+
+
+def _checked_curves(curves: Any, auc: dict[str, dict[str, float]] | None) -> dict[str, dict[str, np.ndarray]]:
+    """``curves`` with every curve as a float array (r+1,); ValueError if it or ``auc`` is malformed."""
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError("curves must map at least one ranking name to its curves")
+    extra = sorted(set(auc or {}) - set(curves))
+    if extra:
+        raise ValueError(f"auc names rankings that are not in curves: {extra}")
+    checked: dict[str, dict[str, np.ndarray]] = {}
+    for name, pair in curves.items():
+        wrong = sorted(set(pair) - set(_FIDELITY_PANELS))
+        if wrong:
+            raise ValueError(f"curves[{name!r}] may only have keys {_FIDELITY_PANELS}, got {wrong}")
+        checked[name] = {}
+        for panel, values in pair.items():
+            arr = np.asarray(values, dtype=float)
+            if arr.ndim != 1 or arr.shape[0] < 2:
+                raise ValueError(f"curves[{name!r}][{panel!r}] must be 1-D over k = 0..r (r ≥ 1), got shape {arr.shape}")
+            checked[name][panel] = arr
+    return checked
+
+
+def _draw_fidelity_panel(
+    ax: Axes, panel: str, better: str, curves: dict[str, dict[str, np.ndarray]], auc: dict[str, dict[str, float]]
+) -> None:
+    """One panel (``panel`` is "deletion" or "insertion"): a line per ranking that has that curve.
+
+    The c-th ranking of ``curves`` is drawn in colour ``C{c}`` whether or not it has this curve,
+    so that it keeps its colour in both panels.
+    """
+    for c, (name, pair) in enumerate(curves.items()):
+        if panel not in pair:
+            continue
+        y = pair[panel]
+        label = name
+        if panel in auc.get(name, {}):
+            label = f"{name} (AUC={float(auc[name][panel]):.3f})"
+        ax.plot(np.arange(len(y)) / (len(y) - 1), y, marker="o", markersize=3, color=f"C{c}", label=label)
+    ax.set_title(f"{panel} ({better} is better)")
+    ax.set_xlabel(f"fraction of concepts {'removed' if panel == 'deletion' else 'added'} (k / r)")
+    ax.set_xlim(-0.02, 1.02)
+    if ax.lines:
+        ax.legend(fontsize=8)
+
+
 def fidelity_curves(
     curves: dict[str, dict[str, np.ndarray]],
     *,
@@ -596,41 +643,12 @@ def fidelity_curves(
     Figure with two axes: deletion (lower is better), insertion (higher is better). A ranking
     has the same colour in both.
     """
-    panels = ("deletion", "insertion")
-    if not isinstance(curves, dict) or not curves:
-        raise ValueError("curves must map at least one ranking name to its curves")
+    checked = _checked_curves(curves, auc)
     auc = auc or {}
-    extra = sorted(set(auc) - set(curves))
-    if extra:
-        raise ValueError(f"auc names rankings that are not in curves: {extra}")
-    checked: dict[str, dict[str, np.ndarray]] = {}
-    for name, pair in curves.items():
-        wrong = sorted(set(pair) - set(panels))
-        if wrong:
-            raise ValueError(f"curves[{name!r}] may only have keys {panels}, got {wrong}")
-        checked[name] = {}
-        for panel, values in pair.items():
-            arr = np.asarray(values, dtype=float)
-            if arr.ndim != 1 or arr.shape[0] < 2:
-                raise ValueError(f"curves[{name!r}][{panel!r}] must be 1-D over k = 0..r (r ≥ 1), got shape {arr.shape}")
-            checked[name][panel] = arr
-
     fig = Figure(figsize=(10, 3.8))
     axes = fig.subplots(1, 2)
-    for ax, panel, better in zip(axes, panels, ("lower", "higher")):
-        for c, (name, pair) in enumerate(checked.items()):
-            if panel not in pair:
-                continue
-            y = pair[panel]
-            label = name
-            if panel in auc.get(name, {}):
-                label = f"{name} (AUC={float(auc[name][panel]):.3f})"
-            ax.plot(np.arange(len(y)) / (len(y) - 1), y, marker="o", markersize=3, color=f"C{c}", label=label)
-        ax.set_title(f"{panel} ({better} is better)")
-        ax.set_xlabel(f"fraction of concepts {'removed' if panel == 'deletion' else 'added'} (k / r)")
-        ax.set_xlim(-0.02, 1.02)
-        if ax.lines:
-            ax.legend(fontsize=8)
+    for ax, panel, better in zip(axes, _FIDELITY_PANELS, ("lower", "higher")):
+        _draw_fidelity_panel(ax, panel, better, checked, auc)
     axes[0].set_ylabel("model score")
     if title:
         fig.suptitle(title)
