@@ -335,22 +335,7 @@ def train_demo_backbone(
     info = _read_info(weights_path, info_path, config)
     from_cache = info is not None
     if info is None:
-        start = time.perf_counter()
-        state, acc, class_names = _train(config)
-        seconds = time.perf_counter() - start
-        blob = save_safetensors(state, metadata={"cache_key": stem})
-        _write_atomic(weights_path, lambda tmp: tmp.write_bytes(blob))
-        info = {
-            "val_accuracy": acc,
-            "preprocess": config["preprocess"],
-            "class_names": class_names,
-            "train_seconds": seconds,
-            "config": config,
-            "weights_sha256": hashlib.sha256(blob).hexdigest(),
-            "torch_version": torch.__version__,
-        }
-        # the JSON goes last: weights without it are retrained, never trusted
-        _write_atomic(info_path, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+        info = _train_and_cache(config, stem, weights_path, info_path)
 
     spec = BackboneSpec(ARCH, num_classes=config["n_classes"], weights=str(weights_path))
     backbone = build_backbone(spec)
@@ -364,6 +349,31 @@ def train_demo_backbone(
         from_cache=from_cache,
         config=config,
     )
+
+
+def _train_and_cache(config: dict[str, Any], stem: str, weights_path: Path, info_path: Path) -> dict[str, Any]:
+    """Train the network of ``config``, save its weights and the run's JSON; return that JSON's dict.
+
+    The weights go to ``weights_path`` (safetensors, metadata ``cache_key = stem``), the JSON
+    (accuracy, preprocessing, class names, timing, config, the weights' sha256) to ``info_path``.
+    """
+    start = time.perf_counter()
+    state, acc, class_names = _train(config)
+    seconds = time.perf_counter() - start
+    blob = save_safetensors(state, metadata={"cache_key": stem})
+    _write_atomic(weights_path, lambda tmp: tmp.write_bytes(blob))
+    info = {
+        "val_accuracy": acc,
+        "preprocess": config["preprocess"],
+        "class_names": class_names,
+        "train_seconds": seconds,
+        "config": config,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "torch_version": torch.__version__,
+    }
+    # the JSON goes last: weights without it are retrained, never trusted
+    _write_atomic(info_path, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+    return info
 
 
 def _read_info(weights_path: Path, info_path: Path, config: dict[str, Any]) -> dict[str, Any] | None:

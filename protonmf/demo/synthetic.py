@@ -214,52 +214,71 @@ def _sample_params(rng: np.random.Generator, looks: np.ndarray, S: int) -> dict[
     return p
 
 
-def _render(p: dict[str, np.ndarray], S: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draw the images whose parameters are ``p`` (arrays of leading length n).
+def _col(a: np.ndarray) -> np.ndarray:
+    """(n,) -> (n, 1, 1), to broadcast a per-image value over the pixel grid."""
+    return a[:, None, None]
 
-    Returns images (n, S, S, 3) uint8 and masks (n, S, S) uint8.
+
+def _draw_background(p: dict[str, np.ndarray], S: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """The background of each image: base colour, low-contrast stripes, low-contrast blobs.
+
+    ``xx`` (1, 1, S) and ``yy`` (1, S, 1) are the pixel centres. Returns (n, S, S, 3) float32.
     """
     n = p["L"].shape[0]
-    g = np.arange(S, dtype=np.float32) + 0.5
-    yy, xx = g[None, :, None], g[None, None, :]  # pixel centres, broadcast to (n, S, S)
-
-    def col(a):  # (n,) -> (n, 1, 1)
-        return a[:, None, None]
-
-    # background: base colour, low-contrast stripes, low-contrast blobs
     img = np.empty((n, S, S, 3), dtype=np.float32)
     img[...] = p["bg_rgb"][:, None, None, :]
-    proj = xx * col(np.cos(p["st_angle"])) + yy * col(np.sin(p["st_angle"]))
-    img += (col(p["st_amp"]) * np.sin(2 * np.pi * proj / col(p["st_period"]) + col(p["st_phase"])))[..., None]
+    proj = xx * _col(np.cos(p["st_angle"])) + yy * _col(np.sin(p["st_angle"]))
+    img += (_col(p["st_amp"]) * np.sin(2 * np.pi * proj / _col(p["st_period"]) + _col(p["st_phase"])))[..., None]
     inside = np.empty((n, _N_BLOBS, S, S), dtype=np.float32)
     for k in range(_N_BLOBS):
-        dx, dy = xx - col(p["blob_xy"][:, k, 0]), yy - col(p["blob_xy"][:, k, 1])
-        ca, sa = col(np.cos(p["blob_angle"][:, k])), col(np.sin(p["blob_angle"][:, k]))
-        ax, ay = col(p["blob_ax"][:, k, 0]), col(p["blob_ax"][:, k, 1])
+        dx, dy = xx - _col(p["blob_xy"][:, k, 0]), yy - _col(p["blob_xy"][:, k, 1])
+        ca, sa = _col(np.cos(p["blob_angle"][:, k])), _col(np.sin(p["blob_angle"][:, k]))
+        ax, ay = _col(p["blob_ax"][:, k, 0]), _col(p["blob_ax"][:, k, 1])
         inside[:, k] = (dx * (ca / ax) + dy * (sa / ax)) ** 2 + (dy * (ca / ay) - dx * (sa / ay)) ** 2 <= 1
+    # (n, S·S, blobs) @ (n, blobs, 3): each pixel gets the summed colour of the blobs it lies in
     img += np.matmul(inside.reshape(n, _N_BLOBS, S * S).transpose(0, 2, 1), p["blob_rgb"]).reshape(n, S, S, 3)
+    return img
 
-    # object frame: u along the body axis towards the head, v across it, in units of L
-    dx, dy = xx - col(p["cx"]), yy - col(p["cy"])
-    ct, st = col(np.cos(p["theta"])), col(np.sin(p["theta"]))
-    u = (dx * ct + dy * st) / col(p["L"]) * col(p["flip"])
-    v = (dy * ct - dx * st) / col(p["L"])
 
-    ab, bb, rh, hv = col(p["ab"]), col(p["bb"]), col(p["rh"]), col(p["hv"])
+def _part_masks(
+    p: dict[str, np.ndarray], xx: np.ndarray, yy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The creature's parts in each image, from the pixel centres ``xx`` (1, 1, S), ``yy`` (1, S, 1).
+
+    Returns ``u`` and ``v`` (n, S, S) float32, each pixel in the object frame (u along the body
+    axis towards the head, v across it, in units of L), the part label ``mask`` (n, S, S) uint8
+    and the ``eye`` (n, S, S) bool.
+    """
+    dx, dy = xx - _col(p["cx"]), yy - _col(p["cy"])
+    ct, st = _col(np.cos(p["theta"])), _col(np.sin(p["theta"]))
+    u = (dx * ct + dy * st) / _col(p["L"]) * _col(p["flip"])
+    v = (dy * ct - dx * st) / _col(p["L"])
+
+    ab, bb, rh, hv = _col(p["ab"]), _col(p["bb"]), _col(p["rh"]), _col(p["hv"])
     hu = ab + 0.6 * rh
     body = (u / ab) ** 2 + (v / bb) ** 2 <= 1
     head = (u - hu) ** 2 + (v - hv) ** 2 <= rh**2
     eye = head & ((u - hu - 0.35 * rh) ** 2 + (v - hv + 0.25 * rh) ** 2 <= (0.22 * rh) ** 2)
-    tip_u, base_u = -(ab + col(p["tl"])), -0.7 * ab
+    tip_u, base_u = -(ab + _col(p["tl"])), -0.7 * ab
     t = (u - tip_u) / (base_u - tip_u)  # 0 at the tail tip, 1 at its base (hidden in the body)
-    tail = (t >= 0) & (t <= 1) & (np.abs(v - col(p["tv"]) * (1 - t)) <= col(p["tw"]) * t)
+    tail = (t >= 0) & (t <= 1) & (np.abs(v - _col(p["tv"]) * (1 - t)) <= _col(p["tw"]) * t)
 
-    mask = np.zeros((n, S, S), dtype=np.uint8)
+    # drawing order: the body covers the tail's base, the head covers the body
+    mask = np.zeros(u.shape, dtype=np.uint8)
     mask[tail] = 3
     mask[body] = 2
     mask[head] = 1
+    return u, v, mask, eye
 
-    # colour the object's pixels; textures live in the object frame so they move with it
+
+def _paint_parts(
+    img: np.ndarray, p: dict[str, np.ndarray], u: np.ndarray, v: np.ndarray, mask: np.ndarray, eye: np.ndarray
+) -> None:
+    """Colour the object's pixels of ``img`` (n, S, S, 3) in place, each part in its look.
+
+    The textures live in the object frame (``u``, ``v`` of :func:`_part_masks`) so that they
+    move, turn and scale with the creature.
+    """
     fg = mask > 0
     i = np.nonzero(fg)[0]  # image index of each object pixel
     part = mask[fg].astype(np.int64) - 1
@@ -279,6 +298,18 @@ def _render(p: dict[str, np.ndarray], S: int, rng: np.random.Generator) -> tuple
     rgb = p["part_rgb"][i, part] * np.where(second, np.float32(_SECONDARY), np.float32(1))[:, None]
     img[fg] = np.where(eye[fg][:, None], _EYE_RGB, rgb)
 
+
+def _render(p: dict[str, np.ndarray], S: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the images whose parameters are ``p`` (arrays of leading length n).
+
+    Returns images (n, S, S, 3) uint8 and masks (n, S, S) uint8. The pixel noise, last, is the
+    only random draw.
+    """
+    g = np.arange(S, dtype=np.float32) + 0.5
+    yy, xx = g[None, :, None], g[None, None, :]  # pixel centres, broadcast to (n, S, S)
+    img = _draw_background(p, S, xx, yy)
+    u, v, mask, eye = _part_masks(p, xx, yy)
+    _paint_parts(img, p, u, v, mask, eye)
     img *= p["gain"][:, None, None, None]
     img += _NOISE_STD * rng.standard_normal(img.shape, dtype=np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask

@@ -26,10 +26,13 @@ made of dicts and lists raises TypeError.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.gridspec import GridSpec, SubplotSpec
 from matplotlib.patches import FancyBboxPatch
 
 from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, prototype_overlay
@@ -109,6 +112,47 @@ def _label_width(lines: Sequence[str], fontsize: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def _sheet_grid(labels: Sequence[str], r: int, n_cols: int) -> tuple[Figure, GridSpec]:
+    """The figure of a concept sheet and its r × n_cols grid of crop cells.
+
+    The left margin is as wide as the longest line of ``labels``, so that no label is cut.
+    """
+    cell, pad, top = 1.15, 0.15, 0.55
+    left = 0.35 + _label_width([line for s in labels for line in s.split("\n")], 9)
+    width, height = left + n_cols * cell + pad, top + r * cell + pad
+    fig = Figure(figsize=(width, height))
+    gs = fig.add_gridspec(
+        r, n_cols, left=left / width, right=1 - pad / width, top=1 - top / height, bottom=pad / height, wspace=0.08, hspace=0.1
+    )
+    return fig, gs
+
+
+def _draw_sheet_row(fig: Figure, gs: GridSpec, row: int, crops: np.ndarray, label: str, color: np.ndarray, n_cols: int) -> None:
+    """One concept's row of a sheet: its crops (k', H, W, 3) in cells ``gs[row, :n_cols]``.
+
+    A missing crop (NaN) or a column beyond k' is a blank dashed cell; the first cell carries
+    ``label`` on a strip in the concept's ``color``.
+    """
+    for j in range(n_cols):
+        ax = fig.add_subplot(gs[row, j])
+        if j < crops.shape[0] and not _missing(crops[j]):
+            ax.imshow(np.clip(crops[j], 0, 1))
+            _bare(ax, color)
+        else:
+            _bare(ax, _BLANK_EDGE, width=1.0, dashed=True)
+        if j == 0:
+            ax.set_ylabel(
+                label,
+                rotation=0,
+                ha="right",
+                va="center",
+                fontsize=9,
+                labelpad=10,
+                color=_ink(color),
+                bbox={"boxstyle": "round,pad=0.35", "facecolor": color, "edgecolor": "none"},
+            )
+
+
 def concept_sheet(
     crops: np.ndarray,
     importance: np.ndarray,
@@ -146,33 +190,9 @@ def concept_sheet(
         raise ValueError(f"k must be ≥ 1 (crops holds {k_given} crops per concept), got {n_cols}")
 
     labels = [f"{names[i]}\nS_T={importance[i]:.2f}" for i in range(r)]
-    cell, pad, top = 1.15, 0.15, 0.55
-    left = 0.35 + _label_width([line for s in labels for line in s.split("\n")], 9)
-    width, height = left + n_cols * cell + pad, top + r * cell + pad
-    fig = Figure(figsize=(width, height))
-    gs = fig.add_gridspec(
-        r, n_cols, left=left / width, right=1 - pad / width, top=1 - top / height, bottom=pad / height, wspace=0.08, hspace=0.1
-    )
+    fig, gs = _sheet_grid(labels, r, n_cols)
     for row, i in enumerate(_order(importance)):
-        color = _color(int(i))
-        for j in range(n_cols):
-            ax = fig.add_subplot(gs[row, j])
-            if j < k_given and not _missing(crops[i, j]):
-                ax.imshow(np.clip(crops[i, j], 0, 1))
-                _bare(ax, color)
-            else:
-                _bare(ax, _BLANK_EDGE, width=1.0, dashed=True)
-            if j == 0:
-                ax.set_ylabel(
-                    labels[i],
-                    rotation=0,
-                    ha="right",
-                    va="center",
-                    fontsize=9,
-                    labelpad=10,
-                    color=_ink(color),
-                    bbox={"boxstyle": "round,pad=0.35", "facecolor": color, "edgecolor": "none"},
-                )
+        _draw_sheet_row(fig, gs, row, crops[i], labels[i], _color(int(i)), n_cols)
     fig.suptitle(f"{class_name}: top crops of each concept, by total Sobol index")
     return fig
 
@@ -220,6 +240,101 @@ def importance_bars(
     return fig
 
 
+def _checked_images_and_maps(images: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` (N, H, W, 3) and ``maps`` (N, r, H, W) as float arrays, N ≥ 1 and r ≥ 1."""
+    images = np.asarray(images, dtype=float)
+    maps = np.asarray(maps, dtype=float)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
+    if maps.ndim != 4:
+        raise ValueError(f"maps must have shape (N, r, H, W), got {maps.shape}")
+    N, H, W = images.shape[:3]
+    if N == 0:
+        raise ValueError("images must hold at least one image, got N = 0")
+    if maps.shape[0] != N:
+        raise ValueError(f"maps must have one set of maps per image: maps has {maps.shape[0]}, images has {N}")
+    if maps.shape[2:] != (H, W):
+        raise ValueError(f"maps must be at image resolution {(H, W)}, got {maps.shape[2:]}")
+    if maps.shape[1] == 0:
+        raise ValueError("maps must hold at least one concept, got r = 0")
+    return images, maps
+
+
+def _overlay_grid(N: int, t: int) -> tuple[Figure, GridSpec, int, int]:
+    """The figure for N images and t top concepts: (fig, its 3 × N grid, lines, per_line).
+
+    Grid rows: the images, the overlays, then the cells that hold each image's t small panels,
+    laid out as ``lines`` lines of at most ``per_line`` (at most 3 a line, lines evenly filled).
+    """
+    lines = -(-t // 3)
+    per_line = -(-t // lines)  # 4 panels as 2 × 2, not 3 + 1
+    col = 2.1
+    small = lines * (1 / per_line + 0.15)  # the small panels and their titles, in column widths
+    width = 0.5 + N * col
+    height = 0.7 + col * (2 + small)
+    fig = Figure(figsize=(width, height))
+    gs = fig.add_gridspec(
+        3, N, height_ratios=[1, 1, small], left=0.45 / width, right=1 - 0.05 / width,
+        top=1 - 0.6 / height, bottom=0.05 / height, wspace=0.06, hspace=0.15,
+    )
+    return fig, gs, lines, per_line
+
+
+def _draw_image_and_overlay(
+    fig: Figure,
+    image_cell: SubplotSpec,
+    overlay_cell: SubplotSpec,
+    image: np.ndarray,
+    maps: np.ndarray,
+    chosen: np.ndarray,
+    title: str,
+    first: bool,
+) -> None:
+    """The image panel and the overlay panel of one image's column.
+
+    ``image`` (H, W, 3) goes in ``image_cell``; ``overlay_cell`` shows the areas of the concepts
+    ``chosen`` among ``maps`` (r, H, W) over it, each in its colour. The ``first`` column also
+    names the two rows.
+    """
+    image_ax = fig.add_subplot(image_cell)
+    image_ax.imshow(image)
+    _bare(image_ax)
+    image_ax.set_title(title, fontsize=9)
+    ax = fig.add_subplot(overlay_cell)
+    shown = np.zeros_like(maps)
+    shown[chosen] = maps[chosen]  # zero maps never win: only top concepts are coloured, by index
+    ax.imshow(prototype_overlay(image, shown))
+    _bare(ax)
+    if first:
+        image_ax.set_ylabel("image", fontsize=9)
+        ax.set_ylabel(f"top {len(chosen)} concepts", fontsize=9)
+
+
+def _draw_concept_heatmaps(
+    fig: Figure,
+    cell: SubplotSpec,
+    lines: int,
+    per_line: int,
+    image: np.ndarray,
+    maps: np.ndarray,
+    chosen: np.ndarray,
+    labels: Sequence[str],
+) -> None:
+    """The small panels of one image's column, in ``cell``: one per concept of ``chosen``.
+
+    Each shows the concept's map among ``maps`` (r, H, W) as a heatmap in its colour over
+    ``image`` (H, W, 3), titled with its entry of ``labels``; ``lines`` lines of ``per_line``.
+    """
+    sub = cell.subgridspec(lines, per_line, wspace=0.1, hspace=0.5)
+    for s, (i, label) in enumerate(zip(chosen, labels)):
+        ax = fig.add_subplot(sub[s // per_line, s % per_line])
+        one = np.zeros_like(maps)
+        one[i] = maps[i]
+        ax.imshow(prototype_overlay(image, one, threshold=0.0, alpha=0.75))
+        _bare(ax, _color(int(i)), width=2.0)
+        ax.set_title(label, fontsize=6, pad=2)
+
+
 def attribution_overlays(
     images: np.ndarray,
     maps: np.ndarray,
@@ -251,70 +366,27 @@ def attribution_overlays(
     -------
     Figure with N·(2 + min(top, r)) axes, column by column (image, overlay, small panels).
     """
-    images = np.asarray(images, dtype=float)
-    maps = np.asarray(maps, dtype=float)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
-    if maps.ndim != 4:
-        raise ValueError(f"maps must have shape (N, r, H, W), got {maps.shape}")
-    N, H, W = images.shape[:3]
-    if N == 0:
-        raise ValueError("images must hold at least one image, got N = 0")
-    if maps.shape[0] != N:
-        raise ValueError(f"maps must have one set of maps per image: maps has {maps.shape[0]}, images has {N}")
-    if maps.shape[2:] != (H, W):
-        raise ValueError(f"maps must be at image resolution {(H, W)}, got {maps.shape[2:]}")
-    r = maps.shape[1]
-    if r == 0:
-        raise ValueError("maps must hold at least one concept, got r = 0")
+    images, maps = _checked_images_and_maps(images, maps)
+    N, r = images.shape[0], maps.shape[1]
     if top < 1:
         raise ValueError(f"top must be ≥ 1, got {top}")
     if importance is not None:
         importance = _importance(importance, r, "maps")
     order = np.arange(r) if importance is None else _order(importance)
     chosen = order[: min(top, r)]
-    t = len(chosen)
     if titles is None:
         titles = [f"image {n}" for n in range(N)]
     elif len(titles) != N:
         raise ValueError(f"titles must have one title per image ({N}), got {len(titles)}")
     names = _names(concept_names, r)
+    labels = [names[i] if importance is None else f"{names[i]}\nS_T={importance[i]:.2f}" for i in chosen]
     maps = np.clip(np.nan_to_num(maps), 0, None)
     images = np.clip(images, 0, 1)
 
-    lines = -(-t // 3)
-    per_line = -(-t // lines)  # 4 panels as 2 × 2, not 3 + 1
-    col = 2.1
-    small = lines * (1 / per_line + 0.15)  # the small panels and their titles, in column widths
-    width = 0.5 + N * col
-    height = 0.7 + col * (2 + small)
-    fig = Figure(figsize=(width, height))
-    gs = fig.add_gridspec(
-        3, N, height_ratios=[1, 1, small], left=0.45 / width, right=1 - 0.05 / width,
-        top=1 - 0.6 / height, bottom=0.05 / height, wspace=0.06, hspace=0.15,
-    )
+    fig, gs, lines, per_line = _overlay_grid(N, len(chosen))
     for n in range(N):
-        image_ax = fig.add_subplot(gs[0, n])
-        image_ax.imshow(images[n])
-        _bare(image_ax)
-        image_ax.set_title(titles[n], fontsize=9)
-        ax = fig.add_subplot(gs[1, n])
-        shown = np.zeros_like(maps[n])
-        shown[chosen] = maps[n, chosen]  # zero maps never win: only top concepts are coloured, by index
-        ax.imshow(prototype_overlay(images[n], shown))
-        _bare(ax)
-        if n == 0:
-            image_ax.set_ylabel("image", fontsize=9)
-            ax.set_ylabel(f"top {t} concepts", fontsize=9)
-        sub = gs[2, n].subgridspec(lines, per_line, wspace=0.1, hspace=0.5)
-        for s, i in enumerate(chosen):
-            ax = fig.add_subplot(sub[s // per_line, s % per_line])
-            one = np.zeros_like(maps[n])
-            one[i] = maps[n, i]
-            ax.imshow(prototype_overlay(images[n], one, threshold=0.0, alpha=0.75))
-            _bare(ax, _color(int(i)), width=2.0)
-            label = names[i] if importance is None else f"{names[i]}\nS_T={importance[i]:.2f}"
-            ax.set_title(label, fontsize=6, pad=2)
+        _draw_image_and_overlay(fig, gs[0, n], gs[1, n], images[n], maps[n], chosen, titles[n], first=n == 0)
+        _draw_concept_heatmaps(fig, gs[2, n], lines, per_line, images[n], maps[n], chosen, labels)
     fig.suptitle(f"{class_name}: concept attribution maps")
     return fig
 
@@ -370,6 +442,97 @@ def _tree_nodes(tree: dict) -> list[tuple[dict, int, float, int | None, np.ndarr
     return [tuple(n) for n in nodes]
 
 
+def _tree_thumbnails(crops: dict[str, np.ndarray] | None, nodes: Sequence[tuple]) -> dict[str, list[np.ndarray]]:
+    """node id → up to 3 of its crops (H, W, 3), clipped to [0, 1], those holding NaN left out.
+
+    ``crops`` maps node ids to (k, H, W, 3) arrays; every id must be one of ``nodes``.
+    """
+    crops = dict(crops or {})
+    ids = {str(n[0].get("id")) for n in nodes}
+    unknown = sorted(set(map(str, crops)) - ids)
+    if unknown:
+        raise ValueError(f"crops has ids that are not in the tree: {unknown}")
+    thumbs: dict[str, list[np.ndarray]] = {}
+    for key, arr in crops.items():
+        arr = np.asarray(arr, dtype=float)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"crops[{key!r}] must have shape (k, H, W, 3), got {arr.shape}")
+        thumbs[str(key)] = [np.clip(c, 0, 1) for c in arr if not _missing(c)][:3]
+    return thumbs
+
+
+# Sizes in inches of a concept tree: each leaf has a slot; a level is a box, the band of
+# thumbnails under it (none when no node has any) and a gap.
+_SLOT_W, _BOX_W, _BOX_H, _TITLE_H = 1.9, 1.7, 0.62, 0.55
+_THUMB = (_BOX_W - 0.1) / 3  # so that 3 thumbnails fill a box's width
+
+
+@dataclass(frozen=True)
+class _TreeGeometry:
+    """The size of a concept tree's figure and its levels, in inches (the main axes' data units)."""
+
+    width: float
+    height: float
+    offset: float  # left margin that centres the slots when the figure is wider than they are
+    band: float  # height of a row of thumbnails and its gap, 0 when no node has thumbnails
+    level_h: float
+
+    def centre(self, node: tuple) -> tuple[float, float]:
+        """The centre (x, y) of a node's box, from its depth and its x slot."""
+        return self.offset + (node[2] + 0.5) * _SLOT_W, self.height - _TITLE_H - node[1] * self.level_h - _BOX_H / 2
+
+
+def _tree_geometry(nodes: Sequence[tuple], thumbs: dict[str, list[np.ndarray]]) -> _TreeGeometry:
+    """The geometry of the tree of ``nodes`` (from :func:`_tree_nodes`), with ``thumbs`` or not."""
+    band = _THUMB + 0.1 if any(thumbs.values()) else 0.0
+    level_h = _BOX_H + band + 0.5
+    n_slots = 1 + max(n[2] for n in nodes)
+    depth = 1 + max(n[1] for n in nodes)
+    width = max(n_slots * _SLOT_W, 3.5)
+    height = _TITLE_H + depth * level_h
+    offset = (width - n_slots * _SLOT_W) / 2
+    return _TreeGeometry(width=width, height=height, offset=offset, band=band, level_h=level_h)
+
+
+def _draw_tree_edges(ax: Axes, nodes: Sequence[tuple], geo: _TreeGeometry, thumbs: dict[str, list[np.ndarray]]) -> None:
+    """An elbow from under each parent's box (and its thumbnails) to the top of each child's box."""
+    for node in nodes:
+        if node[3] is None:
+            continue
+        parent = nodes[node[3]]
+        (px, py), (cx, cy) = geo.centre(parent), geo.centre(node)
+        start = py - _BOX_H / 2 - (geo.band if thumbs.get(str(parent[0].get("id"))) else 0.0)
+        end = cy + _BOX_H / 2
+        ax.plot([px, px, cx, cx], [start, (start + end) / 2, (start + end) / 2, end], color="0.45", linewidth=1.0, zorder=1)
+
+
+def _draw_tree_node(fig: Figure, ax: Axes, node: tuple, geo: _TreeGeometry, row: Sequence[np.ndarray]) -> None:
+    """One node: its box in its colour, its label and "layer · S_T", its thumbnails ``row`` under it."""
+    data, _, _, _, color = node
+    x, y = geo.centre(node)
+    box = FancyBboxPatch((x - _BOX_W / 2, y - _BOX_H / 2), _BOX_W, _BOX_H, boxstyle="round,pad=0,rounding_size=0.08")
+    box.set(facecolor=color, edgecolor="0.3", linewidth=0.8, zorder=2)
+    ax.add_patch(box)
+    label = str(data.get("label", data.get("id", "")))
+    if len(label) > 24:
+        label = label[:23] + "…"
+    details = []
+    if data.get("layer") is not None:
+        details.append(str(data["layer"]))
+    if data.get("importance") is not None:
+        details.append(f"S_T={float(data['importance']):.2f}")
+    ink = _ink(color)
+    ax.text(x, y + (0.1 if details else 0.0), label, ha="center", va="center", fontsize=8, fontweight="bold", color=ink, zorder=3)
+    if details:
+        ax.text(x, y - 0.14, " · ".join(details), ha="center", va="center", fontsize=7, color=ink, zorder=3)
+    start = x - (len(row) * _THUMB + (len(row) - 1) * 0.05) / 2
+    for s, img in enumerate(row):
+        x0, y0 = start + s * (_THUMB + 0.05), y - _BOX_H / 2 - 0.05 - _THUMB
+        tax = fig.add_axes((x0 / geo.width, y0 / geo.height, _THUMB / geo.width, _THUMB / geo.height))
+        tax.imshow(img, aspect="auto")
+        _bare(tax, color, width=1.5)
+
+
 def concept_tree(
     tree: dict,
     *,
@@ -393,79 +556,70 @@ def concept_tree(
     Figure whose first axes holds the boxes and edges; one more axes per thumbnail.
     """
     nodes = _tree_nodes(tree)
-    crops = dict(crops or {})
-    ids = {str(n[0].get("id")) for n in nodes}
-    unknown = sorted(set(map(str, crops)) - ids)
-    if unknown:
-        raise ValueError(f"crops has ids that are not in the tree: {unknown}")
-    thumbs: dict[str, list[np.ndarray]] = {}
-    for key, arr in crops.items():
-        arr = np.asarray(arr, dtype=float)
-        if arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(f"crops[{key!r}] must have shape (k, H, W, 3), got {arr.shape}")
-        thumbs[str(key)] = [np.clip(c, 0, 1) for c in arr if not _missing(c)][:3]
-
-    # Geometry in inches: the main axes spans the figure and its data units are inches.
-    slot_w, box_w, box_h = 1.9, 1.7, 0.62
-    thumb = (box_w - 0.1) / 3
-    band = thumb + 0.1 if any(thumbs.values()) else 0.0
-    level_h = box_h + band + 0.5
-    n_slots = 1 + max(n[2] for n in nodes)
-    depth = 1 + max(n[1] for n in nodes)
-    title_h = 0.55
-    width = max(n_slots * slot_w, 3.5)
-    height = title_h + depth * level_h
-    fig = Figure(figsize=(width, height))
+    thumbs = _tree_thumbnails(crops, nodes)
+    geo = _tree_geometry(nodes, thumbs)
+    fig = Figure(figsize=(geo.width, geo.height))
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, width)
-    ax.set_ylim(0, height)
+    ax.set_xlim(0, geo.width)
+    ax.set_ylim(0, geo.height)
     ax.axis("off")
-    offset = (width - n_slots * slot_w) / 2
-
-    def centre(n) -> tuple[float, float]:  # centre of a node's box
-        return offset + (n[2] + 0.5) * slot_w, height - title_h - n[1] * level_h - box_h / 2
-
+    _draw_tree_edges(ax, nodes, geo, thumbs)
     for node in nodes:
-        if node[3] is None:
-            continue
-        parent = nodes[node[3]]
-        (px, py), (cx, cy) = centre(parent), centre(node)
-        # An elbow from under the parent (and its thumbnails) to the top of the child's box.
-        start = py - box_h / 2 - (band if thumbs.get(str(parent[0].get("id"))) else 0.0)
-        end = cy + box_h / 2
-        ax.plot([px, px, cx, cx], [start, (start + end) / 2, (start + end) / 2, end], color="0.45", linewidth=1.0, zorder=1)
-    for node in nodes:
-        data, _, _, _, color = node
-        x, y = centre(node)
-        box = FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0,rounding_size=0.08")
-        box.set(facecolor=color, edgecolor="0.3", linewidth=0.8, zorder=2)
-        ax.add_patch(box)
-        label = str(data.get("label", data.get("id", "")))
-        if len(label) > 24:
-            label = label[:23] + "…"
-        details = []
-        if data.get("layer") is not None:
-            details.append(str(data["layer"]))
-        if data.get("importance") is not None:
-            details.append(f"S_T={float(data['importance']):.2f}")
-        ink = _ink(color)
-        ax.text(x, y + (0.1 if details else 0.0), label, ha="center", va="center", fontsize=8, fontweight="bold", color=ink, zorder=3)
-        if details:
-            ax.text(x, y - 0.14, " · ".join(details), ha="center", va="center", fontsize=7, color=ink, zorder=3)
-        row = thumbs.get(str(data.get("id")), [])
-        start = x - (len(row) * thumb + (len(row) - 1) * 0.05) / 2
-        for s, img in enumerate(row):
-            x0, y0 = start + s * (thumb + 0.05), y - box_h / 2 - 0.05 - thumb
-            tax = fig.add_axes((x0 / width, y0 / height, thumb / width, thumb / height))
-            tax.imshow(img, aspect="auto")
-            _bare(tax, color, width=1.5)
-    fig.suptitle(f"{class_name}: concepts and sub-concepts", y=1 - 0.15 / height, va="top")
+        _draw_tree_node(fig, ax, node, geo, thumbs.get(str(node[0].get("id")), []))
+    fig.suptitle(f"{class_name}: concepts and sub-concepts", y=1 - 0.15 / geo.height, va="top")
     return fig
 
 
 # ---------------------------------------------------------------------------------------------
 # CRAFT Figure 5: fidelity in concept space
 # ---------------------------------------------------------------------------------------------
+
+
+_FIDELITY_PANELS = ("deletion", "insertion")
+
+
+def _checked_curves(curves: Any, auc: dict[str, dict[str, float]] | None) -> dict[str, dict[str, np.ndarray]]:
+    """``curves`` with every curve as a float array (r+1,); ValueError if it or ``auc`` is malformed."""
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError("curves must map at least one ranking name to its curves")
+    extra = sorted(set(auc or {}) - set(curves))
+    if extra:
+        raise ValueError(f"auc names rankings that are not in curves: {extra}")
+    checked: dict[str, dict[str, np.ndarray]] = {}
+    for name, pair in curves.items():
+        wrong = sorted(set(pair) - set(_FIDELITY_PANELS))
+        if wrong:
+            raise ValueError(f"curves[{name!r}] may only have keys {_FIDELITY_PANELS}, got {wrong}")
+        checked[name] = {}
+        for panel, values in pair.items():
+            arr = np.asarray(values, dtype=float)
+            if arr.ndim != 1 or arr.shape[0] < 2:
+                raise ValueError(f"curves[{name!r}][{panel!r}] must be 1-D over k = 0..r (r ≥ 1), got shape {arr.shape}")
+            checked[name][panel] = arr
+    return checked
+
+
+def _draw_fidelity_panel(
+    ax: Axes, panel: str, better: str, curves: dict[str, dict[str, np.ndarray]], auc: dict[str, dict[str, float]]
+) -> None:
+    """One panel (``panel`` is "deletion" or "insertion"): a line per ranking that has that curve.
+
+    The c-th ranking of ``curves`` is drawn in colour ``C{c}`` whether or not it has this curve,
+    so that it keeps its colour in both panels.
+    """
+    for c, (name, pair) in enumerate(curves.items()):
+        if panel not in pair:
+            continue
+        y = pair[panel]
+        label = name
+        if panel in auc.get(name, {}):
+            label = f"{name} (AUC={float(auc[name][panel]):.3f})"
+        ax.plot(np.arange(len(y)) / (len(y) - 1), y, marker="o", markersize=3, color=f"C{c}", label=label)
+    ax.set_title(f"{panel} ({better} is better)")
+    ax.set_xlabel(f"fraction of concepts {'removed' if panel == 'deletion' else 'added'} (k / r)")
+    ax.set_xlim(-0.02, 1.02)
+    if ax.lines:
+        ax.legend(fontsize=8)
 
 
 def fidelity_curves(
@@ -489,41 +643,12 @@ def fidelity_curves(
     Figure with two axes: deletion (lower is better), insertion (higher is better). A ranking
     has the same colour in both.
     """
-    panels = ("deletion", "insertion")
-    if not isinstance(curves, dict) or not curves:
-        raise ValueError("curves must map at least one ranking name to its curves")
+    checked = _checked_curves(curves, auc)
     auc = auc or {}
-    extra = sorted(set(auc) - set(curves))
-    if extra:
-        raise ValueError(f"auc names rankings that are not in curves: {extra}")
-    checked: dict[str, dict[str, np.ndarray]] = {}
-    for name, pair in curves.items():
-        wrong = sorted(set(pair) - set(panels))
-        if wrong:
-            raise ValueError(f"curves[{name!r}] may only have keys {panels}, got {wrong}")
-        checked[name] = {}
-        for panel, values in pair.items():
-            arr = np.asarray(values, dtype=float)
-            if arr.ndim != 1 or arr.shape[0] < 2:
-                raise ValueError(f"curves[{name!r}][{panel!r}] must be 1-D over k = 0..r (r ≥ 1), got shape {arr.shape}")
-            checked[name][panel] = arr
-
     fig = Figure(figsize=(10, 3.8))
     axes = fig.subplots(1, 2)
-    for ax, panel, better in zip(axes, panels, ("lower", "higher")):
-        for c, (name, pair) in enumerate(checked.items()):
-            if panel not in pair:
-                continue
-            y = pair[panel]
-            label = name
-            if panel in auc.get(name, {}):
-                label = f"{name} (AUC={float(auc[name][panel]):.3f})"
-            ax.plot(np.arange(len(y)) / (len(y) - 1), y, marker="o", markersize=3, color=f"C{c}", label=label)
-        ax.set_title(f"{panel} ({better} is better)")
-        ax.set_xlabel(f"fraction of concepts {'removed' if panel == 'deletion' else 'added'} (k / r)")
-        ax.set_xlim(-0.02, 1.02)
-        if ax.lines:
-            ax.legend(fontsize=8)
+    for ax, panel, better in zip(axes, _FIDELITY_PANELS, ("lower", "higher")):
+        _draw_fidelity_panel(ax, panel, better, checked, auc)
     axes[0].set_ylabel("model score")
     if title:
         fig.suptitle(title)
