@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+from pathlib import Path
 import torch
 
 from protonmf import PrototypeModel
@@ -208,6 +209,21 @@ EVERY_FIGURE = {
 }
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_demo_rows(printed: str) -> set[str]:
+    """The rows of the README's demo table, as the demo's printout says they must read."""
+    import re
+
+    table3 = {m[0]: m[1:] for m in re.findall(
+        r"p=(\d+)\s+NMF only ([0-9.]+)\s+residual only ([0-9.]+)\s+NMF\+residual ([0-9.]+)", printed)}
+    loc = {m[0]: m[1:] for m in re.findall(
+        r"p=(\d+)\s+part localization: peak on object ([0-9.]+), purity ([0-9.]+), parts covered ([0-9.]+) of 3, IoU ([0-9.]+)", printed)}
+    assert set(table3) == set(loc) == {"1", "3", "5", "10"}
+    return {"| " + " | ".join([p, *table3[p], *loc[p]]) + " |" for p in table3}
+
+
 def _report_of(model_dir):
     """The HTML report of the current version of the model at ``model_dir``."""
     return model_dir / "versions" / PrototypeModel.load(str(model_dir)).version / "report" / "index.html"
@@ -251,6 +267,7 @@ def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert f"model:            {tmp_path / 'demo'}/model" in out and "black box top-1:  1.0000" in out
+    assert _readme_demo_rows(out) <= set(README.read_text().splitlines()), "README's demo table is not what the demo prints"
     model = PrototypeModel.load(str(tmp_path / "demo" / "model"))
     assert model.available_p == [1, 3, 5, 10] and len(model.class_names) == 10
     assert report_figures(_report_of(tmp_path / "demo" / "model")) == EVERY_FIGURE
