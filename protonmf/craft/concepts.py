@@ -13,7 +13,7 @@ Notation. CRAFT writes A ≈ U Wᵀ with W (D, r); we keep :mod:`protonmf.nmf`'s
    through the rest of the network.
 5. Recursion (CRAFT §3.2): for the most important concepts, the crops whose coefficient exceeds
    the concept's 90th percentile are factorized again at an earlier layer into sub-concepts, whose
-   importance is measured through the network from that layer (:class:`~protonmf.layers.LayerCut`).
+   importance is measured through the network from that layer (:class:`~protonmf.backbones.layer_cut.LayerCut`).
    A class's concepts form a tree: bank ``root`` holds concepts ``c0 … c{r-1}``; bank ``c2`` holds
    the sub-concepts ``c2.0, c2.1, …`` of concept ``c2``, and so on down the layers.
 

@@ -1,7 +1,7 @@
 """The demo's black box: ``protonmf:small_cnn`` trained on the synthetic part-annotated set.
 
-:func:`train_demo_backbone` trains the network (:class:`protonmf.nets.SmallCNN`) on images of
-:func:`protonmf.synthetic.make_synthetic_parts`, measures its accuracy on held-out images drawn
+:func:`train_demo_backbone` trains the network (:class:`protonmf.backbones.nets.SmallCNN`) on images of
+:func:`protonmf.demo.synthetic.make_synthetic_parts`, measures its accuracy on held-out images drawn
 from another seed stream, and returns it as a :class:`~protonmf.backbones.FeatureBackbone` whose
 spec names the saved weights. Training is deterministic (same arguments, same machine → the same
 weights, bit for bit) and cached: the weights are saved as safetensors under a name keyed by a
@@ -87,7 +87,7 @@ class DemoBackbone:
     val_accuracy : float, top-1 accuracy on the held-out synthetic images.
     preprocess : dict, ``{"resize", "crop", "mean", "std"}``, the input transform it was trained with
         (see :func:`preprocess_images`).
-    class_names : list of str, one per class, as in :func:`~protonmf.synthetic.make_synthetic_parts`.
+    class_names : list of str, one per class, as in :func:`~protonmf.demo.synthetic.make_synthetic_parts`.
     train_seconds : float, wall time of the training run (data, training, evaluation); the time of
         the original run when the weights come from the cache.
     weights_path : str, the safetensors file.

@@ -348,7 +348,7 @@ def attribution_overlays(
     """Concept attribution maps over images: one column per image.
 
     Each column holds the image; the areas of the ``top`` most important concepts, each in its
-    colour (:func:`protonmf.figures.prototype_overlay`); then one small panel per top concept,
+    colour (:func:`protonmf.viz.prototype_figures.prototype_overlay`); then one small panel per top concept,
     its map as a heatmap in its colour over the image (at most 3 small panels a line).
 
     Parameters

@@ -73,11 +73,11 @@ def _split_seed(seed: int, split: str) -> int:
 
 
 class SyntheticSource(ImageSource):
-    """The part-annotated synthetic creatures of :func:`protonmf.synthetic.make_synthetic_parts`.
+    """The part-annotated synthetic creatures of :func:`protonmf.demo.synthetic.make_synthetic_parts`.
 
     ``split="train"`` draws with ``seed``, so it equals ``make_synthetic_parts(n_classes,
     n_per_class, image_size=image_size, seed=seed)`` (and an ImageFolder tree written from it by
-    :func:`~protonmf.synthetic.write_image_folder`: same image ids, same pixels).
+    :func:`~protonmf.demo.synthetic.write_image_folder`: same image ids, same pixels).
     ``split="val"`` draws from an independent seed stream derived from ``seed``.
 
     Attributes
