@@ -13,24 +13,7 @@ from protonmf.data import Preprocess, make_source
 
 pytestmark = pytest.mark.slow
 
-N_CLASSES = 4
-
-
-def tree(bucket: str, name: str, **overrides) -> dict:
-    config = {
-        "data": {
-            "source": "synthetic", "n_classes": N_CLASSES, "max_images_per_class": 10, "val_images_per_class": 5,
-            "preprocess": {"resize": 64, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-        },
-        "backbone": {"arch": "torchvision:resnet18", "num_classes": N_CLASSES},
-        "prototypes": {"p": [3, 1], "classes_per_task": 2},
-        "compute": {"batch_size": 8},
-        "storage": {"features": f"s3://{bucket}/{name}/features", "model": f"s3://{bucket}/{name}/model"},
-    }
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        config[section][field] = value
-    return config
+from tests.flows.small_run import N_CLASSES, tree
 
 
 @pytest.fixture(scope="module")

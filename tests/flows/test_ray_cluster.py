@@ -28,13 +28,13 @@ import yaml
 
 from protonmf import BackboneSpec, PrototypeModel, build_backbone
 from protonmf.data import Preprocess, make_source
+from tests.flows.small_run import N_CLASSES, tree
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
 MARKER = "PROTONMF_TEST_RAY_CLUSTER"
-N_CLASSES = 4
 # Ray Data's actors that schedule and count (num_cpus=0, placed on the driver's node by Ray Data)
 RAY_DATA_BOOKKEEPING = {"_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker"}
 
@@ -128,19 +128,6 @@ def cluster():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _config(bucket: str) -> dict:
-    return {
-        "data": {
-            "source": "synthetic", "n_classes": N_CLASSES, "max_images_per_class": 10, "val_images_per_class": 5,
-            "preprocess": {"resize": 64, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-        },
-        "backbone": {"arch": "torchvision:resnet18", "num_classes": N_CLASSES},
-        "prototypes": {"p": [3, 1], "classes_per_task": 2},
-        "compute": {"batch_size": 8},
-        "storage": {"features": f"s3://{bucket}/cluster/features", "model": f"s3://{bucket}/cluster/model"},
-    }
-
-
 def test_flow_runs_every_task_on_the_worker_node_of_an_authenticated_cluster(cluster, s3_server, s3, s3_bucket, tmp_path):
     nodes = json.loads(cluster.ray("list", "nodes", "--format", "json"))
     assert len(nodes) == 2 and all(n["state"] == "ALIVE" for n in nodes)
@@ -168,7 +155,7 @@ def test_flow_runs_every_task_on_the_worker_node_of_an_authenticated_cluster(clu
         assert not [k for k in proc.environ() if k.startswith("AWS_")], proc.cmdline()
 
     # The operator's command, on the head machine, with the S3 variables of the run.
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(_config(s3_bucket)))
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(tree(s3_bucket, "cluster")))
     aws_env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
     out = _check([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "cluster.yaml")], cluster.driver_env(**aws_env),

@@ -1,0 +1,20 @@
+"""The small run every flow test starts from: 4 synthetic classes, a random resnet18, stores on S3."""
+
+N_CLASSES = 4
+
+
+def tree(bucket: str, name: str, **overrides) -> dict:
+    config = {
+        "data": {
+            "source": "synthetic", "n_classes": N_CLASSES, "max_images_per_class": 10, "val_images_per_class": 5,
+            "preprocess": {"resize": 64, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        },
+        "backbone": {"arch": "torchvision:resnet18", "num_classes": N_CLASSES},
+        "prototypes": {"p": [3, 1], "classes_per_task": 2},
+        "compute": {"batch_size": 8},
+        "storage": {"features": f"s3://{bucket}/{name}/features", "model": f"s3://{bucket}/{name}/model"},
+    }
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
