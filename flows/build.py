@@ -94,7 +94,8 @@ def publish_model(config: Config) -> str:
 
 @task(retries=1)
 def evaluate(config: Config) -> dict:
-    return ray.get(evaluate_task.remote(config.model_dump_json()))
+    gpus = config.compute.extract_gpus  # evaluate_published computes on CUDA exactly when this is > 0
+    return ray.get(evaluate_task.options(num_gpus=gpus).remote(config.model_dump_json()))
 
 
 def _localization_table(evaluation: dict) -> str:

@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
+from protonmf.devices import step_device
 from protonmf.evaluation.held_out import evaluate_model
 from protonmf.data.extract import ClassExtraction, extract_classes, feature_key
 from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
@@ -186,6 +187,7 @@ def extract_group(
     config: Config, backbone: FeatureBackbone, source: ImageSource, store: FeatureStore, classes: list[int], **kwargs: Any
 ) -> list[ClassExtraction]:
     c = config.compute
+    kwargs.setdefault("device", step_device(c.extract_gpus, "compute.extract_gpus"))
     return extract_classes(
         backbone, source, make_preprocess(config), store, classes, batch_size=c.batch_size,
         precision=c.precision, channels_last=c.channels_last, **kwargs,
@@ -222,16 +224,16 @@ class GroupFit:
     resumed: bool
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _group_name(classes: list[int]) -> str:
     return f"g{classes[0]:05d}-{classes[-1]:05d}.safetensors"
 
 
 def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device: str | None = None) -> GroupFit:
-    """Fit every p of the config for ``classes`` from stored features; staged, resumable."""
+    """Fit every p of the config for ``classes`` from stored features; staged, resumable.
+
+    The NMF runs on ``device``, by default CUDA if ``compute.fit_gpus`` > 0, else the CPU
+    (:func:`~protonmf.devices.step_device`); the features stream to it from the CPU.
+    """
     key = fit_key(config, store)
     fs, staging = _staging(config, key)
     path = join(staging, _group_name(classes))
@@ -248,7 +250,8 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         pr = config.prototypes
         fits = fit_prototypes_sweep(  # every p in one pass over A per NMF update
             A, V[classes], bias[classes], pr.p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
-            seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, device=device or _default_device(),
+            seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver,
+            device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
         tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
@@ -307,12 +310,17 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
 
 
 def evaluate_published(config: Config, source: ImageSource, **kwargs: Any) -> dict[str, Any]:
-    """Evaluate the published model on held-out images; write the HTML report beside it."""
+    """Evaluate the published model on held-out images; write the HTML report beside it.
+
+    A forward pass over images like the extraction, so it runs where the extraction does: CUDA if
+    ``compute.extract_gpus`` > 0 (the Ray task asks for as many), else the CPU.
+    """
     from protonmf.evaluation.held_out import reconstruction_study
     from protonmf.viz.report import render_report
 
     opts = config.storage.storage_options or None
-    model = PrototypeModel.load(config.storage.model, storage_options=opts)
+    device = step_device(config.compute.extract_gpus, "compute.extract_gpus")
+    model = PrototypeModel.load(config.storage.model, storage_options=opts, map_location=device)
     result = evaluate_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size, **kwargs)
     ev = config.evaluation
     reconstruction = None
@@ -321,7 +329,7 @@ def evaluate_published(config: Config, source: ImageSource, **kwargs: Any) -> di
         classes = list(range(min(ev.reconstruction_classes, len(store.class_names))))
         reconstruction = reconstruction_study(
             store, model.available_p, classes=classes, seeds=(config.prototypes.seed, config.prototypes.seed + 1),
-            max_iter=config.prototypes.max_iter, tol=config.prototypes.tol,
+            max_iter=config.prototypes.max_iter, tol=config.prototypes.tol, device=device,
             fitted={p: model.with_p(p).prototypes for p in model.available_p},  # the seed-0 fit is the model
         )
         result["reconstruction"] = reconstruction
