@@ -234,3 +234,13 @@ def test_evaluation_and_craft_steps_take_the_extraction_gpus(tmp_path, monkeypat
         evaluate_published(config, source=None)
     with pytest.raises(RuntimeError, match=r"compute\.extract_gpus = 1 but this worker has no CUDA device"):
         _open(config, config.compute.extract_gpus)
+
+
+def test_the_command_lines_device_is_checked_before_any_work(monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evaluate", "no-model-here", "--val", "x", "--device", "cuda"]) == 2
+    assert "--device 'cuda': this machine has no CUDA device" in capsys.readouterr().err
+    assert main(["explain", "no-model-here", "img.png", "--device", "gpu"]) == 2
+    assert "--device 'gpu': Expected one of cpu, cuda" in capsys.readouterr().err
