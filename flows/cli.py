@@ -3,8 +3,10 @@
     protonmf demo [--out DIR]                    the whole flow on the embedded default, locally
     protonmf run CONFIG [--set key=value ...]    the whole flow on any config
     protonmf craft CONFIG [--set key=value ...]  CRAFT concepts of every class (configs/demo.yaml works)
-    protonmf evaluate MODEL_URI (--config CONFIG | --val URI) [--features STORE_URI] [--json OUT]
-    protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...]
+    protonmf evaluate MODEL_URI (--config CONFIG | --val URI) [--features STORE_URI] [--json OUT] [--device D]
+    protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...] [--device D]
+
+evaluate and explain compute on --device, by default CUDA if this machine has it, else the CPU.
 """
 
 from __future__ import annotations
@@ -65,6 +67,22 @@ def _craft(config, overrides) -> int:
     return 0
 
 
+def _device(args):
+    import torch
+
+    from protonmf.devices import local_device
+
+    if args.device is None:
+        return local_device()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: this machine has no CUDA device")
+    return device
+
+
 def _evaluate(args) -> int:
     from protonmf.config import parse_config
     from protonmf.data import make_source
@@ -73,7 +91,7 @@ def _evaluate(args) -> int:
     from protonmf.prototypes.model import PrototypeModel
     from protonmf.pipeline.prototype_run import make_preprocess, make_split_source
 
-    model = PrototypeModel.load(args.model)
+    model = PrototypeModel.load(args.model, map_location=_device(args))
     if args.config:
         from protonmf.config import load_config
 
@@ -100,7 +118,7 @@ def _explain(args) -> int:
     from protonmf.prototypes.explain_images import explain_images, parse_interventions
     from protonmf.prototypes.model import PrototypeModel
 
-    model = PrototypeModel.load(args.model)
+    model = PrototypeModel.load(args.model, map_location=_device(args))
     results = explain_images(model, args.images, args.out, interventions=parse_interventions(args.intervene))
     for r in results:
         if "skipped" in r:
@@ -136,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--reconstruction", action="store_true", help="the same, from the store the model was fitted on")
     ev.add_argument("--classes", type=int, default=50, help="classes used for the reconstruction study (default 50)")
     ev.add_argument("--json", help="also write the result to this file")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     ex = sub.add_parser("explain", help="explain images: contributions, prototype areas, interventions")
     ex.add_argument("model")
     ex.add_argument("images", nargs="+")
     ex.add_argument("--out", default="out/explain")
     ex.add_argument("--intervene", default="", help="CLASS:PROTO,... prototypes to remove (class index or name)")
+    ex.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     args = parser.parse_args(argv)
 
     from protonmf.config import ConfigError

@@ -155,14 +155,17 @@ def residual_heatmap(A: Tensor, E: Tensor, B: Tensor, R: Tensor) -> Tensor:
 
     Returns
     -------
-    H : Tensor of shape (K, n), float32: where the residual prototype explains what the NMF
-        prototypes leave out. Zero for a class whose residual is zero.
+    H : Tensor of shape (K, n), in A's dtype, at least float32 (float64 for float64 A): where the
+        residual prototype explains what the NMF prototypes leave out. Zero for a class whose
+        residual is zero.
     """
-    R32 = R.float()
-    Ar = A.float().clamp_min(0) @ R32.unsqueeze(2)  # (K, n, 1)
-    Er = E.float() @ (B.float() @ R32.unsqueeze(2))  # (K, n, 1)
-    norm_R = R32.square().sum(1, keepdim=True)
-    return torch.where(norm_R > 0, (Ar - Er).squeeze(2) / norm_R.clamp_min(1e-30), 0.0)  # eq. 6
+    dtype = torch.promote_types(A.dtype, torch.float32)
+    Rd = R.to(dtype)
+    Ar = A.to(dtype).clamp_min(0) @ Rd.unsqueeze(2)  # (K, n, 1)
+    Er = E.to(dtype) @ (B.to(dtype) @ Rd.unsqueeze(2))  # (K, n, 1)
+    norm_R = Rd.square().sum(1, keepdim=True)
+    # The divisor is ||R||² itself wherever it is not 0 (a floor such as 1e-30 would bend tiny residuals).
+    return torch.where(norm_R > 0, (Ar - Er).squeeze(2) / torch.where(norm_R > 0, norm_R, 1.0), 0.0)  # eq. 6
 
 
 def augment_prototypes(B: Tensor, C: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:

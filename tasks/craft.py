@@ -7,18 +7,20 @@ import json
 from collections.abc import Callable
 
 import ray
-import torch
 
 from protonmf.config import Config
+from protonmf.devices import step_device
 from protonmf.pipeline.craft_run import craft_group, predicted_images, publish_concepts
 from protonmf.pipeline.prototype_run import load_backbone, make_split_source
 from protonmf.data.store import FeatureStore
 from tasks.runtime import gather, maybe_fail_for_test
 
 
-def _open(config: Config):
+def _open(config: Config, gpus: float):
+    """The store, the black box on the task's device (CUDA if it was given ``gpus`` > 0), the sources."""
+    device = step_device(gpus, "compute.extract_gpus")  # before any I/O: a worker without CUDA fails at once
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    backbone = load_backbone(config).to("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_backbone(config).to(device)
     return store, backbone, make_split_source(config, "train"), make_split_source(config, "val")
 
 
@@ -33,7 +35,7 @@ def _plan(config_json: str) -> str:
 def _craft_group(config_json: str, plan_json: str, classes: list[int]) -> dict:
     maybe_fail_for_test()
     config = Config.model_validate_json(config_json)
-    store, backbone, train, val = _open(config)
+    store, backbone, train, val = _open(config, config.compute.extract_gpus)  # as craft_all asks Ray
     plan = {int(k): v for k, v in json.loads(plan_json).items()}
     return craft_group(config, backbone, store, plan, classes, train, val)
 
@@ -41,7 +43,7 @@ def _craft_group(config_json: str, plan_json: str, classes: list[int]) -> dict:
 @ray.remote(max_retries=2)
 def _publish_concepts(config_json: str) -> str:
     config = Config.model_validate_json(config_json)
-    store, backbone, train, val = _open(config)
+    store, backbone, train, val = _open(config, 0)  # figures of a few classes: no GPU asked for
     return publish_concepts(config, backbone, store, train, val)
 
 

@@ -28,5 +28,8 @@ def publish_on_ray(config: Config) -> str:
 
 
 def evaluate_on_ray(config: Config) -> dict:
-    """Evaluate the published model (and write its report); the evaluation's JSON."""
-    return ray.get(_evaluate.remote(config.model_dump_json()))
+    """Evaluate the published model (and write its report); the evaluation's JSON.
+
+    A forward pass over images like the extraction: it asks Ray for ``compute.extract_gpus``."""
+    task = _evaluate.options(num_gpus=config.compute.extract_gpus)
+    return ray.get(task.remote(config.model_dump_json()))

@@ -69,6 +69,21 @@ def test_residual_heatmap_is_the_least_squares_coefficient_of_each_row():
     assert (residual_heatmap(A, E, B, torch.zeros(2, 16)) == 0).all()
 
 
+def test_residual_heatmap_computes_in_float64_for_float64_features():
+    """The model's explain calls it on float64 features: it must not round them to float32."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(3, 40, 16, generator=g, dtype=torch.float64)  # negatives: taken as 0
+    E = torch.rand(3, 40, 2, generator=g, dtype=torch.float64)
+    B = torch.rand(3, 2, 16, generator=g, dtype=torch.float64)
+    R = 1e-20 * torch.randn(3, 16, generator=g, dtype=torch.float64)  # ||R||² ≈ 1e-39: no floor bends it
+    H = residual_heatmap(A, E, B, R)
+    assert H.dtype == torch.float64
+    for k in range(3):
+        target = (A[k].clamp_min(0) - E[k] @ B[k]).numpy()
+        ref = np.linalg.lstsq(R[k].numpy()[:, None], target.T, rcond=None)[0][0]
+        np.testing.assert_allclose(H[k].numpy(), ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+
+
 def test_augmented_prototypes_rebuild_the_head_exactly():
     V, B = problem(K=12, p=3, seed=4)
     fit = reconstruct_head(V, B)

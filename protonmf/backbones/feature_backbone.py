@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from protonmf.backbones.hooks import output_of
+from protonmf.devices import back_to, to_model
 
 __all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "load_state_dict", "weights_sha256"]
 
@@ -248,11 +249,20 @@ class FeatureBackbone(nn.Module):
     def bias(self) -> Tensor:
         """Head bias, shape (K,) (zeros if the head has none)."""
         b = self._head.bias
-        return b.detach() if b is not None else torch.zeros(self.V.shape[0], device=self.V.device)
+        return b.detach() if b is not None else torch.zeros(self.V.shape[0], device=self.V.device, dtype=self.V.dtype)
 
     @property
     def num_classes(self) -> int:
         return self.V.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network computes (see :mod:`protonmf.devices`)."""
+        return self._head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._head.weight.dtype
 
     def _raw_features(self, images: Tensor) -> Tensor:
         if self._layer is None:  # timm: forward_features is the feature layer
@@ -260,9 +270,15 @@ class FeatureBackbone(nn.Module):
         return output_of(self.model, self._layer, images)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Features F of shape (B, h, w, D), not clamped (the NMF clamps its own input)."""
+        """Features F of shape (B, h, w, D), not clamped (the NMF clamps its own input).
+
+        ``images`` are moved to the network's device and dtype; F comes back on their device.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        return back_to(self._features(to_model(images, self._head.weight)), images)
+
+    def _features(self, images: Tensor) -> Tensor:
         out = self._raw_features(images)
         if self.tokens:
             patches = out[:, self.num_prefix_tokens :]  # drop the class (and register) tokens
@@ -282,8 +298,8 @@ class FeatureBackbone(nn.Module):
         return F
 
     def head_logits(self, F: Tensor) -> Tensor:
-        """The black box's logits from features: mean_hw(F) Vᵀ + bias, shape (B, K)."""
-        return F.flatten(1, 2).mean(1) @ self.V.T + self.bias
+        """The black box's logits from features: mean_hw(F) Vᵀ + bias, shape (B, K), on F's device."""
+        return back_to(to_model(F, self.V).flatten(1, 2).mean(1) @ self.V.T + self.bias, F)
 
     def spec_dict(self) -> dict[str, Any]:
         base = self.spec.to_dict() if self.spec is not None else {"arch": type(self.model).__name__}

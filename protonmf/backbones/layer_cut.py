@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.backbones.hooks import output_of
+from protonmf.devices import to_model
 
 __all__ = ["LayerCut"]
 
@@ -74,7 +75,7 @@ class LayerCut:
 
     @torch.no_grad()
     def _check(self) -> None:
-        x = torch.randn(2, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        x = to_model(torch.randn(2, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0)), self.backbone.V)
         full = self.backbone.model(x)
         cut = self.logits(self.activations(x))
         if cut.shape != full.shape or not torch.allclose(cut, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()) + 1e-6):

@@ -58,7 +58,7 @@ def extract_classes(
 
     Parameters
     ----------
-    backbone : the black box, moved to ``device`` (default: CUDA if present, else CPU).
+    backbone : the black box, moved to ``device`` (default: where it is; :mod:`protonmf.devices`).
     source : image source whose labels index the store's classes.
     preprocess : PIL image → (3, S, S) tensor.
     store : the :class:`~protonmf.store.FeatureStore` to write.
@@ -71,7 +71,7 @@ def extract_classes(
     """
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else backbone.device
     backbone = backbone.to(device).eval()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:

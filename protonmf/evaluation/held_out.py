@@ -2,6 +2,8 @@
 
 One backbone pass per image serves every comparison: the features F give the black box's logits
 (mean_hw(F) Vᵀ + bias) and the prototype model's logits for every fitted p and mode (Table 3).
+Everything runs where the model is, in its dtype (:mod:`protonmf.devices`): move the model first
+(``PrototypeModel.load(uri, map_location="cuda")``) to evaluate on a GPU.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 from protonmf.data import ImageSource, iter_batches
+from protonmf.devices import to_model
 from protonmf.evaluation.localization import part_localization
 from protonmf.prototypes.model import MODES, PrototypeModel
 
@@ -26,7 +29,6 @@ def evaluate_model(
     *,
     batch_size: int = 64,
     workers: int | None = None,
-    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Top-1 of the black box and of the prototype model (each p, each mode) on ``source``.
 
@@ -40,8 +42,7 @@ def evaluate_model(
     top1_before, top1_after, fixed} when each wrong prediction loses its predicted class's most
     important prototype.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
+    model = model.eval()
     variants = {(p, mode): model.with_p(p).with_mode(mode) for p in model.available_p for mode in MODES}
     correct = {key: 0 for key in variants}
     fixed = {p: 0 for p in model.available_p}  # Table 4: wrong predictions set right by one intervention
@@ -56,8 +57,9 @@ def evaluate_model(
         n_skipped += len(batch.skipped)
         if len(batch) == 0:
             continue
-        F = model.features(batch.images.to(device))
-        labels = batch.labels.to(device)
+        images = to_model(batch.images, model.backbone.V)  # once per batch, not once per variant
+        F = model.features(images)
+        labels = batch.labels.to(F.device)
         black_box = model.backbone.head_logits(F)
         correct_bb += int((black_box.argmax(1) == labels).sum())
         max_logit = max(max_logit, float(black_box.abs().max()))
@@ -71,7 +73,7 @@ def evaluate_model(
             mask_rows.append(torch.from_numpy(masks[[by_id[i].index for i in batch.image_ids]]))
             label_rows.append(batch.labels)
             for p in model.available_p:  # where each prototype of the true class is (eq. 9)
-                heat[p].append(variants[(p, model.mode)].explain(batch.images.to(device), target=labels).heatmaps.cpu())
+                heat[p].append(variants[(p, model.mode)].explain(images, target=labels).heatmaps.cpu())
         n += len(batch)
     if n == 0:
         raise ValueError(f"evaluation: no usable images in {source!r}")

@@ -40,7 +40,7 @@ def evaluate_published_model(
         fitted_here = store.uri == s.get("features")
         result["reconstruction"] = reconstruction_study(
             store, model.available_p, classes=list(range(min(study_classes, len(store.class_names)))),
-            seeds=(seed, seed + 1), max_iter=int(s.get("max_iter", 200)), tol=float(s.get("tol", 1e-4)),
+            seeds=(seed, seed + 1), max_iter=int(s.get("max_iter", 200)), tol=float(s.get("tol", 1e-4)), device=model.device,
             fitted={p: model.with_p(p).prototypes for p in model.available_p} if fitted_here else None,
         )
     return result

@@ -26,6 +26,7 @@ from protonmf.artifact import attach_file
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone, weights_sha256
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess, make_source
+from protonmf.devices import step_device
 from protonmf.evaluation.published import evaluate_published_model
 from protonmf.data.extract import ClassExtraction, extract_classes
 from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
@@ -190,6 +191,7 @@ def extract_group(
     config: Config, backbone: FeatureBackbone, source: ImageSource, store: FeatureStore, classes: list[int], **kwargs: Any
 ) -> list[ClassExtraction]:
     c = config.compute
+    kwargs.setdefault("device", step_device(c.extract_gpus, "compute.extract_gpus"))
     return extract_classes(
         backbone, source, make_preprocess(config), store, classes, batch_size=c.batch_size,
         precision=c.precision, channels_last=c.channels_last, **kwargs,
@@ -217,12 +219,14 @@ class GroupFit:
     resumed: bool
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device: str | None = None) -> GroupFit:
-    """Fit every p of the config for ``classes`` from stored features; staged, resumable."""
+    """Fit every p of the config for ``classes`` from stored features; staged, resumable.
+
+    The NMF runs on ``device``, by default CUDA if ``compute.fit_gpus`` > 0, else the CPU
+    (:func:`~protonmf.devices.step_device`); the features stream to it from the CPU.
+    """
     key = fit_key(config, store)
     fs, staging = staging_dir(config.storage.model, key, config.storage.storage_options or None)
     path = join(staging, group_stem(classes) + ".safetensors")
@@ -239,7 +243,8 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         pr = config.prototypes
         fits = fit_prototypes_sweep(  # every p in one pass over A per NMF update
             A, V[classes], bias[classes], pr.p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
-            seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, device=device or _default_device(),
+            seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver,
+            device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
         tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
@@ -295,11 +300,16 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
 
 
 def evaluate_run(config: Config, source: ImageSource) -> dict[str, Any]:
-    """Evaluate the run's published model on held-out images; write the HTML report beside it."""
+    """Evaluate the run's published model on held-out images; write the HTML report beside it.
+
+    A forward pass over images like the extraction, so it runs where the extraction does: CUDA if
+    ``compute.extract_gpus`` > 0 (the Ray task asks for as many), else the CPU.
+    """
     from protonmf.viz.report import render_report
 
     opts = config.storage.storage_options or None
-    model = PrototypeModel.load(config.storage.model, storage_options=opts)
+    device = step_device(config.compute.extract_gpus, "compute.extract_gpus")
+    model = PrototypeModel.load(config.storage.model, storage_options=opts, map_location=device)
     ev = config.evaluation
     store = FeatureStore.open(config.storage.features, storage_options=opts) if ev.reconstruction_classes else None
     result = evaluate_published_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size,

@@ -51,7 +51,7 @@ def _describe(model: PrototypeModel, images: torch.Tensor) -> tuple[list[dict[st
             "probability": float(probs[c]),
             "logit": float(exp.logits[b, c]),
             "contributions": [float(v) for v in exp.contributions[b]],
-            "coefficients": [float(v) for v in model.C[c]],
+            "coefficients": model.C[c].tolist(),
             "residual": float(exp.residual[b]),
             "residual_spread_over_prototypes": bool(model.spread[c]),
             "bias": float(exp.bias[b]),

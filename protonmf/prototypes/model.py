@@ -15,12 +15,16 @@ The artifact is a folder (any fsspec URI):
   written last, so a folder without it is not an artifact.
 - ``backbone.safetensors``: the backbone's state dict.
 - ``prototypes_p{p}.safetensors``: :class:`~protonmf.fit.ClassPrototypes` for each p.
+
+Devices and dtypes follow :mod:`protonmf.devices`: the prototypes live where the backbone is, a
+model derived from this one (``with_p``, ``with_mode``, ``intervene``) where this one is, inputs
+are moved to the model and results come back where the inputs were.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -31,6 +35,8 @@ from torch import Tensor, nn
 
 from protonmf.artifact import ArtifactError, open_artifact, write_artifact
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.devices import back_to, output_dtype, to_model
+from protonmf.head import residual_heatmap
 from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes, fit_prototypes_sweep, fit_settings, stack_classes
 from protonmf.nnls import nnls
 
@@ -45,6 +51,9 @@ FORMAT_VERSION = 1
 @dataclass(frozen=True)
 class Explanation:
     """Why the model gave each image its class.
+
+    All on the device of the explained images; "float32" below is the model's output dtype
+    (float64 for a float64 model, see :mod:`protonmf.devices`).
 
     Attributes
     ----------
@@ -104,10 +113,11 @@ class PrototypeModel(nn.Module):
         self.settings = dict(settings or {})
         self.interventions = {int(k): sorted(int(i) for i in v) for k, v in (interventions or {}).items()}
         self.version: str | None = None  # the artifact version it was loaded from (None: not loaded)
-        # Other prototype counts of the same fit, kept so that save() writes them all back.
+        # Other prototype counts of the same fit, kept so that save() writes them all back; they
+        # stay where they were given (with_p moves the chosen one to this model).
         self.extra_prototypes = dict(extra_prototypes or {})
-        for name, tensor in prototypes.to_tensors().items():
-            self.register_buffer(name, tensor)
+        for f in fields(prototypes):  # copies: the model owns its buffers
+            self.register_buffer(f.name, getattr(prototypes, f.name).detach().to(backbone.device, copy=True))
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -153,6 +163,7 @@ class PrototypeModel(nn.Module):
         if missing:
             raise ValueError(f"labels: class(es) {missing[:10]} have no images (empty class)")
         A, n_rows = stack_classes([F[labels == k] for k in range(K)])
+        fit_kwargs.setdefault("device", backbone.device)  # the NMF follows the backbone; A streams to it
         counts = [p] if isinstance(p, int) else list(p)
         if isinstance(p, int):
             fits = [fit_prototypes(A, backbone.V, backbone.bias, p, n_rows=n_rows, **fit_kwargs)[0]]
@@ -176,55 +187,81 @@ class PrototypeModel(nn.Module):
     def available_p(self) -> list[int]:
         return sorted({self.p, *self.extra_prototypes})
 
+    @property
+    def device(self) -> torch.device:
+        """The model's device: its backbone's (see :mod:`protonmf.devices`)."""
+        return self.backbone.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: its backbone's; logits and maps come in :func:`~protonmf.devices.output_dtype`."""
+        return self.backbone.dtype
+
+    def _derive(self, prototypes: ClassPrototypes, **changes: Any) -> "PrototypeModel":
+        """A model on the same backbone with other prototypes or settings, where this one is.
+
+        Every buffer takes the device and dtype of this model's buffer of the same name (a model
+        moved with ``.to("cuda")`` or ``.double()`` derives models like it).
+        """
+        kwargs = {
+            "mode": self.mode, "preprocess": self.preprocess, "settings": self.settings,
+            "interventions": self.interventions, "extra_prototypes": self.extra_prototypes, **changes,
+        }
+        model = PrototypeModel(self.backbone, prototypes, self.class_names, **kwargs)
+        for name, buffer in self.named_buffers(recurse=False):
+            setattr(model, name, getattr(model, name).to(device=buffer.device, dtype=buffer.dtype))
+        return model
+
     def with_p(self, p: int) -> "PrototypeModel":
-        """The same model with another fitted prototype count."""
+        """The same model with another fitted prototype count (interventions are per p: not kept)."""
         if p == self.p:
             return self
         if p not in self.extra_prototypes:
             raise ValueError(f"p = {p} was not fitted; available: {self.available_p}")
         fits = {self.p: self.prototypes, **self.extra_prototypes}
         chosen = fits.pop(p)
-        return PrototypeModel(
-            self.backbone, chosen, self.class_names, mode=self.mode, preprocess=self.preprocess,
-            settings=self.settings, extra_prototypes=fits,
-        )
+        return self._derive(chosen, interventions=None, extra_prototypes=fits)
 
     def with_mode(self, mode: Mode) -> "PrototypeModel":
         """The same prototypes read in another mode of Table 3."""
-        return PrototypeModel(
-            self.backbone, self.prototypes, self.class_names, mode=mode, preprocess=self.preprocess,
-            settings=self.settings, interventions=self.interventions, extra_prototypes=self.extra_prototypes,
-        )
+        return self._derive(self.prototypes, mode=mode)
 
     # ----------------------------------------------------------------- inference
     def _class_vectors(self) -> tuple[Tensor, Tensor]:
         """Per-class prototype vectors (K, p, D) of the current mode, float64, and coefficients (K, p)."""
+        # .double() is a no-op on the head's own float64 buffers; it keeps the head's arithmetic in
+        # float64 after a cast of the whole model (e.g. .float()).
         if self.mode == "augmented":
-            return self.B_aug, self.C
-        return self.B.double(), self.C
+            return self.B_aug.double(), self.C.double()
+        return self.B.double(), self.C.double()
 
     def effective_head(self) -> Tensor:
         """The (K, D) float64 head the model applies to mean-pooled features (eq. 7–8)."""
         if self.mode == "residual_only":
-            return self.R
+            return self.R.double()
         vectors, coef = self._class_vectors()
         head = (coef.unsqueeze(1) @ vectors).squeeze(1)
         if self.mode == "augmented":
-            head = head + (~self.spread).unsqueeze(1) * self.R  # eq. 7 where eq. 8 is undefined
+            head = head + (~self.spread).unsqueeze(1) * self.R.double()  # eq. 7 where eq. 8 is undefined
         return head
 
     def features(self, images: Tensor) -> Tensor:
-        """Backbone features F of shape (B, h, w, D)."""
+        """Backbone features F of shape (B, h, w, D), on the images' device."""
         return self.backbone(images)
+
+    def _logits(self, F: Tensor) -> Tensor:
+        """:meth:`logits_from_features` for F already on the model's device, in its dtype."""
+        pooled = F.flatten(1, 2).mean(1).double()
+        return (pooled @ self.effective_head().T + self.bias.double()).to(output_dtype(self.backbone.V))
 
     def logits_from_features(self, F: Tensor) -> Tensor:
         """Logits (B, K) from features (B, h, w, D): Σ_i a_i mean_hw(F b'_iᵀ) + bias (linear in F)."""
-        pooled = F.flatten(1, 2).mean(1).double()
-        return (pooled @ self.effective_head().T + self.bias).float()
+        return back_to(self._logits(to_model(F, self.backbone.V)), F)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        return self.logits_from_features(self.features(images))
+        """Logits (B, K) of images (B, 3, H, W), on the images' device."""
+        return back_to(self._logits(self.features(to_model(images, self.backbone.V))), images)
 
     @torch.no_grad()
     def explain(self, images: Tensor, target: Tensor | Sequence[int] | None = None) -> Explanation:
@@ -235,9 +272,10 @@ class PrototypeModel(nn.Module):
         images : (B, 3, H, W) preprocessed images.
         target : (B,) class indices to explain; default: the predicted class.
         """
-        F = self.features(images)  # (B, h, w, D)
+        x = to_model(images, self.backbone.V)
+        F = self.features(x)  # (B, h, w, D)
         Bsz, h, w, D = F.shape
-        logits = self.logits_from_features(F)
+        logits = self._logits(F)
         if target is None:
             target = logits.argmax(1)
         target = torch.as_tensor(target, dtype=torch.int64, device=logits.device).reshape(-1)
@@ -247,28 +285,27 @@ class PrototypeModel(nn.Module):
         pooled = flat.mean(1)  # (B, D)
         vectors, coef = self._class_vectors()
         V_t, a_t = vectors[target], coef[target]  # (B, p, D), (B, p)
-        R_t = self.R[target]  # (B, D)
+        R_t = self.R[target].double()  # (B, D)
         residual = (pooled * R_t).sum(1)
         if self.mode == "residual_only":
             contributions = torch.zeros_like(a_t)
         else:
             contributions = a_t * (pooled.unsqueeze(1) * V_t).sum(-1)
         presence = nnls(flat.clamp_min(0), V_t)  # (B, hw, p), eq. 9
-        codes = nnls(flat.clamp_min(0), self.B[target].double())  # NMF codes of this image
-        unexplained = flat.clamp_min(0) - codes @ self.B[target].double()
-        norm_R = R_t.square().sum(1, keepdim=True)
-        res_map = torch.where(norm_R > 0, (unexplained * R_t.unsqueeze(1)).sum(-1) / norm_R.clamp_min(1e-300), 0.0)  # eq. 6
-        size = images.shape[-2:]
-        heatmaps = nnf.interpolate(presence.transpose(1, 2).reshape(Bsz, -1, h, w).float(), size=size, mode="bilinear", align_corners=False)
-        res_heat = nnf.interpolate(res_map.reshape(Bsz, 1, h, w).float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        B_t = self.B[target].double()
+        codes = nnls(flat.clamp_min(0), B_t)  # the image's own codes against the NMF prototypes
+        res_map = residual_heatmap(flat, codes, B_t, R_t)  # (B, hw), eq. 6 with images as the batch
+        size, out = images.shape[-2:], output_dtype(self.backbone.V)
+        heatmaps = nnf.interpolate(presence.transpose(1, 2).reshape(Bsz, -1, h, w).to(out), size=size, mode="bilinear", align_corners=False)
+        res_heat = nnf.interpolate(res_map.reshape(Bsz, 1, h, w).to(out), size=size, mode="bilinear", align_corners=False)[:, 0]
         return Explanation(
-            logits=logits,
-            target=target,
-            contributions=contributions,
-            residual=residual,
-            bias=self.bias[target],
-            heatmaps=heatmaps,
-            residual_heatmap=res_heat,
+            logits=back_to(logits, images),
+            target=back_to(target, images),
+            contributions=back_to(contributions, images),
+            residual=back_to(residual, images),
+            bias=back_to(self.bias[target].double(), images),
+            heatmaps=back_to(heatmaps, images),
+            residual_heatmap=back_to(res_heat, images),
         )
 
     def intervene(self, removals: Mapping[int | str, Sequence[int]]) -> "PrototypeModel":
@@ -277,7 +314,7 @@ class PrototypeModel(nn.Module):
         ``removals`` maps a class (index or name) to prototype indices; their coefficients a_i are
         set to 0 (paper A.4), the rest of the model is unchanged. This model is not modified.
         """
-        C = self.C.clone()
+        C = self.C.clone()  # on this model's device, in its dtype
         done = {k: list(v) for k, v in self.interventions.items()}
         for key, protos in removals.items():
             k = self._class_index(key)
@@ -286,12 +323,9 @@ class PrototypeModel(nn.Module):
                     raise ValueError(f"intervene: prototype {i!r} of class {key!r} is not in [0, {self.p})")
                 C[k, i] = 0.0
             done[k] = sorted(set(done.get(k, [])) | set(protos))
-        fit = ClassPrototypes.from_tensors({**self.prototypes.to_tensors(), "C": C.cpu()})
-        model = PrototypeModel(
-            self.backbone, fit, self.class_names, mode=self.mode, preprocess=self.preprocess,
-            settings=self.settings, interventions=done,
-        )
-        return model.to(self.C.device)
+        # The other p are dropped: their prototypes are other ones, and save() must not write them
+        # back as if they carried these interventions.
+        return self._derive(replace(self.prototypes, C=C), interventions=done, extra_prototypes=None)
 
     def _class_index(self, key: int | str) -> int:
         if isinstance(key, str):

@@ -70,7 +70,7 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
     fig.tight_layout()
     areas = _png(fig)
     fig, ax = plt.subplots(figsize=(3.2, 0.4 + 0.35 * model.p))
-    coef = model.C[k].numpy()
+    coef = model.C[k].cpu().numpy()
     ax.barh([f"proto {i}" for i in range(model.p)], coef, color=[PROTOTYPE_COLORS[i % 10] for i in range(model.p)])
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
@@ -109,9 +109,13 @@ def render_report(
     images_per_class: int = 10,
     title: str = "Prototype model report",
 ) -> str:
-    """The report as one HTML string. ``source`` gives the example images (held-out)."""
+    """The report as one HTML string. ``source`` gives the example images (held-out).
+
+    The model stays where it is (its figures are computed there); images are loaded on the CPU and
+    the explanations come back there to be drawn (:mod:`protonmf.devices`).
+    """
     pre = Preprocess(**model.preprocess) if model.preprocess else Preprocess()
-    model = model.cpu().eval()
+    model = model.eval()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     spec = model.backbone.spec_dict()
