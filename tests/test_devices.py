@@ -200,7 +200,7 @@ def test_step_device_follows_the_gpus_the_config_gives(monkeypatch):
 def _store_and_config(tmp_path, **compute):
     from protonmf.config import parse_config
     from protonmf.data.store import FeatureStore
-    from tests.test_store import records
+    from tests.data.test_store import records
 
     g = torch.Generator().manual_seed(6)
     store = FeatureStore.create(str(tmp_path / "fs"), key="k", class_names=["a", "b"], grid=(2, 2), dim=8,
