@@ -1,7 +1,8 @@
 """``build_prototype_model``: extract → fit → merge and publish → evaluate, each step on Ray.
 
-The flow body reads like the paper's recipe; each step is a Prefect task with retries whose heavy
-work runs as Ray tasks (see ``tasks/``), and the run leaves Prefect artifacts behind: a markdown
+The flow body reads like the paper's recipe; each step is a Prefect task whose heavy work runs as
+Ray tasks (see ``tasks/``), retried up to ``compute.retries`` times after an error that can heal
+(:func:`tasks.runtime.is_retryable`), and the run leaves Prefect artifacts behind: a markdown
 summary, a table of per-class reconstruction errors, a link to the model, and progress.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_link_artifact,
     create_markdown_artifact,
@@ -31,7 +33,7 @@ from protonmf.pipeline.prototype_run import class_groups, preflight  # noqa: E40
 from tasks.extract import extract_features as ray_extract_features  # noqa: E402
 from tasks.fit import fit_all  # noqa: E402
 from tasks.publish import evaluate_task, prepare_task, publish_task  # noqa: E402
-from tasks.runtime import ray_session  # noqa: E402
+from tasks.runtime import is_retryable, ray_session  # noqa: E402
 
 
 def _config(config: Config | dict[str, Any] | str, overrides: list[str] | None) -> Config:
@@ -42,7 +44,22 @@ def _config(config: Config | dict[str, Any] | str, overrides: list[str] | None) 
     return parse_config(config, overrides or [], origin="flow parameter")
 
 
-@task(retries=2, retry_delay_seconds=5)
+def can_heal(task: Task, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry only an error that another attempt can get past."""
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and is_retryable(error)
+
+
+#: The decorator of every step; how often it is retried is the run's (see :func:`retrying`).
+step = partial(task, retry_delay_seconds=5, retry_condition_fn=can_heal)
+
+
+def retrying(prefect_task: Task, config: Config) -> Task:
+    """``prefect_task`` (a :data:`step`) with the run's retries, ``compute.retries``."""
+    return prefect_task.with_options(retries=config.compute.retries)
+
+
+@step
 def prepare(config: Config) -> dict:
     return ray.get(prepare_task.remote(config.model_dump_json()))
 
@@ -50,11 +67,11 @@ def prepare(config: Config) -> dict:
 def prepared_config(config: Config) -> tuple[Config, list[str], dict]:
     """Run ``prepare``: the config with the black box's weights pinned, the class names, and what
     ``prepare`` reported (classes already extracted)."""
-    prepared = prepare(config)
+    prepared = retrying(prepare, config)(config)
     return Config.model_validate_json(prepared["config_json"]), prepared["class_names"], prepared
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def extract_features(config: Config, num_classes: int) -> list[dict]:
     progress_id = create_progress_artifact(0.0, key="extract-progress", description="classes extracted")
     done = 0
@@ -70,7 +87,7 @@ def extract_features(config: Config, num_classes: int) -> list[dict]:
         return ray_extract_features(config, list(range(num_classes)), on_class=tick)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def fit_prototypes(config: Config, num_classes: int) -> list[dict]:
     groups = class_groups(num_classes, config.prototypes.classes_per_task)
     progress_id = create_progress_artifact(0.0, key="fit-progress", description="class groups fitted")
@@ -87,12 +104,12 @@ def fit_prototypes(config: Config, num_classes: int) -> list[dict]:
         return fit_all(config, groups, on_group=tick)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def publish_model(config: Config) -> str:
     return ray.get(publish_task.remote(config.model_dump_json()))
 
 
-@task(retries=1)
+@step
 def evaluate(config: Config) -> dict:
     return ray.get(evaluate_task.remote(config.model_dump_json()))
 
@@ -176,20 +193,21 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
         logger.info("%d classes, %d already extracted", len(class_names), len(prepared["done"]))
 
         t = time.perf_counter()
-        extraction = extract_features(cfg, len(class_names))
+        extraction = retrying(extract_features, cfg)(cfg, len(class_names))
         timings["extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        fits = fit_prototypes(cfg, len(class_names))
+        fits = retrying(fit_prototypes, cfg)(cfg, len(class_names))
         timings["fit"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        uri = publish_model(cfg)
+        uri = retrying(publish_model, cfg)(cfg)
         timings["publish"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        evaluation = evaluate(cfg)
+        evaluation = retrying(evaluate, cfg)(cfg)
         timings["evaluate"] = time.perf_counter() - t
     summary = _report(cfg, class_names, extraction, fits, evaluation, uri, timings)
     logger.info(summary)
-    return {"model": uri, "evaluation": evaluation, "timings": timings, "classes": len(class_names)}
+    work = {"classes_extracted": sum(not r["resumed"] for r in extraction), "groups_fitted": sum(not g["resumed"] for g in fits)}
+    return {"model": uri, "evaluation": evaluation, "timings": timings, "classes": len(class_names), "work": work}

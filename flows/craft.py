@@ -17,7 +17,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_link_artifact,
     create_markdown_artifact,
@@ -27,7 +27,7 @@ from prefect.artifacts import (  # noqa: E402
 )
 from rich.progress import Progress  # noqa: E402
 
-from flows.build import _config, extract_features, prepared_config  # noqa: E402
+from flows.build import _config, extract_features, prepared_config, retrying, step  # noqa: E402
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft.artifact import ConceptSet  # noqa: E402
 from protonmf.pipeline.prototype_run import class_groups, preflight  # noqa: E402
@@ -35,12 +35,12 @@ from tasks.craft import craft_all, plan_task, publish_concepts_task  # noqa: E40
 from tasks.runtime import ray_session  # noqa: E402
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def plan_images(config: Config) -> dict[int, list[dict]]:
     return {int(k): v for k, v in json.loads(ray.get(plan_task.remote(config.model_dump_json()))).items()}
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def extract_concepts(config: Config, plan: dict[int, list[dict]], num_classes: int) -> list[dict]:
     groups = class_groups(num_classes, config.craft.classes_per_task)
     progress_id = create_progress_artifact(0.0, key="craft-progress", description="class groups done")
@@ -57,7 +57,7 @@ def extract_concepts(config: Config, plan: dict[int, list[dict]], num_classes: i
         return craft_all(config, groups, plan, on_group=tick)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def publish_concepts(config: Config) -> str:
     return ray.get(publish_concepts_task.remote(config.model_dump_json()))
 
@@ -121,16 +121,16 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     with ray_session(cfg):
         t = time.perf_counter()
         cfg, class_names, _ = prepared_config(cfg)
-        extract_features(cfg, len(class_names))
+        retrying(extract_features, cfg)(cfg, len(class_names))
         timings["prepare+extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        plan = plan_images(cfg)
-        groups = extract_concepts(cfg, plan, len(class_names))
+        plan = retrying(plan_images, cfg)(cfg)
+        groups = retrying(extract_concepts, cfg)(cfg, plan, len(class_names))
         timings["concepts"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        uri = publish_concepts(cfg)
+        uri = retrying(publish_concepts, cfg)(cfg)
         timings["publish"] = time.perf_counter() - t
     summary = ConceptSet.read_manifest(uri, storage_options=cfg.storage.storage_options or None)["summary"]
     logger.info(_report(cfg, class_names, groups, summary, uri, timings))
