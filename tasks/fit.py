@@ -8,7 +8,7 @@ from dataclasses import asdict
 import ray
 
 from protonmf.config import Config
-from protonmf.pipeline.prototype_run import fit_group
+from protonmf.pipeline.prototype_run import fit_group, published_fits
 from protonmf.data.store import FeatureStore
 from tasks.runtime import gather, maybe_fail_for_test
 
@@ -21,8 +21,25 @@ def fit_group_task(config_json: str, classes: list[int]) -> dict:
     return asdict(fit_group(config, store, classes))
 
 
+@ray.remote(max_retries=2)
+def published_fits_task(config_json: str, groups: list[list[int]]) -> list[dict] | None:
+    config = Config.model_validate_json(config_json)
+    store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
+    fits = published_fits(config, store, groups)
+    return None if fits is None else [asdict(f) for f in fits]
+
+
 def fit_all(config: Config, groups: list[list[int]], on_group: Callable[[dict], None] | None = None) -> list[dict]:
-    """Fit every group in parallel (GPU tasks when ``compute.fit_gpus`` > 0); results in group order."""
-    task = fit_group_task.options(num_gpus=config.compute.fit_gpus, num_cpus=1)
+    """Fit every group in parallel (GPU tasks when ``compute.fit_gpus`` > 0); results in group order.
+
+    If the model at ``storage.model`` was published from this very fit, its fits are read instead.
+    """
     config_json = config.model_dump_json()
+    published = ray.get(published_fits_task.remote(config_json, groups))
+    if published is not None:
+        for result in published:
+            if on_group is not None:
+                on_group(result)
+        return published
+    task = fit_group_task.options(num_gpus=config.compute.fit_gpus, num_cpus=1)
     return gather([task.remote(config_json, g) for g in groups], on_group)

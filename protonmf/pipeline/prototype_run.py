@@ -46,6 +46,7 @@ __all__ = [
     "preflight",
     "prepare_store",
     "publish_model",
+    "published_fits",
     "resolve_backbone",
 ]
 
@@ -253,7 +254,10 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
         resumed = False
-    by_p = _split_by_p(tensors)
+    return _group_fit(classes, _split_by_p(tensors), resumed)
+
+
+def _group_fit(classes: list[int], by_p: dict[int, ClassPrototypes], resumed: bool) -> GroupFit:
     return GroupFit(
         classes=list(classes),
         feature_error={p: f.feature_error.tolist() for p, f in by_p.items()},
@@ -261,6 +265,31 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         n_iter={p: f.n_iter.tolist() for p, f in by_p.items()},
         resumed=resumed,
     )
+
+
+def _published_key(config: Config) -> str | None:
+    """The fit key of the model published at ``storage.model`` (None if there is none)."""
+    fs, root = to_fs(config.storage.model, config.storage.storage_options or None)
+    manifest_path = join(root, "manifest.json")
+    if not fs.exists(manifest_path):
+        return None
+    return json.loads(read_bytes(fs, manifest_path)).get("settings", {}).get("fit_key")
+
+
+def published_fits(config: Config, store: FeatureStore, groups: list[list[int]]) -> list[GroupFit] | None:
+    """The fits of ``groups`` read from the published model if it comes from this fit key, else None.
+
+    A finished run's rerun needs nothing else: its staging files went when it published.
+    """
+    if _published_key(config) != fit_key(config, store):
+        return None
+    model = PrototypeModel.load(config.storage.model, storage_options=config.storage.storage_options or None)
+    fits = {p: model.with_p(p).prototypes.to_tensors() for p in config.prototypes.p}  # per class: (K, ...)
+
+    def group_of(classes: list[int]) -> dict[int, ClassPrototypes]:
+        return {p: ClassPrototypes.from_tensors({name: t[classes] for name, t in f.items()}) for p, f in fits.items()}
+
+    return [_group_fit(g, group_of(g), resumed=True) for g in groups]
 
 
 def _split_by_p(tensors: dict[str, torch.Tensor]) -> dict[int, ClassPrototypes]:
@@ -278,13 +307,9 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
     """
     key = fit_key(config, store)
     uri = config.storage.model
-    fs, root = to_fs(uri, config.storage.storage_options or None)
-    manifest_path = join(root, "manifest.json")
-    if fs.exists(manifest_path):
-        manifest = json.loads(read_bytes(fs, manifest_path))
-        if manifest.get("settings", {}).get("fit_key") == key:
-            return uri
-    _, staging = _staging(config, key)
+    if _published_key(config) == key:
+        return uri
+    fs, staging = _staging(config, key)
     groups = class_groups(len(store.class_names), config.prototypes.classes_per_task)
     by_p: dict[int, list[ClassPrototypes]] = {p: [] for p in config.prototypes.p}
     for classes in groups:
