@@ -24,6 +24,10 @@ from protonmf.pipeline.prototype_run import extract_group, load_backbone, make_s
 from protonmf.data.store import FeatureStore
 
 
+#: What a worker returns per class (besides ``error``): the fields of ``ClassExtraction``.
+FIELDS = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
+
+
 class FeatureExtractor:
     """A Ray Data actor: ``__init__`` loads, ``__call__`` extracts a batch of classes."""
 
@@ -49,12 +53,13 @@ class FeatureExtractor:
         return {**out, "error": np.array([d.get("error", b"") for d in done], dtype=object)}
 
 
-FIELDS = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
+WORKER_NOTE = "in the extraction worker:\n"
 
 
 def _as_data(err: Exception) -> bytes:
     """``err`` pickled, with the worker's traceback as a note (pickling drops tracebacks)."""
-    err.add_note("in the extraction worker:\n" + "".join(traceback.format_exception(err)))
+    if not any(note.startswith(WORKER_NOTE) for note in getattr(err, "__notes__", [])):  # once: __init__'s is sent per batch
+        err.add_note(WORKER_NOTE + "".join(traceback.format_exception(err)))
     try:
         return pickle.dumps(err)
     except Exception:  # noqa: BLE001 - an exception that does not pickle: keep what it said
