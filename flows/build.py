@@ -1,7 +1,8 @@
 """``build_prototype_model``: extract → fit → merge and publish → evaluate, each step on Ray.
 
-The flow body reads like the paper's recipe; each step is a Prefect task with retries whose heavy
-work runs as Ray tasks (see ``tasks/``), and the run leaves Prefect artifacts behind: a markdown
+The flow body reads like the paper's recipe; each step is a Prefect task whose heavy work runs as
+Ray tasks (see ``tasks/``), retried up to ``compute.retries`` times after an error that can heal
+(:func:`tasks.runtime.is_retryable`), and the run leaves Prefect artifacts behind: a markdown
 summary, a table of per-class reconstruction errors, a link to the model, and progress.
 """
 
@@ -13,29 +14,29 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from flows.shared import progress, started_run  # noqa: E402
+from flows.shared import progress, retrying, started_run, step  # noqa: E402
 from protonmf.config import Config  # noqa: E402
 from protonmf.pipeline.staging import class_groups  # noqa: E402
 from tasks.fit import fit_on_ray  # noqa: E402
 from tasks.publish_and_evaluate import evaluate_on_ray, publish_on_ray  # noqa: E402
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def fit_prototype_groups(config: Config, num_classes: int) -> list[dict]:
     groups = class_groups(num_classes, config.prototypes.classes_per_task)
     with progress("fit-progress", "class groups fitted", len(groups)) as tick:
         return fit_on_ray(config, groups, on_group=tick)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def publish_prototype_model(config: Config) -> str:
     return publish_on_ray(config)
 
 
-@task(retries=1)
+@step
 def evaluate_prototype_model(config: Config) -> dict:
     return evaluate_on_ray(config)
 
@@ -111,11 +112,12 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     with started_run(config, overrides) as run:
         cfg, class_names = run.config, run.class_names
         with run.timed("fit"):
-            fits = fit_prototype_groups(cfg, len(class_names))
+            fits = retrying(fit_prototype_groups, cfg)(cfg, len(class_names))
         with run.timed("publish"):
-            uri = publish_prototype_model(cfg)
+            uri = retrying(publish_prototype_model, cfg)(cfg)
         with run.timed("evaluate"):
-            evaluation = evaluate_prototype_model(cfg)
+            evaluation = retrying(evaluate_prototype_model, cfg)(cfg)
     summary = _report(cfg, class_names, run.extraction, fits, evaluation, uri, run.timings)
     get_run_logger().info(summary)
-    return {"model": uri, "evaluation": evaluation, "timings": run.timings, "classes": len(class_names)}
+    work = {"classes_extracted": sum(not r["resumed"] for r in run.extraction), "groups_fitted": sum(not g["resumed"] for g in fits)}
+    return {"model": uri, "evaluation": evaluation, "timings": run.timings, "classes": len(class_names), "work": work}

@@ -14,29 +14,29 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from flows.shared import progress, started_run  # noqa: E402
+from flows.shared import progress, retrying, started_run, step  # noqa: E402
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft.artifact import ConceptSet  # noqa: E402
 from protonmf.pipeline.staging import class_groups  # noqa: E402
 from tasks.craft import craft_on_ray, plan_on_ray, publish_concepts_on_ray  # noqa: E402
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def plan_concept_images(config: Config) -> dict[int, list[dict]]:
     return plan_on_ray(config)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def learn_concepts(config: Config, plan: dict[int, list[dict]], num_classes: int) -> list[dict]:
     groups = class_groups(num_classes, config.craft.classes_per_task)
     with progress("craft-progress", "class groups done", len(groups)) as tick:
         return craft_on_ray(config, groups, plan, on_group=tick)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def publish_concept_set(config: Config) -> str:
     return publish_concepts_on_ray(config)
 
@@ -96,10 +96,10 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     with started_run(config, overrides) as run:
         cfg, class_names = run.config, run.class_names
         with run.timed("concepts"):
-            plan = plan_concept_images(cfg)
-            groups = learn_concepts(cfg, plan, len(class_names))
+            plan = retrying(plan_concept_images, cfg)(cfg)
+            groups = retrying(learn_concepts, cfg)(cfg, plan, len(class_names))
         with run.timed("publish"):
-            uri = publish_concept_set(cfg)
+            uri = retrying(publish_concept_set, cfg)(cfg)
     summary = ConceptSet.read_manifest(uri, storage_options=cfg.storage.storage_options or None)["summary"]
     get_run_logger().info(_report(cfg, class_names, groups, summary, uri, run.timings))
     return {"concepts": uri, "summary": summary, "timings": run.timings, "classes": len(class_names)}

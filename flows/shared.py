@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from prefect import get_run_logger, task  # noqa: E402
+from prefect import Task, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
@@ -22,7 +23,7 @@ from protonmf.config import Config, load_config, parse_config  # noqa: E402
 from protonmf.pipeline.prototype_run import preflight  # noqa: E402
 from tasks.extract import extract_on_ray  # noqa: E402
 from tasks.prepare import prepare_on_ray  # noqa: E402
-from tasks.runtime import ray_session  # noqa: E402
+from tasks.runtime import is_retryable, ray_session  # noqa: E402
 
 
 def coerce_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None) -> Config:
@@ -51,13 +52,28 @@ def progress(key: str, description: str, total: int) -> Iterator[Callable[[Any],
         yield tick
 
 
-@task(retries=2, retry_delay_seconds=5)
+def can_heal(task: Task, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry only an error that another attempt can get past."""
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and is_retryable(error)
+
+
+#: The decorator of every step of both flows; how often it is retried is the run's (:func:`retrying`).
+step = partial(task, retry_delay_seconds=5, retry_condition_fn=can_heal)
+
+
+def retrying(prefect_task: Task, config: Config) -> Task:
+    """``prefect_task`` (a :data:`step`) with the run's retries, ``compute.retries``."""
+    return prefect_task.with_options(retries=config.compute.retries)
+
+
+@step
 def prepare_run(config: Config) -> tuple[Config, list[str], list[int]]:
     """The config with the black box's weights pinned, the class names, the classes already extracted."""
     return prepare_on_ray(config)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@step
 def extract_features(config: Config, num_classes: int) -> list[dict]:
     with progress("extract-progress", "classes extracted", num_classes) as tick:
         return extract_on_ray(config, list(range(num_classes)), on_class=tick)
@@ -88,8 +104,8 @@ def started_run(config: Config | dict[str, Any] | str, overrides: list[str] | No
     with ray_session(cfg):
         run = StartedRun(cfg, [], [])
         with run.timed("prepare"):
-            run.config, run.class_names, done = prepare_run(cfg)
+            run.config, run.class_names, done = retrying(prepare_run, cfg)(cfg)
         get_run_logger().info("%d classes, %d already extracted", len(run.class_names), len(done))
         with run.timed("extract"):
-            run.extraction = extract_features(run.config, len(run.class_names))
+            run.extraction = retrying(extract_features, run.config)(run.config, len(run.class_names))
         yield run

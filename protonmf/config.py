@@ -91,6 +91,9 @@ class ComputeConfig(_Section):
     workers: int = Field(1, ge=1)
     precision: Literal["float32", "bfloat16"] = "float32"  # extraction forward pass (bfloat16: GPU workers)
     channels_last: bool = False  # NHWC convolutions in extraction (GPU workers)
+    # Prefect's retries of a step after an error that can heal (tasks.runtime.is_retryable); other
+    # errors fail at once. 0 leaves only Ray's retries of a task whose worker died.
+    retries: int = Field(2, ge=0)
 
 
 class StorageConfig(_Section):

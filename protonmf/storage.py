@@ -18,10 +18,15 @@ __all__ = ["class_of_stem", "class_stem", "join", "read_bytes", "sha256", "to_fs
 
 
 def to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem of ``uri`` and the path inside it."""
+    """The filesystem of ``uri`` and the path inside it.
+
+    Without fsspec's listings cache: fsspec keeps one filesystem object per process, a Ray worker
+    runs task after task, and other processes write markers, staging files and manifests in the
+    meantime; a listing cached by an earlier task would say they are not there.
+    """
     if not isinstance(uri, (str, os.PathLike)) or not str(uri):
         raise ValueError(f"expected a path or URI, got {uri!r}")
-    return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    return fsspec.core.url_to_fs(str(uri), **{"use_listings_cache": False, **(storage_options or {})})
 
 
 def join(uri: str, *parts: str) -> str:

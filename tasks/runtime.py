@@ -1,7 +1,14 @@
-"""Connecting to Ray: a cluster (``compute.ray_address``, ``RAY_ADDRESS``) or a local one.
+"""Connecting to Ray: a cluster (``compute.ray_address``, ``RAY_ADDRESS``) or a local one; and
+which failures are worth another attempt.
 
 Workers get the S3 endpoint and credentials of the driver through their runtime environment, so
 ``s3://`` URIs resolve the same way everywhere.
+
+Retries happen at two levels, and both retry only what can heal. Ray re-runs a task whose worker
+died (``max_retries`` of the remote functions in ``tasks/``; an exception raised by our code is
+not retried there, Ray's ``retry_exceptions`` default). Prefect re-runs a whole step after an
+error for which :func:`is_retryable` says yes; a bad config, a damaged store or artifact fail at
+once, naming what is wrong.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
+import botocore.exceptions
 import ray
 
 from protonmf.config import Config
@@ -18,7 +26,40 @@ from protonmf.config import Config
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "PROTONMF_CACHE", "PROTONMF_FAULT_KILL_ONCE",
+    "PROTONMF_ATTEMPT_LOG",
 )
+
+#: Ray's own failures that another attempt can get past: a lost worker, actor, node or object, a
+#: full or lost object store, a timeout.
+_RAY_HEALABLE = (
+    ray.exceptions.WorkerCrashedError, ray.exceptions.LocalRayletDiedError, ray.exceptions.NodeDiedError,
+    ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError,
+    ray.exceptions.ObjectStoreFullError, ray.exceptions.RaySystemError, ray.exceptions.GetTimeoutError,
+)
+
+#: OSErrors that say the thing is not there or not allowed: the same answer next time.
+_OS_FINAL = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+#: Errors of the network under s3fs that are no OSError: botocore has its own ConnectionError.
+_S3_TRANSPORT = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt can succeed where this one failed with ``exc``.
+
+    Yes for a lost worker, actor, node or object (Ray's errors above), the network (connection
+    errors, timeouts, other I/O errors) and timeouts. No for everything else: the project's
+    errors (``ConfigError``, ``StoreError``, ``ArtifactError``, all ValueErrors), a missing file or
+    a refused access, a bug. An error raised in a Ray task arrives wrapped in a
+    ``ray.exceptions.RayTaskError``; the error it carries (``.cause``) decides.
+    """
+    while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException) and exc.cause is not exc:
+        exc = exc.cause
+    if isinstance(exc, _RAY_HEALABLE):
+        return True
+    if isinstance(exc, _OS_FINAL):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, *_S3_TRANSPORT))  # ConnectionError is an OSError
 
 
 def worker_env() -> dict[str, str]:
@@ -48,7 +89,12 @@ def ray_session(config: Config):
 
 def maybe_fail_for_test() -> None:
     """Fault injection for tests: if ``PROTONMF_FAULT_KILL_ONCE`` names a file that does not exist,
-    create it and kill this worker process (as a lost node or OOM kill would)."""
+    create it and kill this worker process (as a lost node or OOM kill would). If
+    ``PROTONMF_ATTEMPT_LOG`` names a file, append a line to it first: tests count attempts."""
+    log = os.environ.get("PROTONMF_ATTEMPT_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
     marker = os.environ.get("PROTONMF_FAULT_KILL_ONCE")
     if marker and not os.path.exists(marker):
         with open(marker, "w") as f:

@@ -2,11 +2,13 @@
 
 One call handles a list of classes; each class is read, forwarded in batches, and written to the
 store as a unit (features, records, then the completion marker), so a class is either complete
-or absent and a rerun skips complete classes.
+or absent and a rerun skips complete classes. A complete class is read back and checked against
+its marker's checksums first: a damaged one is extracted again, from the same images.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +23,8 @@ from protonmf.data import ImageSource, iter_batches
 from protonmf.data.store import RECORD_SCHEMA, FeatureStore
 
 __all__ = ["ClassExtraction", "extract_classes"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,19 @@ def extract_classes(
     channels_last: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[ClassExtraction]:
-    """Extract and store the features of ``classes``; complete classes are skipped.
+    """Extract and store the features of ``classes``; complete classes that are intact are skipped.
+
+    A complete class that is damaged (see :meth:`FeatureStore.check_class`) is extracted again. If
+    its images no longer give as many usable images as when it was extracted (they are gone or
+    changed), this raises :class:`~protonmf.data.store.StoreError` naming the class and leaves the
+    store as it was: features of other images would not be the ones the store's key promises.
 
     Parameters
     ----------
     backbone : the black box, moved to ``device`` (default: where it is; :mod:`protonmf.devices`).
     source : image source whose labels index the store's classes.
     preprocess : PIL image → (3, S, S) tensor.
-    store : the :class:`~protonmf.store.FeatureStore` to write.
+    store : the :class:`~protonmf.data.store.FeatureStore` to write.
     classes : class indices to extract.
     top_k : how many of the black box's top logits each record keeps.
     precision : "float32", or "bfloat16" to run the forward pass under autocast (GPU workers);
@@ -81,9 +90,14 @@ def extract_classes(
     results = []
     for k in classes:
         start = time.perf_counter()
+        damage = previous = None
         if store.is_done(k):
-            results.append(ClassExtraction(k, 0, 0, 0, 0.0, resumed=True))
-            continue
+            damage = store.check_class(k)
+            if damage is None:
+                results.append(ClassExtraction(k, 0, 0, 0, 0.0, resumed=True))
+                continue
+            log.warning("class %d of the feature store at %s is damaged (%s): extracting it again", k, store.uri, damage)
+            previous = store.read_marker(k)
         records = source.records_of(k)
         feats: list[Tensor] = []
         rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
@@ -115,6 +129,13 @@ def extract_classes(
                 on_batch(len(batch))
         h, w = store.grid
         F_all = torch.cat(feats) if feats else torch.zeros(0, h, w, store.dim, dtype=torch.float16)
+        if previous is not None and F_all.shape[0] != previous.get("n_images", F_all.shape[0]):
+            skipped = [f"{uri}: {why}" for uri, why in zip(rows["uri"], rows["skipped"]) if why]
+            raise store.damaged(k, (
+                f"{damage}; it cannot be extracted again: {F_all.shape[0]} of its images can be used now, "
+                f"{previous['n_images']} when it was extracted (images gone or changed"
+                + (f"; e.g. {skipped[0]})" if skipped else ")")
+            ))
         store.write_class(k, F_all, pa.table(rows, schema=RECORD_SCHEMA))
         n_skipped = len(rows["image_id"]) - F_all.shape[0]
         results.append(ClassExtraction(k, F_all.shape[0], n_skipped, n_correct, time.perf_counter() - start, resumed=False))

@@ -12,7 +12,13 @@ Layout under the store's URI (local path or any fsspec URI):
 - ``tables/c00042.parquet``: one row per image of class 42, written before its marker:
   image_id, uri, label, row (index in the class array, null if skipped), pred, top_classes,
   top_logits (the black box's top logits), skipped (reason, null if the image was used).
-- ``done/c00042.json``: the completion marker, written last: a class without it is not there.
+- ``done/c00042.json``: the completion marker, written last: a class without it is not there. It
+  holds the sha256 of each chunk's float16 bytes and of the record table, and every read checks
+  them: Zarr reads a lost chunk as zeros without a word, and a garbage chunk fails with a codec
+  error that names no class. A damaged class raises :class:`StoreError` naming the class, the
+  store and what is wrong; extraction re-extracts it (:mod:`protonmf.data.extract`).
+  Markers written before the checksums (no ``features_sha256``) cannot be checked: their classes
+  count as damaged and are re-extracted, since nothing in them tells a lost chunk from features.
 
 Features are stored after clamping negatives to 0 only if the writer asks; the default stores
 them as the backbone gives them (the NMF clamps its own input).
@@ -21,6 +27,7 @@ them as the backbone gives them (the NMF clamps its own input).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +40,7 @@ import zarr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.storage import class_stem, join, read_bytes, to_fs, write_bytes_atomic
+from protonmf.storage import class_stem, join, read_bytes, sha256, to_fs, write_bytes_atomic
 
 __all__ = ["FeatureStore", "RECORD_SCHEMA", "StoreError"]
 
@@ -55,7 +62,21 @@ RECORD_SCHEMA = pa.schema(
 
 
 class StoreError(ValueError):
-    """A feature store is missing, was made with other settings, or lacks a class."""
+    """A feature store is missing, was made with other settings, lacks a class, or a class is damaged."""
+
+
+def _marker_damage(k: int, marker: dict[str, Any] | None) -> str | None:
+    """What makes class k's marker useless for checking the class (None if it is fine)."""
+    if marker is None:
+        return f"its marker done/{class_stem(k)}.json is not valid JSON"
+    if not {"features_sha256", "chunk_images", "records_sha256"} <= set(marker):
+        return "its marker holds no checksums (written by an earlier protonmf), so it cannot be verified"
+    return None
+
+
+def _chunk_digests(data: np.ndarray, rows: int) -> list[str]:
+    """sha256 of each block of ``rows`` images of ``data`` (n, h·w, D) float16: one per Zarr chunk."""
+    return [sha256(np.ascontiguousarray(data[s:s + rows]).tobytes()) for s in range(0, data.shape[0], rows)]
 
 
 class FeatureStore:
@@ -160,34 +181,120 @@ class FeatureStore:
         if used != F.shape[0]:
             raise ValueError(f"class {k}: {F.shape[0]} feature rows but {used} records with a row")
         data = F.to(torch.float16).cpu().numpy()
-        zarr.create_array(
-            self.group.store,
-            name=class_stem(k),
-            data=data,
-            chunks=(max(1, min(self.chunk_images, data.shape[0])), h * w, self.dim),
-            overwrite=True,
-        )
+        rows = max(1, min(self.chunk_images, data.shape[0]))
+        zarr.create_array(self.group.store, name=class_stem(k), data=data, chunks=(rows, h * w, self.dim), overwrite=True)
         sink = pa.BufferOutputStream()
         pq.write_table(records, sink)
-        write_bytes_atomic(self.fs, join(self.root, "tables", f"{class_stem(k)}.parquet"), sink.getvalue().to_pybytes())
+        table = sink.getvalue().to_pybytes()
+        write_bytes_atomic(self.fs, self._table(k), table)
         marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
-                  "n_skipped": records.num_rows - used, "key": self.key}
+                  "n_skipped": records.num_rows - used, "key": self.key, "chunk_images": rows,
+                  "features_sha256": _chunk_digests(data, rows), "records_sha256": sha256(table)}
         write_bytes_atomic(self.fs, self._marker(k), json.dumps(marker).encode())
 
     def read_class(self, k: int) -> torch.Tensor:
-        """Class k's features, (n, h·w, D) float16, in one read of its chunks."""
+        """Class k's features, (n, h·w, D) float16, in one read of its chunks, checked against its marker.
+
+        Raises :class:`StoreError` if the class is not complete or is damaged.
+        """
         if not self.is_done(k):
             raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
-        return torch.from_numpy(np.asarray(self.group[class_stem(k)][...]))
+        features, damage = self._read_checked(k)
+        if damage is not None:
+            raise self.damaged(k, damage)
+        return torch.from_numpy(features)
+
+    def check_class(self, k: int) -> str | None:
+        """What is wrong with complete class k, or None if it reads back as written (reads all of it)."""
+        return self._read_checked(k)[1]
+
+    def read_marker(self, k: int) -> dict[str, Any] | None:
+        """Class k's completion marker; None if there is none or it is not valid JSON."""
+        if not self.is_done(k):
+            return None
+        try:
+            return json.loads(read_bytes(self.fs, self._marker(k)))
+        except ValueError:
+            return None
+
+    def damaged(self, k: int, damage: str) -> StoreError:
+        """The error that reports class k as damaged (``damage`` says what is wrong)."""
+        return StoreError(f"class {k} ({self.class_names[k]!r}) of the feature store at {self.uri!r} is damaged: {damage}")
+
+    def _table(self, k: int) -> str:
+        return join(self.root, "tables", f"{class_stem(k)}.parquet")
+
+    def _read_checked(self, k: int) -> tuple[np.ndarray | None, str | None]:
+        """Class k's features and what is wrong with the class (None if nothing).
+
+        I/O errors propagate (the network may heal, and the class is not damaged by them); what
+        does not decode or does not match the marker is damage.
+        """
+        if not self.is_done(k):
+            return None, f"it has no completion marker done/{class_stem(k)}.json"
+        marker = self.read_marker(k)
+        damage = _marker_damage(k, marker)
+        if damage is not None:
+            return None, damage
+        try:
+            array = self.group[class_stem(k)]
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - KeyError (gone) or unreadable metadata: both damage
+            return None, f"its array {class_stem(k)}/ cannot be opened ({type(err).__name__}: {err})"
+        h, w = self.grid
+        n, rows, digests = int(marker["n_images"]), int(marker["chunk_images"]), marker["features_sha256"]
+        if tuple(array.shape) != (n, h * w, self.dim):
+            return None, f"its array has shape {tuple(array.shape)}, its marker says {(n, h * w, self.dim)}"
+        if len(digests) != math.ceil(n / rows):
+            return None, f"its marker lists {len(digests)} chunk checksums for {n} images in chunks of {rows}"
+        try:
+            data = np.asarray(array[...])
+        except OSError:
+            raise
+        except Exception:  # noqa: BLE001 - a chunk does not decode: found and named below
+            data = None
+        problems = []
+        for i, start in enumerate(range(0, n, rows)):
+            what = f"chunk {i} (images {start}–{min(start + rows, n) - 1})"
+            try:
+                block = data[start:start + rows] if data is not None else np.asarray(array[start:start + rows])
+            except OSError:
+                raise
+            except Exception as err:  # noqa: BLE001 - garbage bytes fail with the codec's own error type
+                problems.append(f"{what} cannot be decoded ({type(err).__name__}: {err})")
+                continue
+            if _chunk_digests(block, rows)[0] != digests[i]:
+                lost = not self.fs.exists(join(self.root, class_stem(k), array.metadata.encode_chunk_key((i, 0, 0))))
+                problems.append(f"{what} is missing (Zarr reads it as zeros)" if lost else f"{what} does not match its sha256")
+        if problems:
+            return None, "; ".join(problems)
+        damage = self._read_table(k, marker)[1]
+        return (data, None) if damage is None else (None, damage)
+
+    def _read_table(self, k: int, marker: dict[str, Any]) -> tuple[bytes | None, str | None]:
+        """Class k's record table (Parquet bytes) and what is wrong with it (None if nothing)."""
+        path = self._table(k)
+        if not self.fs.exists(path):
+            return None, f"its record table tables/{class_stem(k)}.parquet is missing"
+        data = read_bytes(self.fs, path)
+        if sha256(data) != marker["records_sha256"]:
+            return None, f"its record table tables/{class_stem(k)}.parquet does not match its sha256"
+        return data, None
 
     def read_records(self, classes: Sequence[int] | None = None) -> pa.Table:
-        """The records of the given (default: all completed) classes, as one table."""
+        """The records of the given (default: all completed) classes, as one table, each checked against its marker."""
         ks = self.done_classes() if classes is None else list(classes)
         tables = []
         for k in ks:
             if not self.is_done(k):
                 raise StoreError(f"class {k} is not complete in the store at {self.uri!r}")
-            tables.append(pq.read_table(pa.BufferReader(read_bytes(self.fs, join(self.root, "tables", f"{class_stem(k)}.parquet")))))
+            marker = self.read_marker(k)
+            damage = _marker_damage(k, marker)
+            data, damage = (None, damage) if damage is not None else self._read_table(k, marker)
+            if damage is not None:
+                raise self.damaged(k, damage)
+            tables.append(pq.read_table(pa.BufferReader(data)))
         return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:

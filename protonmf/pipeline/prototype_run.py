@@ -48,6 +48,7 @@ __all__ = [
     "preflight",
     "prepare_store",
     "publish_model",
+    "published_fits",
     "resolve_backbone",
 ]
 
@@ -249,7 +250,10 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
         resumed = False
-    by_p = _split_by_p(tensors)
+    return _group_fit(classes, _split_by_p(tensors), resumed)
+
+
+def _group_fit(classes: list[int], by_p: dict[int, ClassPrototypes], resumed: bool) -> GroupFit:
     return GroupFit(
         classes=list(classes),
         feature_error={p: f.feature_error.tolist() for p, f in by_p.items()},
@@ -257,6 +261,22 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         n_iter={p: f.n_iter.tolist() for p, f in by_p.items()},
         resumed=resumed,
     )
+
+
+def published_fits(config: Config, store: FeatureStore, groups: list[list[int]]) -> list[GroupFit] | None:
+    """The fits of ``groups`` read from the published model if it comes from this fit key, else None.
+
+    A finished run's rerun needs nothing else: its staging files went when it published.
+    """
+    if published_key(config.storage.model, "fit_key", config.storage.storage_options or None) != fit_key(config, store):
+        return None
+    model = PrototypeModel.load(config.storage.model, storage_options=config.storage.storage_options or None)
+    fits = {p: model.with_p(p).prototypes.to_tensors() for p in config.prototypes.p}  # per class: (K, ...)
+
+    def group_of(classes: list[int]) -> dict[int, ClassPrototypes]:
+        return {p: ClassPrototypes.from_tensors({name: t[classes] for name, t in f.items()}) for p, f in fits.items()}
+
+    return [_group_fit(g, group_of(g), resumed=True) for g in groups]
 
 
 def _split_by_p(tensors: dict[str, torch.Tensor]) -> dict[int, ClassPrototypes]:

@@ -9,8 +9,8 @@ from PIL import Image
 from protonmf import BackboneSpec, build_backbone
 from protonmf.data import Preprocess, make_source
 from protonmf.data.extract import extract_classes
+from protonmf.data.store import FeatureStore, StoreError
 from protonmf.pipeline.staging import run_key
-from protonmf.data.store import FeatureStore
 from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
 
 PRE = Preprocess(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -106,3 +106,55 @@ def test_bfloat16_channels_last_extraction_is_close_to_float32(backbone, tree, t
     assert float((full - half).norm() / full.norm()) < 2e-2  # bfloat16 has 8 bits of mantissa
     with pytest.raises(ValueError, match="precision must be 'float32' or 'bfloat16', got 'int8'"):
         extract_classes(backbone, source, PRE, stores["fp32"], [1], precision="int8")
+
+
+def fit_all_classes(store):
+    """Prototypes of every class of ``store`` for p = 3, as the fit step computes them."""
+    from protonmf.prototypes.fit import fit_prototypes_sweep, stack_classes
+
+    A, rows = stack_classes([store.read_class(k).reshape(-1, store.dim) for k in range(len(store.class_names))])
+    V, bias = store.head()
+    (fit, _), = fit_prototypes_sweep(A, V, bias, [3], n_rows=rows, max_iter=50, device="cpu").values()
+    return fit.to_tensors()
+
+
+def test_damaged_classes_are_extracted_again_and_refit_as_before(backbone, tree, tmp_path):
+    from tests.test_store import damage_chunks
+
+    source, store, _ = extract(backbone, tree, str(tmp_path / "features"))  # chunks of 4 images
+    before = [store.read_class(k) for k in range(3)]
+    fit_before = fit_all_classes(store)
+    damage_chunks(tmp_path / "features", 0, lose=[1])
+    damage_chunks(tmp_path / "features", 2, garble=[0])
+    damaged = FeatureStore.open(str(tmp_path / "features"))
+    for k, what in ((0, r"chunk 1 \(images 4–5\) is missing"), (2, r"chunk 0 \(images 0–3\) cannot be decoded")):
+        with pytest.raises(StoreError, match=rf"class {k} \('{source.classes[k]}'\) of the feature store at '{tmp_path}/features' is damaged: {what}"):
+            damaged.read_class(k)
+
+    forwarded = []
+    again = extract_classes(backbone, source, PRE, damaged, range(3), batch_size=4, workers=0, on_batch=forwarded.append)
+    assert [s.resumed for s in again] == [False, True, False]  # exactly the damaged classes
+    assert sum(forwarded) == 12 and [s.n_images for s in again] == [6, 0, 6]  # class 1's 9 images not forwarded
+    for k in range(3):
+        assert torch.equal(damaged.read_class(k), before[k])
+    fit_after = fit_all_classes(damaged)
+    for name in fit_before:
+        assert torch.equal(fit_after[name], fit_before[name]), name
+
+
+def test_a_damaged_class_whose_images_are_gone_fails_naming_it(backbone, tree, tmp_path):
+    from tests.test_store import damage_chunks
+
+    source, store, _ = extract(backbone, tree, str(tmp_path / "features"))
+    name = source.classes[1]
+    damage_chunks(tmp_path / "features", 1, lose=[0])
+    for image in sorted((tree / name).glob("*.png"))[:2]:
+        image.unlink()
+    gone = make_source("imagefolder", root=str(tree))
+    message = (
+        rf"class 1 \('{name}'\) of the feature store at '{tmp_path}/features' is damaged: chunk 0 \(images 0–3\) is missing "
+        r"\(Zarr reads it as zeros\); it cannot be extracted again: 7 of its images can be used now, 9 when it was extracted"
+    )
+    with pytest.raises(StoreError, match=message):
+        extract_classes(backbone, gone, PRE, store, range(3), batch_size=4, workers=0)
+    assert store.check_class(1).startswith("chunk 0 (images 0–3) is missing")  # left as it was, still reported

@@ -93,3 +93,67 @@ def test_same_store_on_a_local_s3_endpoint(tmp_path, s3, s3_bucket):
     assert torch.equal(reopened.read_class(2), FeatureStore.open(str(tmp_path / "fs")).read_class(2))
     assert reopened.read_records().equals(local.read_records())
     assert s3.exists(f"{s3_bucket}/features/done/c00002.json")
+
+
+def damage_chunks(root, k, *, lose=(), garble=()):
+    """Delete the chunks ``lose`` and overwrite the chunks ``garble`` (indices along the images) of class k."""
+    for i in lose:
+        (root / f"c{k:05d}" / "c" / str(i) / "0" / "0").unlink()
+    for i in garble:
+        (root / f"c{k:05d}" / "c" / str(i) / "0" / "0").write_bytes(b"\x00not a zstd frame" * 7)
+
+
+def test_lost_and_garbled_chunks_are_named_when_read(tmp_path):
+    """Zarr alone reads a lost chunk as zeros: the marker's checksums catch it and name the class."""
+    store = make(tmp_path / "fs")
+    F = torch.rand(10, *GRID, D).half() + 0.5  # chunks of 4 images: 0–3, 4–7, 8–9
+    for k in (0, 1):
+        store.write_class(k, F, records(10))
+    damage_chunks(tmp_path / "fs", 1, lose=[2], garble=[0])
+    again = FeatureStore.open(str(tmp_path / "fs"))
+    assert again.done_classes() == [0, 1]  # the markers are there; the classes are not what they say
+    assert float(again.group["c00001"][8:].sum()) == 0.0  # what Zarr alone would hand to the NMF
+    expected = (
+        rf"class 1 \('b'\) of the feature store at '{tmp_path}/fs' is damaged: chunk 0 \(images 0–3\) cannot be "
+        r"decoded \(RuntimeError: .+\); chunk 2 \(images 8–9\) is missing \(Zarr reads it as zeros\)$"
+    )
+    with pytest.raises(StoreError, match=expected):
+        again.read_class(1)
+    assert again.check_class(0) is None and torch.equal(again.read_class(0), F.flatten(1, 2))
+
+
+def test_a_chunk_replaced_by_valid_data_and_a_changed_table_are_named(tmp_path):
+    store = make(tmp_path / "fs")
+    store.write_class(0, torch.rand(8, *GRID, D), records(8))
+    store.write_class(2, torch.rand(8, *GRID, D), records(8))
+    root = tmp_path / "fs"
+    # a chunk that decodes, but is another class's: only a checksum can tell
+    (root / "c00002/c/1/0/0").write_bytes((root / "c00000/c/1/0/0").read_bytes())
+    again = FeatureStore.open(str(root))
+    with pytest.raises(StoreError, match=r"class 2 \('c'\) .* is damaged: chunk 1 \(images 4–7\) does not match its sha256$"):
+        again.read_class(2)
+    (root / "tables/c00000.parquet").write_bytes((root / "tables/c00002.parquet").read_bytes() + b"x")
+    with pytest.raises(StoreError, match=r"class 0 \('a'\) .* is damaged: its record table tables/c00000.parquet does not match its sha256"):
+        again.read_records()
+    assert again.check_class(0) == "its record table tables/c00000.parquet does not match its sha256"
+    (root / "tables/c00000.parquet").unlink()
+    assert again.check_class(0) == "its record table tables/c00000.parquet is missing"
+
+
+def test_a_store_written_before_checksums_opens_and_its_classes_count_as_unverified(tmp_path):
+    """A marker of format 1 (no checksums): the store opens, the class must be extracted again."""
+    import json
+
+    store = make(tmp_path / "fs")
+    F = torch.rand(5, *GRID, D).half()
+    store.write_class(1, F, records(5))
+    marker = tmp_path / "fs/done/c00001.json"
+    old = {k: v for k, v in json.loads(marker.read_text()).items() if k in ("class", "name", "n_images", "n_skipped", "key")}
+    marker.write_text(json.dumps(old))
+    again = make(tmp_path / "fs")  # a rerun reopens it: same key
+    assert again.done_classes() == [1]
+    assert again.check_class(1) == "its marker holds no checksums (written by an earlier protonmf), so it cannot be verified"
+    with pytest.raises(StoreError, match=r"class 1 \('b'\) .* is damaged: its marker holds no checksums"):
+        again.read_class(1)
+    again.write_class(1, F, records(5))  # what extraction does with it
+    assert again.check_class(1) is None and torch.equal(again.read_class(1), F.flatten(1, 2))

@@ -1,6 +1,7 @@
 """The workflow end to end: Prefect flow → Ray tasks → Zarr store → model artifact, on a local S3 endpoint."""
 
 import os
+import re
 import time
 
 import pytest
@@ -43,7 +44,13 @@ def fault_marker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runtime(bucket, fault_marker):
+def attempt_log(tmp_path_factory):
+    """Each attempt of a fit (or CRAFT) Ray task appends a line here (tasks.runtime.maybe_fail_for_test)."""
+    return tmp_path_factory.mktemp("attempts") / "attempts"
+
+
+@pytest.fixture(scope="module")
+def runtime(bucket, fault_marker, attempt_log):
     """One local Ray (workers see the S3 variables) and one Prefect test server for the module."""
     import ray
     from prefect.testing.utilities import prefect_test_harness
@@ -51,12 +58,14 @@ def runtime(bucket, fault_marker):
     from tasks.runtime import worker_env
 
     os.environ["PROTONMF_FAULT_KILL_ONCE"] = str(fault_marker)
+    os.environ["PROTONMF_ATTEMPT_LOG"] = str(attempt_log)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     with prefect_test_harness():
         _first_flow()  # Prefect binds its console to the stdout of its first run: not a test's capsys
         yield
     ray.shutdown()
     os.environ.pop("PROTONMF_FAULT_KILL_ONCE", None)
+    os.environ.pop("PROTONMF_ATTEMPT_LOG", None)
 
 
 def _first_flow():
@@ -69,6 +78,37 @@ def run(config, overrides=None):
     from flows.build import build_prototype_model
 
     return build_prototype_model(config, overrides or [])
+
+
+def run_counted(config) -> tuple[dict | BaseException, dict[str, int]]:
+    """Run the flow: its result (or the error it failed with) and how often Prefect ran each of its tasks."""
+    from flows.build import build_prototype_model
+
+    state = build_prototype_model(config, [], return_state=True)
+    return state.result(raise_on_failure=False), task_attempts(state.state_details.flow_run_id)
+
+
+def task_attempts(flow_run_id) -> dict[str, int]:
+    """Prefect's own count of the runs of each task of a flow run (a retry is one more run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:  # limit and sort spelled out: the sync client sends null otherwise
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=100)
+    return {run.name.rsplit("-", 1)[0]: run.run_count for run in runs}
+
+
+def extracted(config, classes):
+    """A run stopped after extracting ``classes``: the prepared (pinned) config."""
+    from tasks.extract import extract_on_ray
+    from tasks.prepare import prepare_on_ray
+
+    pinned, _, _ = prepare_on_ray(parse_config(config))
+    if classes:
+        extract_on_ray(pinned, list(classes))
+    return pinned
 
 
 @pytest.fixture(scope="module")
@@ -112,46 +152,164 @@ def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runti
     assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
 
 
-def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference):
-    from protonmf.pipeline.staging import class_groups
-    from tasks.extract import extract_on_ray
-    from tasks.fit import fit_on_ray
-    from tasks.prepare import prepare_on_ray
+def same(ev):
+    return {k: v for k, v in ev.items() if k != "report"}
 
-    # A run that stopped mid-way: two classes extracted, one group of classes fitted, no model.
-    config = tree(bucket, "resumed")
-    pinned, _, _ = prepare_on_ray(parse_config(config))
-    extract_on_ray(pinned, [0, 1])
-    fit_on_ray(pinned, class_groups(N_CLASSES, 2)[:1])
 
-    result = run(config)
-    def same(ev):
-        return {k: v for k, v in ev.items() if k != "report"}
-
-    assert same(result["evaluation"]) == same(reference["evaluation"])
-    ours, theirs = prototypes(result["model"]), prototypes(reference["model"])
+def assert_same_prototypes(uri, reference_uri):
+    ours, theirs = prototypes(uri), prototypes(reference_uri)
+    assert set(ours) == set(theirs)
     for p in theirs:
         for name in theirs[p]:
             assert torch.equal(ours[p][name], theirs[p][name]), (p, name)
 
-    # Rerunning a finished run recomputes nothing and keeps the artifact.
+
+def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference):
+    from protonmf.pipeline.staging import class_groups
+    from tasks.fit import fit_on_ray
+
+    assert reference["work"] == {"classes_extracted": N_CLASSES, "groups_fitted": 2}
+    # A run that stopped mid-way: two classes extracted, one group of classes fitted, no model.
+    config = tree(bucket, "resumed")
+    pinned = extracted(config, [0, 1])
+    fit_on_ray(pinned, class_groups(N_CLASSES, 2)[:1])
+
+    result = run(config)
+    assert result["work"] == {"classes_extracted": 2, "groups_fitted": 1}  # only what was missing
+    assert same(result["evaluation"]) == same(reference["evaluation"])
+    assert_same_prototypes(result["model"], reference["model"])
+
+    # Rerunning a finished run recomputes nothing, keeps the artifact and leaves no staging files.
     import s3fs
 
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
     from protonmf.artifact import list_versions
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
     before = fs.info(f"{bucket}/resumed/model/current.json")["LastModified"]
     versions = list_versions(f"s3://{bucket}/resumed/model")
     again = run(config)
+    assert again["work"] == {"classes_extracted": 0, "groups_fitted": 0}
     assert fs.info(f"{bucket}/resumed/model/current.json")["LastModified"] == before
     assert list_versions(f"s3://{bucket}/resumed/model") == versions and len(versions) == 1
+    assert not fs.exists(f"{bucket}/resumed/model.staging")
     assert same(again["evaluation"]) == same(reference["evaluation"])
 
 
-def test_a_killed_worker_is_retried_and_the_result_is_the_same(runtime, bucket, fault_marker, reference):
+def test_a_damaged_store_is_extracted_again_and_refit_as_before(runtime, bucket, reference):
+    """A lost chunk and a garbled one in a finished store: the next run re-extracts exactly those two
+    classes, and the model equals the one fitted on the undamaged store."""
+    import s3fs
+
+    from protonmf.data.store import FeatureStore, StoreError
+
+    config = tree(bucket, "damaged")
+    extracted(config, range(N_CLASSES))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.rm(f"{bucket}/damaged/features/c00000/c/0/0/0")  # one chunk per class here (10 images)
+    fs.pipe(f"{bucket}/damaged/features/c00003/c/0/0/0", b"not a zstd frame")
+    store = FeatureStore.open(f"s3://{bucket}/damaged/features")
+    with pytest.raises(StoreError, match=r"class 0 \('c000_[^']+'\) of the feature store at 's3://flows/damaged/features' is "
+                                         r"damaged: chunk 0 \(images 0–9\) is missing \(Zarr reads it as zeros\)"):
+        store.read_class(0)
+    with pytest.raises(StoreError, match=r"class 3 \('c003_[^']+'\) .* chunk 0 \(images 0–9\) cannot be decoded"):
+        store.read_class(3)
+
+    result = run(config)
+    assert result["work"] == {"classes_extracted": 2, "groups_fitted": 2}
+    assert same(result["evaluation"]) == same(reference["evaluation"])
+    assert_same_prototypes(result["model"], reference["model"])
+
+
+def test_a_damaged_class_whose_images_are_gone_fails_the_run_once_naming_it(runtime, bucket, tmp_path):
+    from protonmf.data.store import StoreError
+    from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
+
+    import s3fs
+
+    write_image_folder(make_synthetic_parts(N_CLASSES, 10, image_size=64, seed=0), tmp_path / "train")
+    config = tree(bucket, "gone", data__source="imagefolder", data__train=str(tmp_path / "train"))
+    extracted(config, range(N_CLASSES))
+    name = sorted(p.name for p in (tmp_path / "train").iterdir())[1]
+    s3fs.S3FileSystem(skip_instance_cache=True).rm(f"{bucket}/gone/features/c00001/c/0/0/0")
+    for image in sorted((tmp_path / "train" / name).iterdir())[:3]:
+        image.unlink()
+
+    error, attempts = run_counted(config)
+    assert isinstance(error, StoreError), repr(error)
+    assert str(error).startswith(
+        f"class 1 ('{name}') of the feature store at 's3://flows/gone/features' is damaged: chunk 0 (images 0–9) is "
+        "missing (Zarr reads it as zeros); it cannot be extracted again: 7 of its images can be used now, 10 when it was extracted"
+    )
+    assert attempts == {"prepare_run": 1, "extract_features": 1}  # Prefect's 2 retries not spent on it
+
+
+def test_a_deterministic_error_in_a_ray_task_is_attempted_once(runtime, bucket, attempt_log):
+    """A store with no class extracted reaching the fit: one attempt in all, Prefect's and Ray's."""
+    from prefect import flow
+
+    from flows.build import fit_prototype_groups
+    from flows.shared import retrying
+    from protonmf.data.store import StoreError
+
+    config = tree(bucket, "unextracted", prototypes__classes_per_task=N_CLASSES)  # one group, one Ray task
+    pinned = extracted(config, ())
+    assert pinned.compute.retries == 2
+
+    @flow
+    def fit_only():
+        return retrying(fit_prototype_groups, pinned)(pinned, N_CLASSES)
+
+    attempt_log.write_text("")
+    state = fit_only(return_state=True)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, StoreError)
+    assert re.search(r"class 0 \('c000_[^']+'\) is not complete in the store at 's3://flows/unextracted/features'", str(error))
+    assert task_attempts(state.state_details.flow_run_id) == {"fit_prototype_groups": 1}
+    assert len(attempt_log.read_text().split()) == 1  # and Ray did not run it again either
+
+
+def test_prefect_retries_what_can_heal_and_nothing_else(runtime):
+    """The retry condition of every step, on real Prefect task runs: a lost connection is retried, a
+    damaged store (arriving wrapped by Ray) is not."""
+    import ray
+    from prefect import flow
+
+    from flows.shared import retrying, step
+    from protonmf.config import Config
+    from protonmf.data.store import StoreError
+
+    wrapped = ray.exceptions.RayTaskError("fit_group_task", "traceback", StoreError("class 0 is damaged")).as_instanceof_cause()
+    errors = {"lost connection": ConnectionResetError("connection reset by peer"), "damaged store": wrapped}
+    calls = []
+
+    @step
+    def flaky(which: str) -> str:
+        calls.append(which)
+        if len(calls) == 1:
+            raise errors[which]
+        return "done"
+
+    @flow
+    def attempt(which: str):
+        return retrying(flaky, Config()).with_options(retry_delay_seconds=0)(which)
+
+    healed = attempt("lost connection", return_state=True)
+    assert healed.result() == "done" and len(calls) == 2
+    assert task_attempts(healed.state_details.flow_run_id) == {"flaky": 2}
+
+    calls.clear()
+    failed = attempt("damaged store", return_state=True)
+    assert isinstance(failed.result(raise_on_failure=False), StoreError) and len(calls) == 1
+    assert task_attempts(failed.state_details.flow_run_id) == {"flaky": 1}
+
+def test_a_killed_worker_is_retried_and_the_result_is_the_same(runtime, bucket, fault_marker, attempt_log, reference):
+    """Prefect's retries off: Ray alone runs the killed fit task again."""
     fault_marker.unlink()
-    result = run(tree(bucket, "killed"))
+    attempt_log.write_text("")
+    result, attempts = run_counted(tree(bucket, "killed", compute__retries=0))
     assert fault_marker.read_text().strip().isdigit(), "a fit worker process was killed (its pid is in the marker)"
+    assert attempts["fit_prototype_groups"] == 1
+    assert len(attempt_log.read_text().split()) == 3  # 2 groups, one of them twice
     expected = prototypes(reference["model"])
     ours = prototypes(result["model"])
     for p in expected:
