@@ -119,7 +119,7 @@ def fit_all_classes(store):
 
 
 def test_damaged_classes_are_extracted_again_and_refit_as_before(backbone, tree, tmp_path):
-    from tests.test_store import damage_chunks
+    from tests.data.test_store import damage_chunks
 
     source, store, _ = extract(backbone, tree, str(tmp_path / "features"))  # chunks of 4 images
     before = [store.read_class(k) for k in range(3)]
@@ -143,7 +143,7 @@ def test_damaged_classes_are_extracted_again_and_refit_as_before(backbone, tree,
 
 
 def test_a_damaged_class_whose_images_are_gone_fails_naming_it(backbone, tree, tmp_path):
-    from tests.test_store import damage_chunks
+    from tests.data.test_store import damage_chunks
 
     source, store, _ = extract(backbone, tree, str(tmp_path / "features"))
     name = source.classes[1]
