@@ -137,9 +137,10 @@ def test_a_deployment_run_by_a_process_worker_publishes_the_model_and_its_artifa
     created = prefect(server, "deployment", "run", "build_prototype_model/imagenet-resnet34", "--params", json.dumps(params))
     flow_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", created).group(1))
 
-    # The worker runs the flow in a subprocess of its own interpreter, in the directory the pull
-    # step names ($PROTONMF_CHECKOUT), so `configs/demo.yaml` and flows/build.py are this checkout's.
-    worker_env = {**server, "PROTONMF_CHECKOUT": str(ROOT)}
+    # The worker runs the flow in a subprocess of its own interpreter, from a directory of its own:
+    # only the pull step (flows.steps.enter_checkout) makes flows/build.py and `configs/demo.yaml`
+    # resolve, to the checkout that interpreter has installed (no PROTONMF_CHECKOUT, as in the README).
+    worker_env = {k: v for k, v in server.items() if k != "PROTONMF_CHECKOUT"}
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--run-once"],
         cwd=tmp_path, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
