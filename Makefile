@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install first (idempotent).
 # constraints.txt pins every package to the versions the tests last passed with (a lock file):
-# pip then resolves nothing. Regenerate with: .venv/bin/pip freeze --exclude-editable > constraints.txt
+# pip then resolves nothing. Regenerate with: .venv/bin/pip freeze --all --exclude-editable | grep -v '^pip==' > constraints.txt
+# (--all keeps setuptools, which torch needs at run time; the comments beside pins are lost, pyproject.toml keeps the reasons)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -1,8 +1,10 @@
 """Deployment files: the Prefect deployment points at the real flow and a valid schedule; the
 cluster manifests ask for GPU workers."""
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from protonmf.config import load_config
@@ -36,7 +38,19 @@ def test_cluster_manifests_have_gpu_workers():
     gpu_nodes = [n for n in ray_cluster["available_node_types"].values() if n["resources"].get("GPU", 0) >= 1]
     assert gpu_nodes and ray_cluster["head_node_type"] in ray_cluster["available_node_types"]
     job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
-    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("protonmf run configs/")
-    assert (ROOT / job["spec"]["entrypoint"].split()[2]).is_file()
+    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("protonmf run ")  # its config: test_cluster_image.py
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
+
+
+def test_the_pull_step_enters_the_installed_checkout_or_fails_naming_the_variable(tmp_path, monkeypatch):
+    from flows.steps import enter_checkout
+
+    monkeypatch.chdir(tmp_path)  # where a process worker starts a flow run: not a checkout
+    assert enter_checkout("") == {"directory": str(ROOT)} and Path.cwd() == ROOT
+    monkeypatch.chdir(tmp_path)
+    assert enter_checkout(str(ROOT)) == {"directory": str(ROOT)} and Path.cwd() == ROOT
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"PROTONMF_CHECKOUT='{tmp_path}' is not a protonmf checkout")):
+        enter_checkout(str(tmp_path))
+    assert Path.cwd() == tmp_path
