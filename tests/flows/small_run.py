@@ -18,3 +18,20 @@ def tree(bucket: str, name: str, **overrides) -> dict:
         section, field = key.split("__")
         config[section][field] = value
     return config
+
+
+def assert_gives_the_black_box_logits(model, black_box) -> None:
+    """The published model reproduces the black box on the run's held-out images (argmax exactly,
+    logits to float32 rounding)."""
+    import torch
+
+    from protonmf.data import Preprocess, make_source
+
+    source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=5, split="val", image_size=64)
+    pre = Preprocess(resize=64, crop=64, mean=(0.5,) * 3, std=(0.25,) * 3)
+    images = torch.stack([pre(source.load(r)[0]) for r in source.records])
+    with torch.no_grad():
+        theirs = black_box.model(images)
+    ours = model(images)
+    assert torch.equal(ours.argmax(1), theirs.argmax(1))
+    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())

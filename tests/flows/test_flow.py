@@ -10,11 +10,10 @@ import torch
 
 from protonmf import PrototypeModel
 from protonmf.config import ConfigError, parse_config
-from protonmf.data import Preprocess, make_source
 
 pytestmark = pytest.mark.slow
 
-from tests.flows.small_run import N_CLASSES, tree
+from tests.flows.small_run import N_CLASSES, assert_gives_the_black_box_logits, tree
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +141,7 @@ def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runti
     assert weights == f"s3://{bucket}/e2e/features/weights/{model.settings['weights_sha256']}.safetensors"
     black_box = build_backbone(BackboneSpec("torchvision:resnet18", weights=weights, num_classes=N_CLASSES))
     assert weights_sha256(black_box.model) == model.settings["weights_sha256"]
-    source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=5, split="val", image_size=64)
-    pre = Preprocess(resize=64, crop=64, mean=(0.5,) * 3, std=(0.25,) * 3)
-    images = torch.stack([pre(source.load(r)[0]) for r in source.records])
-    with torch.no_grad():
-        theirs = black_box.model(images)
-    ours = model(images)
-    assert torch.equal(ours.argmax(1), theirs.argmax(1))
-    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+    assert_gives_the_black_box_logits(model, black_box)
 
 
 def same(ev):

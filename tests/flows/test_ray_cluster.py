@@ -23,12 +23,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 import yaml
 
 from protonmf import BackboneSpec, PrototypeModel, build_backbone
-from protonmf.data import Preprocess, make_source
-from tests.flows.small_run import N_CLASSES, tree
+from tests.flows.small_run import N_CLASSES, assert_gives_the_black_box_logits, tree
 
 pytestmark = pytest.mark.slow
 
@@ -185,11 +183,4 @@ def test_flow_runs_every_task_on_the_worker_node_of_an_authenticated_cluster(clu
     model = PrototypeModel.load(uri)
     assert model.available_p == [1, 3] and len(model.class_names) == N_CLASSES
     black_box = build_backbone(BackboneSpec("torchvision:resnet18", weights=model.backbone.spec.weights, num_classes=N_CLASSES))
-    source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=5, split="val", image_size=64)
-    pre = Preprocess(resize=64, crop=64, mean=(0.5,) * 3, std=(0.25,) * 3)
-    images = torch.stack([pre(source.load(r)[0]) for r in source.records])
-    with torch.no_grad():
-        theirs = black_box.model(images)
-    ours = model(images)
-    assert torch.equal(ours.argmax(1), theirs.argmax(1))
-    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+    assert_gives_the_black_box_logits(model, black_box)
