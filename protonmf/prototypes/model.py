@@ -4,7 +4,9 @@ For features F (h·w, D) of an image, the class-c logit is (ProtoNMF §3.3, eq. 
 
     logit_c = Σ_i a_i · mean_hw(F b'_iᵀ) + bias_c,      b'_i = b_i + R_c / Σ_j a_j,
 
-which equals the black box's mean_hw(F) V_cᵀ + bias_c exactly, because Σ_i a_i b'_i = V_c.
+which equals the black box's mean_hw(F) V_cᵀ + bias_c exactly, because Σ_i a_i b'_i = V_c. A fit
+with ``residual="distributed"`` stores b'_i = b_i + r_i / a_i instead (the residual split into
+pieces r_i shaped like each prototype's heatmap, Tan et al. 2024); everything below reads it alike.
 Modes (paper Table 3): ``augmented`` (the above, NMF + residual), ``nmf_only`` (b_i instead of
 b'_i), ``residual_only`` (mean_hw(F R_cᵀ) + bias_c).
 
@@ -178,6 +180,11 @@ class PrototypeModel(nn.Module):
     @property
     def p(self) -> int:
         return self.B.shape[1]
+
+    @property
+    def residual(self) -> str:
+        """How the residual sits in B_aug: "equal" (eq. 8, ProtoNMF) or "distributed" (Tan et al. 2024)."""
+        return str(self.settings.get("residual", "equal"))
 
     @property
     def num_classes(self) -> int:
