@@ -55,6 +55,21 @@ def _localization_table(evaluation: dict) -> str:
     )
 
 
+def _interpretability_table(evaluation: dict) -> str:
+    con, sta = evaluation.get("consistency") or {}, evaluation.get("stability") or {}
+    if not con:
+        return ""
+    rows = "\n".join(
+        f"| {p} | {con[p]['presence']:.1f} | {sta[p]['presence']:.1f} | {con[p]['activation']:.1f} | {sta[p]['activation']:.1f} |"
+        for p in sorted(con, key=int)
+    )
+    return (
+        "Consistency and stability against part keypoints (Huang et al. 2023, % of prototypes):\n\n"
+        "| p | consistency (presence, eq. 9) | stability (presence) | consistency (F·p̃ᵀ) | stability (F·p̃ᵀ) |\n"
+        "|---|---|---|---|---|\n" + rows + "\n"
+    )
+
+
 def _report(config: Config, class_names, extraction, fits, evaluation, uri, timings) -> str:
     p0 = config.prototypes.p[0]
     rows = []
@@ -78,7 +93,7 @@ def _report(config: Config, class_names, extraction, fits, evaluation, uri, timi
     )
     markdown = f"""# Prototype model: {config.backbone.arch}
 
-Published at `{uri}` (p = {p0}; also {', '.join(map(str, config.prototypes.p[1:])) or 'no other p'}).
+Published at `{uri}` (p = {p0}; also {', '.join(map(str, config.prototypes.p[1:])) or 'no other p'}; residual {config.prototypes.residual}).
 Report: `{evaluation.get('report', 'not written')}`.
 
 | | top-1 (held-out, {evaluation['n_images']} images) |
@@ -94,6 +109,7 @@ Max |logit difference| prototype model vs black box: {evaluation['max_abs_logit_
 {table3}
 
 {_localization_table(evaluation)}
+{_interpretability_table(evaluation)}
 Classes: {len(class_names)} done ({resumed} resumed from an earlier run); images used {images}, skipped {skipped}.
 
 Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in timings.items())}

@@ -37,6 +37,10 @@ def _print_result(result: dict) -> None:
     for p, m in sorted((ev.get("localization") or {}).items(), key=lambda kv: int(kv[0])):
         print(f"  p={p:<3} part localization: peak on object {m['on_object']:.3f}, purity {m['purity']:.3f}, "
               f"parts covered {m['coverage']:.2f} of 3, IoU {m['iou']:.3f}")
+    stab = ev.get("stability") or {}
+    for p, m in sorted((ev.get("consistency") or {}).items(), key=lambda kv: int(kv[0])):
+        print(f"  p={p:<3} consistency {m['presence']:.1f}% (presence) {m['activation']:.1f}% (F·p̃ᵀ), "
+              f"stability {stab[p]['presence']:.1f}% / {stab[p]['activation']:.1f}%")
 
 
 def _run(config, overrides) -> int:

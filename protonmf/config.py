@@ -70,6 +70,9 @@ class PrototypesConfig(_Section):
     seed: int = 0
     nonneg: bool = False
     solver: Literal["closed_form", "cvxpy"] = "closed_form"
+    # equal: R/Σa on every prototype (ProtoNMF eq. 8); distributed: pieces shaped like each
+    # prototype's heatmap (Tan et al. 2024). Only "distributed" enters the fit key.
+    residual: Literal["equal", "distributed"] = "equal"
     classes_per_task: int = Field(16, ge=1)
 
     @field_validator("p")

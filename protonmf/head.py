@@ -7,6 +7,8 @@ Notation, batched over K classes (one row of the head per class):
 - ``C`` of shape (K, p): coefficients a_1..a_p of the prototypes in each class's head (C_opt).
 - ``R`` of shape (K, D): the residual prototype V_c − C_c B_c.
 - ``A``, ``E`` of shapes (K, n, D), (K, n, p): features and encodings, as in :mod:`protonmf.nmf`.
+- ``pieces`` of shape (K, p, D): the residual split over the prototypes, Σ_i r_i = R_c (Tan et
+  al., "Post-hoc Part-prototype Networks", ICML 2024; they write p_i for our b_i and α_i for a_i).
 
 Two solvers of eq. 4 give the same C: cvxpy (the solver of record, also for ``nonneg=True``) and a
 batched closed form (the pseudo-inverse of B) that solves all classes at once. Everything here runs
@@ -24,12 +26,17 @@ from torch import Tensor
 
 __all__ = [
     "HeadFit",
+    "absorb_residual_pieces",
     "augment_prototypes",
+    "distribute_residual",
     "reconstruct_head",
     "residual_heatmap",
     "solve_coefficients_closed_form",
     "solve_coefficients_cvxpy",
 ]
+
+Residual = Literal["equal", "distributed"]
+RESIDUALS: tuple[str, ...] = ("equal", "distributed")
 
 Solver = Literal["closed_form", "cvxpy"]
 
@@ -181,3 +188,78 @@ def augment_prototypes(B: Tensor, C: Tensor, R: Tensor) -> tuple[Tensor, Tensor]
     spread = total.abs() > SPREAD_RTOL * C.double().abs().sum(1)
     shift = torch.where(spread.unsqueeze(1), R.double() / torch.where(spread, total, 1.0).unsqueeze(1), 0.0)
     return B.double() + shift.unsqueeze(1), spread  # eq. 8
+
+
+def distribute_residual(A: Tensor, B: Tensor, R: Tensor, *, block_rows: int = 4096) -> Tensor:
+    """Split each class's residual into one piece per prototype whose heatmap looks like the prototype's.
+
+    Tan et al. (ICML 2024) minimise Σ_i ||Norm(F b_iᵀ) − Norm(F r_iᵀ)||² subject to Σ_i r_i = R,
+    F = the class's stacked features (here A, negatives set to 0 as the NMF sees them). We take
+    Norm_i(x) = x / s_i with the constant s_i = ||F b_iᵀ|| (over all positions of the class), and
+    give each piece's map a free scale λ_i, so the problem stays a least squares under a linear
+    equality constraint:
+
+        min_{r, λ} Σ_i ||λ_i F b_iᵀ − F r_iᵀ||² / s_i²   subject to   Σ_i r_i = R.
+
+    Its KKT system (G = FᵀF, the class's Gram matrix) has the closed form
+
+        λ = argmin_λ ||F Rᵀ − Σ_i λ_i F b_iᵀ||²,   i.e. (B G Bᵀ) λ = B G Rᵀ (minimum-norm if singular),
+        r_i = λ_i b_i + (s_i² / Σ_j s_j²) (R − Σ_j λ_j b_j):
+
+    λ regresses the residual's heatmap on the prototypes' heatmaps (each prototype takes the part of
+    the residual's map shaped like its own), and what no prototype's map explains is split in
+    proportion to s_i². For any λ the pieces sum to R, so the constraint holds to rounding. When G is
+    singular (fewer positions than channels, dead channels) this r is one of the minimisers.
+    If every s_i is 0 (no prototype lights up anywhere) the rest is split equally.
+
+    Parameters
+    ----------
+    A : Tensor of shape (K, n, D), features (zero-padded rows contribute nothing).
+    B : Tensor of shape (K, p, D), the NMF prototypes. R : Tensor of shape (K, D), the residuals (eq. 5).
+    block_rows : rows of A read at a time (only the (K, p + 1, p + 1) moments of the maps are kept).
+
+    Returns
+    -------
+    pieces : Tensor of shape (K, p, D), float64, on B's device; Σ_i pieces[:, i] = R.
+    """
+    if A.ndim != 3 or B.ndim != 3 or R.ndim != 2:
+        raise ValueError(f"A, B, R must have shapes (K, n, D), (K, p, D), (K, D), got {tuple(A.shape)}, {tuple(B.shape)}, {tuple(R.shape)}")
+    if not (A.shape[0] == B.shape[0] == R.shape[0]) or not (A.shape[2] == B.shape[2] == R.shape[1]):
+        raise ValueError(f"A {tuple(A.shape)}, B {tuple(B.shape)} and R {tuple(R.shape)} disagree on K or D")
+    K, p, _ = B.shape
+    dtype = torch.promote_types(A.dtype, torch.float32)  # float32 maps suffice: λ does not affect Σ r_i = R
+    W = torch.cat([B, R.unsqueeze(1)], 1).to(dtype).transpose(1, 2)  # (K, D, p + 1)
+    moments = torch.zeros(K, p + 1, p + 1, dtype=torch.float64, device=B.device)
+    for start in range(0, A.shape[1], block_rows):
+        maps = A[:, start : start + block_rows].to(device=B.device, dtype=dtype).clamp_min(0) @ W  # (K, rows, p + 1)
+        moments += (maps.transpose(1, 2) @ maps).double()
+    gram_b, gram_br = moments[:, :p, :p], moments[:, :p, p]  # B G Bᵀ, B G Rᵀ
+    lam = (torch.linalg.pinv(gram_b, hermitian=True) @ gram_br.unsqueeze(2)).squeeze(2)  # (K, p)
+    s2 = torch.diagonal(gram_b, dim1=1, dim2=2).clamp_min(0)  # s_i²
+    total = s2.sum(1, keepdim=True)
+    share = torch.where(total > 0, s2 / torch.where(total > 0, total, 1.0), 1.0 / p)
+    B64, R64 = B.double(), R.double()
+    rest = R64 - (lam.unsqueeze(1) @ B64).squeeze(1)  # R − Σ_j λ_j b_j
+    return lam.unsqueeze(2) * B64 + share.unsqueeze(2) * rest.unsqueeze(1)  # r_i (Tan et al.)
+
+
+def absorb_residual_pieces(B: Tensor, C: Tensor, pieces: Tensor) -> tuple[Tensor, Tensor]:
+    """b'_i = b_i + r_i / a_i, so that a_i b'_i = a_i b_i + r_i = p̃_i (Tan et al.) and Σ_i a_i b'_i = V_c.
+
+    The model then reads b'_i exactly as it reads eq. 8's (logits, contributions, interventions).
+
+    Parameters
+    ----------
+    B : (K, p, D), C : (K, p), pieces : (K, p, D) from :func:`distribute_residual`.
+
+    Returns
+    -------
+    B_aug : Tensor of shape (K, p, D), float64.
+    spread : Tensor of shape (K,), bool. False where some a_i is zero (relative to Σ_j |a_j|): its
+        piece cannot be carried by b'_i; there B_aug = B and the residual stays explicit (eq. 7).
+    """
+    C64 = C.double()
+    spread = (C64.abs() > SPREAD_RTOL * C64.abs().sum(1, keepdim=True)).all(1)
+    safe = torch.where(spread.unsqueeze(1), C64, 1.0)
+    shift = torch.where(spread.view(-1, 1, 1), pieces.double() / safe.unsqueeze(2), 0.0)
+    return B.double() + shift, spread

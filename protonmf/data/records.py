@@ -22,6 +22,9 @@ class Record:
     label : int, index into the source's ``classes``.
     bbox : (x, y, width, height) in pixels or None; :class:`CUBSource` crops to it when loading.
     index : int or None, row in an in-memory array (digits, synthetic).
+    keypoints : ((x, y, visible), ...) or None, one per part of the source's ``keypoint_names``, in
+        pixels of the image :meth:`ImageSource.load` returns (CUB: the cropped image).
+    size : (width, height) of that image when the source knows it without decoding (for keypoints).
     """
 
     image_id: str
@@ -29,6 +32,8 @@ class Record:
     label: int
     bbox: tuple[float, float, float, float] | None = None
     index: int | None = None
+    keypoints: tuple[tuple[float, float, bool], ...] | None = None
+    size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,15 @@ import torch
 
 from protonmf.data import ImageSource, iter_batches
 from protonmf.devices import to_model
+from protonmf.evaluation.interpretability import (
+    box_half_size,
+    consistency,
+    keypoints_of,
+    part_vectors,
+    peak_locations,
+    perturb,
+    stability,
+)
 from protonmf.evaluation.localization import part_localization
 from protonmf.prototypes.model import MODES, PrototypeModel
 
@@ -29,6 +38,7 @@ def evaluate_model(
     *,
     batch_size: int = 64,
     workers: int | None = None,
+    noise_seed: int = 0,
 ) -> dict[str, Any]:
     """Top-1 of the black box and of the prototype model (each p, each mode) on ``source``.
 
@@ -40,7 +50,10 @@ def evaluate_model(
     ``localization``: {p: purity, on_object, coverage, iou} of the prototypes' heatmaps on the
     images' true class (see :mod:`protonmf.evaluation.localization`); ``intervention`` (Table 4): {p:
     top1_before, top1_after, fixed} when each wrong prediction loses its predicted class's most
-    important prototype.
+    important prototype. For sources with keypoints (CUB with ``parts/``, the synthetic set) and a
+    :class:`~protonmf.data.Preprocess`, ``consistency`` and ``stability``: {p: {"presence": %,
+    "activation": %}} (Huang et al. 2023, :mod:`protonmf.evaluation.interpretability`), from the
+    presence maps (eq. 9) and from F p̃_iᵀ, the noise drawn from ``noise_seed``.
     """
     model = model.eval()
     variants = {(p, mode): model.with_p(p).with_mode(mode) for p in model.available_p for mode in MODES}
@@ -49,7 +62,12 @@ def evaluate_model(
     correct_bb = n = n_skipped = 0
     max_diff = max_logit = 0.0
     masks = getattr(source, "masks", None)  # ground-truth parts (the synthetic set)
-    by_id = {r.image_id: r for r in source.records} if masks is not None else {}
+    with_keypoints = getattr(source, "keypoint_names", None) is not None and hasattr(preprocess, "map_points")
+    by_id = {r.image_id: r for r in source.records} if masks is not None or with_keypoints else {}
+    noise = torch.Generator().manual_seed(noise_seed)
+    parts: dict[tuple[int, str, str], list[torch.Tensor]] = {}  # (p, map kind, clean|noisy) -> (B, p, P) part vectors
+    part_labels: list[torch.Tensor] = []
+    part_visible: list[torch.Tensor] = []
     heat: dict[int, list[torch.Tensor]] = {p: [] for p in model.available_p}
     mask_rows: list[torch.Tensor] = []
     label_rows: list[torch.Tensor] = []
@@ -74,6 +92,10 @@ def evaluate_model(
             label_rows.append(batch.labels)
             for p in model.available_p:  # where each prototype of the true class is (eq. 9)
                 heat[p].append(variants[(p, model.mode)].explain(images, target=labels).heatmaps.cpu())
+        if with_keypoints:
+            _part_vectors_of_batch(variants, model, images, F, labels, [by_id[i] for i in batch.image_ids],
+                                   preprocess, noise, parts, part_visible)
+            part_labels.append(batch.labels)
         n += len(batch)
     if n == 0:
         raise ValueError(f"evaluation: no usable images in {source!r}")
@@ -91,6 +113,15 @@ def evaluate_model(
         p: {"top1_before": table3[p]["augmented"], "top1_after": table3[p]["augmented"] + fixed[p] / n, "fixed": fixed[p]}
         for p in model.available_p
     }
+    interpretability = {}
+    if part_labels:
+        all_labels, visible = torch.cat(part_labels), torch.cat(part_visible)
+        interpretability = {"consistency": {}, "stability": {}}
+        for p in model.available_p:
+            for kind in ("presence", "activation"):
+                o, o_noisy = torch.cat(parts[(p, kind, "clean")]), torch.cat(parts[(p, kind, "noisy")])
+                interpretability["consistency"].setdefault(p, {})[kind] = consistency(o, visible, all_labels)["score"]
+                interpretability["stability"].setdefault(p, {})[kind] = stability(o, o_noisy, all_labels)["score"]
     return {
         "n_images": n,
         "n_skipped": n_skipped,
@@ -101,7 +132,24 @@ def evaluate_model(
         "table3": table3,
         "localization": localization,
         "intervention": intervention,
+        **interpretability,
     }
+
+
+def _part_vectors_of_batch(variants, model, images, F, labels, records, preprocess, noise, parts, visible_rows) -> None:
+    """Part vectors (Huang et al.) of one batch for every p, map kind, clean and noisy images."""
+    keypoints, visible = keypoints_of(records, preprocess)
+    visible_rows.append(visible)
+    F_noisy = model.features(perturb(images, noise))
+    size = tuple(images.shape[-2:])
+    half = box_half_size(images.shape[-1])
+    for p in model.available_p:
+        variant = variants[(p, model.mode)]
+        for tag, feats in (("clean", F), ("noisy", F_noisy)):
+            presence, activation = variant.prototype_maps(feats, labels)
+            for kind, maps in (("presence", presence), ("activation", activation)):
+                o = part_vectors(peak_locations(maps.cpu(), size), keypoints, visible, half)
+                parts.setdefault((p, kind, tag), []).append(o)
 
 
 def _fixed_by_intervention(model: PrototypeModel, F: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> int:

@@ -206,7 +206,8 @@ def fit_key(config: Config, store: FeatureStore) -> str:
 
 def _settings(config: Config) -> dict[str, Any]:
     pr = config.prototypes
-    return fit_settings(max_iter=pr.max_iter, tol=pr.tol, seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver)
+    return fit_settings(max_iter=pr.max_iter, tol=pr.tol, seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver,
+                        residual=pr.residual)
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         pr = config.prototypes
         fits = fit_prototypes_sweep(  # every p in one pass over A per NMF update
             A, V[classes], bias[classes], pr.p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
-            seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver,
+            seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, residual=pr.residual,
             device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
         tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}

@@ -3,7 +3,9 @@
 Step 1 (eq. 1–3): A_c ≈ E_c B_c by :func:`protonmf.nmf.nmf`, batched over classes (or by
 :func:`protonmf.nmf.nmf_sweep` for several p in one pass, see :func:`fit_prototypes_sweep`).
 Step 2 (eq. 4–5, 8): C_c, R_c by :func:`protonmf.head.reconstruct_head`, and the augmented
-prototypes B'_c by :func:`protonmf.head.augment_prototypes`.
+prototypes B'_c by :func:`protonmf.head.augment_prototypes` (``residual="equal"``, ProtoNMF), or
+with the residual split into pieces shaped like each prototype's heatmap
+(``residual="distributed"``, Tan et al. 2024: :func:`protonmf.head.distribute_residual`).
 
 Shapes follow :mod:`protonmf.nmf` and :mod:`protonmf.head`: K classes, p prototypes, D channels.
 """
@@ -18,7 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from protonmf.head import Solver, augment_prototypes, reconstruct_head
+from protonmf.head import (
+    RESIDUALS,
+    Residual,
+    Solver,
+    absorb_residual_pieces,
+    augment_prototypes,
+    distribute_residual,
+    reconstruct_head,
+)
 from protonmf.nmf import NMFResult, nmf, nmf_sweep
 
 __all__ = ["ClassPrototypes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings", "stack_classes"]
@@ -33,8 +43,9 @@ class ClassPrototypes:
     B : (K, p, D) float32, NMF prototypes (eq. 1).
     C : (K, p) float64, their coefficients in each class's head (eq. 4).
     R : (K, D) float64, residual prototypes (eq. 5).
-    B_aug : (K, p, D) float64, augmented prototypes b_i + R/Σa (eq. 8).
-    spread : (K,) bool, whether R was spread over the prototypes (Σa ≠ 0).
+    B_aug : (K, p, D) float64, augmented prototypes b_i + R/Σa (eq. 8), or b_i + r_i/a_i with the
+        residual's pieces r_i (``residual="distributed"``); either way Σ_i a_i b'_i = V_c.
+    spread : (K,) bool, whether R was spread over the prototypes (Σa ≠ 0; for "distributed": every a_i ≠ 0).
     bias : (K,) float64, the head's bias.
     feature_error : (K,) float64, ||A − EB||² / ||A||².
     head_error : (K,) float64, ||V − CB||² / ||V||².
@@ -121,10 +132,14 @@ def fit_settings(**overrides: Any) -> dict[str, Any]:
         if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("n_rows", "device", "block_rows")
     }
     settings = {**defaults, **{k: v for k, v in overrides.items() if k not in ("device", "block_rows")}}
+    if settings.get("residual") == "equal":  # ProtoNMF's default: absent, so earlier fit keys and manifests stay
+        del settings["residual"]
     return {**settings, "nmf_input": "negative features set to 0 (ProtoNMF §3.1)"}
 
 
-def _check_fit_inputs(A: Tensor, V: Tensor) -> None:
+def _check_fit_inputs(A: Tensor, V: Tensor, residual: str = "equal") -> None:
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     if A.ndim != 3:
         raise ValueError(f"A must have shape (K, n, D), got {tuple(A.shape)}")
     if V.ndim != 2 or V.shape[0] != A.shape[0]:
@@ -138,14 +153,20 @@ def _check_fit_inputs(A: Tensor, V: Tensor) -> None:
 
 
 def _head_prototypes(
-    res: NMFResult, V: Tensor, bias: Tensor | None, n_rows: Tensor, *, nonneg: bool, solver: Solver
+    res: NMFResult, V: Tensor, bias: Tensor | None, n_rows: Tensor, *, nonneg: bool, solver: Solver,
+    residual: Residual, A: Tensor,
 ) -> ClassPrototypes:
     """Step 2 for the NMF prototypes ``res.B`` (K, p, D): the head rebuilt from them (eq. 4–5, 8).
 
-    ``n_rows`` (K,) int64 is recorded as the rows each class was fitted on.
+    ``n_rows`` (K,) int64 is recorded as the rows each class was fitted on; ``A`` (K, n, D), the
+    features, is read only for ``residual="distributed"`` (the prototypes' heatmaps).
     """
     head = reconstruct_head(V.to(res.B.device), res.B, nonneg=nonneg, solver=solver)  # eq. 4–5
-    B_aug, spread = augment_prototypes(res.B, head.C, head.R)  # eq. 8
+    if residual == "distributed":
+        pieces = distribute_residual(A, res.B, head.R)  # Tan et al.: Σ_i r_i = R
+        B_aug, spread = absorb_residual_pieces(res.B, head.C, pieces)
+    else:
+        B_aug, spread = augment_prototypes(res.B, head.C, head.R)  # eq. 8
     K = res.B.shape[0]
     return ClassPrototypes(
         B=res.B.float(),
@@ -178,6 +199,7 @@ def fit_prototypes(
     seed: int = 0,
     nonneg: bool = False,
     solver: Solver = "closed_form",
+    residual: Residual = "equal",
     block_rows: int = 8192,
     device: torch.device | str | None = None,
 ) -> tuple[ClassPrototypes, NMFResult]:
@@ -189,15 +211,17 @@ def fit_prototypes(
     V : Tensor of shape (K, D), the head rows of these K classes.
     bias : Tensor of shape (K,) or None.
     p : int, prototypes per class.
+    residual : "equal" (eq. 8, ProtoNMF) or "distributed" (Tan et al.; see :func:`protonmf.head.distribute_residual`).
     Other parameters: as :func:`protonmf.nmf.nmf` and :func:`protonmf.head.reconstruct_head`.
 
     Returns
     -------
     (ClassPrototypes, NMFResult): the model part, and the NMF factors (E for heatmaps).
     """
-    _check_fit_inputs(A, V)
+    _check_fit_inputs(A, V, residual)
     res = nmf(A, p, max_iter=max_iter, tol=tol, seed=seed, n_rows=n_rows, block_rows=block_rows, device=device)  # eq. 1–3
-    return _head_prototypes(res, V, bias, _row_counts(A, n_rows), nonneg=nonneg, solver=solver), res
+    rows = _row_counts(A, n_rows)
+    return _head_prototypes(res, V, bias, rows, nonneg=nonneg, solver=solver, residual=residual, A=A), res
 
 
 def fit_prototypes_sweep(
@@ -212,6 +236,7 @@ def fit_prototypes_sweep(
     seed: int = 0,
     nonneg: bool = False,
     solver: Solver = "closed_form",
+    residual: Residual = "equal",
     block_rows: int = 8192,
     device: torch.device | str | None = None,
 ) -> dict[int, tuple[ClassPrototypes, NMFResult]]:
@@ -230,7 +255,8 @@ def fit_prototypes_sweep(
     -------
     dict mapping each p (in the order of ``ps``) to what ``fit_prototypes(A, V, bias, p, ...)`` returns.
     """
-    _check_fit_inputs(A, V)
+    _check_fit_inputs(A, V, residual)
     sweep = nmf_sweep(A, ps, max_iter=max_iter, tol=tol, seed=seed, n_rows=n_rows, block_rows=block_rows, device=device)  # eq. 1–3
     rows = _row_counts(A, n_rows)
-    return {p: (_head_prototypes(res, V, bias, rows, nonneg=nonneg, solver=solver), res) for p, res in sweep.items()}
+    return {p: (_head_prototypes(res, V, bias, rows, nonneg=nonneg, solver=solver, residual=residual, A=A), res)
+            for p, res in sweep.items()}

@@ -4,7 +4,9 @@ For features F (h·w, D) of an image, the class-c logit is (ProtoNMF §3.3, eq. 
 
     logit_c = Σ_i a_i · mean_hw(F b'_iᵀ) + bias_c,      b'_i = b_i + R_c / Σ_j a_j,
 
-which equals the black box's mean_hw(F) V_cᵀ + bias_c exactly, because Σ_i a_i b'_i = V_c.
+which equals the black box's mean_hw(F) V_cᵀ + bias_c exactly, because Σ_i a_i b'_i = V_c. A fit
+with ``residual="distributed"`` stores b'_i = b_i + r_i / a_i instead (the residual split into
+pieces r_i shaped like each prototype's heatmap, Tan et al. 2024); everything below reads it alike.
 Modes (paper Table 3): ``augmented`` (the above, NMF + residual), ``nmf_only`` (b_i instead of
 b'_i), ``residual_only`` (mean_hw(F R_cᵀ) + bias_c).
 
@@ -180,6 +182,11 @@ class PrototypeModel(nn.Module):
         return self.B.shape[1]
 
     @property
+    def residual(self) -> str:
+        """How the residual sits in B_aug: "equal" (eq. 8, ProtoNMF) or "distributed" (Tan et al. 2024)."""
+        return str(self.settings.get("residual", "equal"))
+
+    @property
     def num_classes(self) -> int:
         return self.B.shape[0]
 
@@ -291,7 +298,7 @@ class PrototypeModel(nn.Module):
             contributions = torch.zeros_like(a_t)
         else:
             contributions = a_t * (pooled.unsqueeze(1) * V_t).sum(-1)
-        presence = nnls(flat.clamp_min(0), V_t)  # (B, hw, p), eq. 9
+        presence = self._presence(flat, V_t)  # (B, hw, p), eq. 9
         B_t = self.B[target].double()
         codes = nnls(flat.clamp_min(0), B_t)  # the image's own codes against the NMF prototypes
         res_map = residual_heatmap(flat, codes, B_t, R_t)  # (B, hw), eq. 6 with images as the batch
@@ -307,6 +314,43 @@ class PrototypeModel(nn.Module):
             heatmaps=back_to(heatmaps, images),
             residual_heatmap=back_to(res_heat, images),
         )
+
+    @staticmethod
+    def _presence(flat: Tensor, vectors: Tensor) -> Tensor:
+        """Codes (B, hw, p) of each position of ``flat`` (B, hw, D) against ``vectors`` (B, p, D), ≥ 0."""
+        return nnls(flat.clamp_min(0), vectors)  # eq. 9
+
+    @torch.no_grad()
+    def prototype_maps(self, F: Tensor, target: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Where each prototype of the class ``target`` is, at the feature grid, in two readings.
+
+        Parameters
+        ----------
+        F : (B, h, w, D) features (:meth:`features`). target : (B,) class indices.
+
+        Returns
+        -------
+        presence : (B, p, h, w) float32, the non-negative codes of eq. 9 (what :meth:`explain` upsamples).
+        activation : (B, p, h, w) float32, F p̃_iᵀ with p̃_i = a_i b'_i, the prototype's share of the
+            class's head (Tan et al. 2024 read their prototypes this way); Σ_i of it is F V_cᵀ in
+            ``augmented`` mode where the residual is spread.
+        """
+        x = to_model(F, self.backbone.V)
+        Bsz, h, w, D = x.shape
+        target = torch.as_tensor(target, dtype=torch.int64, device=x.device).reshape(-1)
+        if target.numel() != Bsz or (target < 0).any() or (target >= self.num_classes).any():
+            raise ValueError(f"target must hold {Bsz} class indices in [0, {self.num_classes}), got {target.tolist()}")
+        flat = x.reshape(Bsz, h * w, D).double()
+        vectors, coef = self._class_vectors()
+        V_t = vectors[target]  # (B, p, D)
+        presence = self._presence(flat, V_t)  # (B, hw, p)
+        activation = flat @ (coef[target].unsqueeze(2) * V_t).transpose(1, 2)  # (B, hw, p)
+        out = output_dtype(self.backbone.V)
+
+        def grid(m: Tensor) -> Tensor:
+            return back_to(m.transpose(1, 2).reshape(Bsz, -1, h, w).to(out), F)
+
+        return grid(presence), grid(activation)
 
     def intervene(self, removals: Mapping[int | str, Sequence[int]]) -> "PrototypeModel":
         """A new model in which the given prototypes of the given classes contribute nothing.

@@ -153,6 +153,14 @@ def _evaluation_tables(evaluation: dict[str, Any], p: int) -> list[str]:
         parts.append("<h2>Part localization</h2>" + _table(
             ["p", "peak on object", "purity", "parts covered", "IoU"],
             [[q, v["on_object"], v["purity"], v["coverage"], v["iou"]] for q, v in _by_p(evaluation["localization"])]))
+    if evaluation.get("consistency"):
+        con, sta = evaluation["consistency"], evaluation["stability"]
+        parts.append("<h2>Consistency and stability</h2><p class='note'>% of prototypes (Huang et al. 2023): a "
+                     "prototype is consistent if one part falls in the 72 px box (at 224 px) around its peak in "
+                     "≥ 80% of its class's images where the part is visible; stable: share of images whose parts "
+                     "in the box are unchanged under noise</p>" + _table(
+                         ["p", "consistency (presence, eq. 9)", "stability (presence)", "consistency (F·p̃ᵀ)", "stability (F·p̃ᵀ)"],
+                         [[q, v["presence"], sta[q]["presence"], v["activation"], sta[q]["activation"]] for q, v in _by_p(con)]))
     return parts
 
 

@@ -41,10 +41,15 @@ def test_report_renders_in_headless_chromium(page):
         path, evaluation = page
         driver.get(path.as_uri())
         headings = [h.text for h in driver.find_elements("tag name", "h2")]
-        for expected in ("Accuracy", "Table 3", "Table 4", "Part localization", "Table 1 / Figure 5", "Figures 2–3", "Figure 4"):
+        for expected in ("Accuracy", "Table 3", "Table 4", "Part localization", "Consistency and stability",
+                         "Table 1 / Figure 5", "Figures 2–3", "Figure 4"):
             assert any(expected in h for h in headings), (expected, headings)
         tables = driver.find_elements("tag name", "table")
-        assert len(tables) == 5  # accuracy, Table 3, Table 4, part localization, Table 1
+        assert len(tables) == 6  # accuracy, Table 3, Table 4, part localization, consistency and stability, Table 1
+        cells = [td.text for td in tables[4].find_elements("tag name", "td")]
+        assert cells[:5] == ["1"] + [f"{v:.4f}" for v in (
+            evaluation["consistency"][1]["presence"], evaluation["stability"][1]["presence"],
+            evaluation["consistency"][1]["activation"], evaluation["stability"][1]["activation"])]
         first = tables[0].find_elements("tag name", "td")
         assert first[1].text == f"{evaluation['top1_black_box']:.4f}"
         images = driver.find_elements("tag name", "img")

@@ -12,6 +12,8 @@ class ImageSource:
 
     classes: list[str]
     records: list[Record]
+    #: names of the keypoints every record carries (``Record.keypoints``), or None: no keypoints
+    keypoint_names: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:

@@ -27,12 +27,28 @@ def _crop_box(bbox: tuple[float, float, float, float], size: tuple[int, int]) ->
     return left, upper, right, lower
 
 
+def _in_box(points: list[tuple[float, float, bool]], bbox: tuple[float, float, float, float]) -> dict:
+    """Keypoints in the pixels of the image cropped to ``bbox`` (as :func:`_crop_box` crops; CUB's
+    boxes lie inside their images) and that image's size, as ``Record`` fields."""
+    x, y, w, h = bbox
+    left, upper = max(0, round(x)), max(0, round(y))
+    width, height = round(x + w) - left, round(y + h) - upper
+    moved = tuple(
+        (px - left, py - upper, bool(vis and 0 <= px - left < width and 0 <= py - upper < height)) for px, py, vis in points
+    )
+    return {"keypoints": moved, "size": (width, height)}
+
+
 class CUBSource(ImageSource):
     """CUB-200-2011 in the layout of the official archive (``CUB_200_2011/``).
 
     Reads ``images.txt`` (id path), ``image_class_labels.txt`` (id class_id, 1-based),
     ``classes.txt`` (class_id name), ``train_test_split.txt`` (id is_train) and
-    ``bounding_boxes.txt`` (id x y width height); images are at ``images/<path>``.
+    ``bounding_boxes.txt`` (id x y width height); images are at ``images/<path>``. If
+    ``parts/parts.txt`` (part_id name) and ``parts/part_locs.txt`` (id part_id x y visible) are
+    there (and ``crop=True``), every record carries the 15 keypoints in the cropped image's pixels
+    (``Record.keypoints``; a point outside the box counts as not visible) and ``Record.size``, the
+    box's size; ``keypoint_names`` are the part names.
 
     Labels are ``class_id - 1``; ``classes`` are the names of ``classes.txt`` (e.g.
     ``"001.Black_footed_Albatross"``) in class-id order. Records are in image-id order, with
@@ -84,6 +100,7 @@ class CUBSource(ImageSource):
         boxes = self._boxes(tables["bounding_boxes.txt"])
         self._check_every_image_listed(paths, labels, is_train, boxes)
 
+        keypoints = self._keypoints(paths) if self.crop else {}
         keep = {"train": (1,), "test": (0,), "all": (0, 1)}[split]
         self.records = [
             Record(
@@ -91,12 +108,38 @@ class CUBSource(ImageSource):
                 uri=self._uri(f"images/{paths[k]}"),
                 label=labels[k],
                 bbox=boxes.get(k),
+                **(_in_box(keypoints[k], boxes[k]) if keypoints else {}),
             )
             for k in sorted(paths)
             if is_train[k] in keep
         ]
         if not self.records:
             raise ValueError(f"no images found under {self.root} for split {split!r}")
+
+    def _keypoints(self, paths: dict[int, str]) -> dict[int, list[tuple[float, float, bool]]]:
+        """parts/part_locs.txt: image id → one (x, y, visible) per part of parts/parts.txt; {} without parts/."""
+        names_text = self._read_table("parts/parts.txt", required=False)
+        locs_text = self._read_table("parts/part_locs.txt", required=False)
+        if names_text is None or locs_text is None:
+            return {}
+        names = sorted((int(k), v) for k, v in self._rows(names_text, "parts/parts.txt", 2))
+        if [k for k, _ in names] != list(range(1, len(names) + 1)):
+            raise ValueError(f"{self.root}/parts/parts.txt: part ids must be 1..P, got {[k for k, _ in names][:20]}")
+        self.keypoint_names = tuple(v for _, v in names)
+        out = {k: [(0.0, 0.0, False)] * len(names) for k in paths}
+        for lineno, line in enumerate(locs_text.splitlines(), 1):
+            vals = line.split()
+            if not vals:
+                continue
+            try:
+                k, part, x, y, visible = int(vals[0]), int(vals[1]), float(vals[2]), float(vals[3]), int(vals[4])
+            except (ValueError, IndexError):
+                raise ValueError(f"{self.root}/parts/part_locs.txt line {lineno}: expected id part_id x y visible, got {line.strip()!r}") from None
+            if not 1 <= part <= len(names):
+                raise ValueError(f"{self.root}/parts/part_locs.txt line {lineno}: part id {part} not in parts/parts.txt")
+            if k in out:
+                out[k][part - 1] = (x, y, visible == 1)
+        return out
 
     def _boxes(self, table: str | None) -> dict[int, tuple[float, float, float, float]]:
         """bounding_boxes.txt: image id → (x, y, width, height)."""

@@ -72,6 +72,21 @@ def _split_seed(seed: int, split: str) -> int:
     return int(np.random.SeedSequence([int(seed), 1]).generate_state(1, np.uint64)[0])
 
 
+def _mask_centres(masks: np.ndarray, n_parts: int) -> list[list[tuple[float, float, bool]]]:
+    """One keypoint per part: the centre (mean x, mean y) of its pixels in ``masks`` (N, S, S);
+    visible where the part has pixels."""
+    N, S, _ = masks.shape
+    ys, xs = np.mgrid[0:S, 0:S]
+    out = []
+    for j in range(1, n_parts + 1):
+        on = masks == j  # (N, S, S)
+        count = on.sum((1, 2))
+        cx = (on * xs).sum((1, 2)) / np.maximum(count, 1)
+        cy = (on * ys).sum((1, 2)) / np.maximum(count, 1)
+        out.append(np.stack([cx, cy, count > 0], 1))
+    return np.stack(out, 1).tolist()  # (N, parts, 3)
+
+
 class SyntheticSource(ImageSource):
     """The part-annotated synthetic creatures of :func:`protonmf.demo.synthetic.make_synthetic_parts`.
 
@@ -84,7 +99,8 @@ class SyntheticSource(ImageSource):
     ----------
     data : the SyntheticParts; ``masks`` (N, S, S) uint8 part labels, ``part_names``.
     records : ``image_id`` is ``"<class name>/<index:06d>.png"`` (as in the written tree),
-        ``index`` the row in ``data``.
+        ``index`` the row in ``data``, ``keypoints`` one per part (head, body, tail): the centre of
+        its mask, visible where the part has pixels.
     """
 
     def __init__(self, n_classes: int, n_per_class: int, *, split: str, image_size: int = 64, seed: int = 0) -> None:
@@ -95,12 +111,17 @@ class SyntheticSource(ImageSource):
         self.data = make_synthetic_parts(n_classes, n_per_class, image_size=image_size, seed=_split_seed(self.seed, split))
         self.image_size = int(image_size)
         self.classes = list(self.data.class_names)
+        self.keypoint_names = tuple(self.data.part_names[1:])
+        points = _mask_centres(self.data.masks, len(self.keypoint_names))
+        S = self.data.masks.shape[1]
         self.records = [
             Record(
                 image_id=f"{self.classes[int(c)]}/{i:06d}.png",
                 uri=f"synthetic://seed{self.seed}/{split}/{self.classes[int(c)]}/{i:06d}.png",
                 label=int(c),
                 index=i,
+                keypoints=tuple((float(x), float(y), bool(v)) for x, y, v in points[i]),
+                size=(S, S),
             )
             for i, c in enumerate(self.data.labels)
         ]
