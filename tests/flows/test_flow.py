@@ -437,7 +437,7 @@ def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
     assert "prototypes.pp: unknown key" in capsys.readouterr().err
 
 
-def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, bucket, fault_marker, capsys):
+def test_craft_flow_on_the_demo_localizes_parts_and_measures_fidelity(runtime, bucket, fault_marker, capsys):
     """CRAFT on the demo CNN and the part-annotated synthetic set, through Prefect + Ray + S3, with
     one of its Ray workers killed on the way (Ray retries the group)."""
     import io
