@@ -130,13 +130,15 @@ def _evaluate_class(config: Config, backbone: FeatureBackbone, cc: ClassConcepts
     with torch.no_grad():  # one forward pass serves the encoding and every map
         F = torch.cat([backbone(b.to(device)) for b in batches])
     fidelity = _rank_and_measure(encode(pool(F), W), W, pooled_head(backbone), k, cc.importance)
-    sub_fidelity, cuts = {}, {}
+    sub_fidelity, at_layer = {}, {}  # layer → (its cut, the held-out images' activations there)
     for bank in cc.banks.values():
         if bank.id == "root":
             continue
-        cut = cuts.setdefault(bank.layer, LayerCut(backbone, bank.layer, images.shape[-1]))
-        with torch.no_grad():
-            acts = torch.cat([cut.activations(b.to(device)) for b in batches]).clamp_min(0)
+        if bank.layer not in at_layer:
+            cut = LayerCut(backbone, bank.layer, images.shape[-1])
+            with torch.no_grad():
+                at_layer[bank.layer] = cut, torch.cat([cut.activations(b.to(device)) for b in batches]).clamp_min(0)
+        cut, acts = at_layer[bank.layer]
         Wb = bank.W.to(device)
         sub_fidelity[bank.id] = {"layer": bank.layer,
                                  **_rank_and_measure(encode_positions(acts, Wb), Wb, cut.logits, k, bank.importance)}
