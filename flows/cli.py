@@ -60,11 +60,17 @@ def _craft(config, overrides) -> int:
     print(f"concepts:         {result['concepts']}")
     print(f"classes:          {s['classes']} with concepts, {s['sub_banks']} sub-concept banks, "
           f"{len(s['skipped_classes'])} without predicted images")
-    if "fidelity" in s:
-        f = s["fidelity"]
+    for key, what in (("fidelity", "root banks"), ("sub_fidelity", "sub-concept banks")):
+        if key not in s:
+            continue
+        f = s[key]
+        n = f.get("classes", f.get("banks"))
+        print(f"  fidelity of the {n} {what}:")
         for r in ("sobol", "tcav"):
-            print(f"  {r:<6} ranking: deletion AUC {f[r]['deletion_auc']:.4f}, insertion AUC {f[r]['insertion_auc']:.4f}")
-        print(f"  Sobol deletion AUC below TCAV's in {100 * f['sobol_deletion_lower']:.0f}% of {f['classes']} classes")
+            print(f"    {r:<6} ranking: deletion AUC {f[r]['deletion_auc']:.4f}, insertion AUC {f[r]['insertion_auc']:.4f}")
+        print(f"    deletion AUC lower with Sobol in {100 * f['sobol_deletion_lower']:.0f}%, with TCAV in "
+              f"{100 * f['tcav_deletion_lower']:.0f}%, same order in {100 * f['same_order']:.0f}%; "
+              f"TCAV scores strictly between 0 and 1: {100 * f['tcav_scores_between_0_and_1']:.0f}%")
     for m, v in (s.get("localization") or {}).items():
         print(f"  {m:<7} maps: peak on object {v['on_object']:.3f}, purity {v['purity']:.3f}, "
               f"parts covered {v['coverage']:.2f}, IoU {v['iou']:.3f}")

@@ -57,10 +57,12 @@ def _report(config: Config, class_names: list[str], groups: list[dict], summary:
     create_table_artifact(rows, key="craft-classes", description="per class: images used, sub-concept banks, deletion AUC")
     create_link_artifact(uri, link_text="CRAFT concepts", key="concepts")
     fid, loc = summary.get("fidelity"), summary.get("localization")
+    levels = [(summary[key], what) for key, what in (("fidelity", "root"), ("sub_fidelity", "sub-concept")) if key in summary]
     fidelity = (
-        "| ranking | deletion AUC (lower is better) | insertion AUC (higher is better) |\n|---|---|---|\n"
-        + "\n".join(f"| {r} | {fid[r]['deletion_auc']:.4f} | {fid[r]['insertion_auc']:.4f} |" for r in ("sobol", "tcav"))
-        + f"\n\nSobol deletion AUC below TCAV's in {100 * fid['sobol_deletion_lower']:.0f}% of {fid['classes']} classes.\n"
+        "| banks | ranking | deletion AUC (lower is better) | insertion AUC (higher is better) | deletion lower in |\n|---|---|---|---|---|\n"
+        + "\n".join(f"| {what} | {r} | {f[r]['deletion_auc']:.4f} | {f[r]['insertion_auc']:.4f} | "
+                    f"{100 * f[f'{r}_deletion_lower']:.0f}% of {f.get('classes', f.get('banks'))} |"
+                    for f, what in levels for r in ("sobol", "tcav")) + "\n"
         if fid else "No held-out images: fidelity not measured.\n"
     )
     localization = (

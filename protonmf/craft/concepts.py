@@ -6,7 +6,10 @@ Notation. CRAFT writes A ≈ U Wᵀ with W (D, r); we keep :mod:`protonmf.nmf`'s
 
 1. Images the model *predicts* as class c (CRAFT §3.1), cut into crops resized back to the input
    size (:func:`crop_images`), activations at a layer, averaged over positions (CNNs).
-2. NMF of A (CRAFT eq. 1; the core batched NMF, all classes of a call in one batch) gives U, W.
+2. NMF of A (CRAFT eq. 1; the core batched NMF, all classes of a call in one batch) gives U, W,
+   rescaled so that every concept (row of W) has unit norm, the scale moved into U (U W unchanged;
+   :func:`unit_concepts`): NMF's split of scale between U and W is arbitrary, and anything that
+   compares concepts by W alone (a directional derivative along W_i) would otherwise follow it.
 3. New inputs are encoded against the fixed bank by NNLS (:func:`encode`, :func:`encode_positions`).
 4. Importance of each concept: total Sobol indices of the class logit under masks on the concept
    values of the class's images (CRAFT §3.3, eq. 2; :func:`protonmf.sobol.concept_importance`),
@@ -50,6 +53,7 @@ __all__ = [
     "pool",
     "pooled_activations",
     "pooled_head",
+    "unit_concepts",
 ]
 
 
@@ -137,7 +141,7 @@ class Bank:
     ----------
     id : "root", or the id of the concept it decomposes ("c2", "c2.0", ...).
     layer : the layer its activations come from.
-    W : (r, D) the concepts, one per row.
+    W : (r, D) the concepts, one per row, each of unit norm.
     U : (M, r) coefficients of the crops it was learned from.
     crops : (M,) indices of those crops in the class's crop list.
     importance : (r,) total Sobol index of each concept for the class logit.
@@ -240,12 +244,24 @@ class ClassConcepts:
         return cls(meta["class_idx"], tensors["image_ids"], tensors["boxes"], banks)
 
 
+def unit_concepts(W: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+    """The same factorization with unit-norm concepts: W_i / ||W_i||, U_:i · ||W_i||, so U W is unchanged.
+
+    W (r, D), U (M, r) → (W', U') of the same shapes. A row of W that is exactly 0 (a component
+    NMF switched off) has no direction and is left as it is.
+    """
+    norm = W.norm(dim=1)
+    scale = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return W / scale[:, None], U * scale.to(U)
+
+
 def _factorize(As: Sequence[Tensor], r: int, s: CraftSettings, device: torch.device) -> list[tuple[Tensor, Tensor, float]]:
-    """One batched NMF (CRAFT eq. 1) over several activation matrices: (W, U, relative error) each."""
+    """One batched NMF (CRAFT eq. 1) over several activation matrices: (W, U, relative error) each,
+    W with unit-norm rows (:func:`unit_concepts`; every bank is made here)."""
     A, rows = stack_classes(list(As))
     res = nmf(A, r, n_rows=rows, max_iter=s.max_iter, tol=s.tol, seed=s.seed, device=device)
     err = res.relative_error
-    return [(res.B[i], res.E[i, : int(rows[i])], float(err[i])) for i in range(len(As))]
+    return [(*unit_concepts(res.B[i], res.E[i, : int(rows[i])]), float(err[i])) for i in range(len(As))]
 
 
 @torch.no_grad()

@@ -25,12 +25,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from protonmf.backbones.feature_backbone import FeatureBackbone
+from protonmf.backbones.layer_cut import LayerCut
 from protonmf.config import Config
 from protonmf.craft.concepts import (
     ClassConcepts,
     class_concepts,
     crops_at,
     encode,
+    encode_positions,
     pool,
     pooled_head,
 )
@@ -98,24 +100,51 @@ def _predicted_val_images(config: Config, backbone: FeatureBackbone, source: Ima
     return images[idx], [used[i] for i in idx.tolist()]
 
 
-def _evaluate_class(config: Config, backbone: FeatureBackbone, cc: ClassConcepts, val: ImageSource) -> dict[str, Any]:
-    """Fidelity (Sobol vs TCAV ranking) and localization of a class's root concepts on held-out images."""
-    images, used = _predicted_val_images(config, backbone, val, cc.class_idx)
-    if not used:
-        return {"n_eval_images": 0}
-    device = backbone.V.device
-    W, head, k = cc.W.to(device), pooled_head(backbone), cc.class_idx
-    with torch.no_grad():  # one forward pass serves the encoding and every map
-        F = torch.cat([backbone(b.to(device)) for b in images.split(config.compute.batch_size)])
-    U = encode(pool(F), W)
-    tcav_order, tcav_score = tcav_ranking(U, W, head, k)
-    orders = {"sobol": cc.importance.argsort(descending=True), "tcav": tcav_order}
+def _rank_and_measure(U: torch.Tensor, W: torch.Tensor, head, k: int, importance: torch.Tensor) -> dict[str, Any]:
+    """Fidelity curves of one bank under the Sobol and the TCAV-style ranking (CRAFT §4.3, Fig. 5)."""
+    tcav_order, tcav_score, tcav_mean = tcav_ranking(U, W, head, k)
+    orders = {"sobol": importance.argsort(descending=True), "tcav": tcav_order}
     fidelity = {}
     for name, order in orders.items():
         f = concept_fidelity(U, W, head, k, order.cpu())
         fidelity[name] = {"order": order.tolist(), **{key: (v.tolist() if torch.is_tensor(v) else v) for key, v in f.items()}}
     fidelity["tcav"]["score"] = tcav_score.tolist()
+    fidelity["tcav"]["mean_derivative"] = tcav_mean.tolist()
+    return fidelity
+
+
+def _evaluate_class(config: Config, backbone: FeatureBackbone, cc: ClassConcepts, val: ImageSource) -> dict[str, Any]:
+    """Fidelity (Sobol vs TCAV ranking) of every bank of a class, and localization of its root
+    concepts, on held-out images.
+
+    A root bank is measured on pooled activations through the linear head (the TCAV derivative is
+    then the same for every image); a sub-bank on the per-position codes of the held-out images at
+    its layer, through the rest of the network from there (``LayerCut.logits``).
+    """
+    images, used = _predicted_val_images(config, backbone, val, cc.class_idx)
+    if not used:
+        return {"n_eval_images": 0}
+    device = backbone.V.device
+    W, k = cc.W.to(device), cc.class_idx
+    batches = images.split(config.compute.batch_size)
+    with torch.no_grad():  # one forward pass serves the encoding and every map
+        F = torch.cat([backbone(b.to(device)) for b in batches])
+    fidelity = _rank_and_measure(encode(pool(F), W), W, pooled_head(backbone), k, cc.importance)
+    sub_fidelity, at_layer = {}, {}  # layer → (its cut, the held-out images' activations there)
+    for bank in cc.banks.values():
+        if bank.id == "root":
+            continue
+        if bank.layer not in at_layer:
+            cut = LayerCut(backbone, bank.layer, images.shape[-1])
+            with torch.no_grad():
+                at_layer[bank.layer] = cut, torch.cat([cut.activations(b.to(device)) for b in batches]).clamp_min(0)
+        cut, acts = at_layer[bank.layer]
+        Wb = bank.W.to(device)
+        sub_fidelity[bank.id] = {"layer": bank.layer,
+                                 **_rank_and_measure(encode_positions(acts, Wb), Wb, cut.logits, k, bank.importance)}
     out: dict[str, Any] = {"n_eval_images": len(used), "fidelity": fidelity}
+    if sub_fidelity:
+        out["sub_fidelity"] = sub_fidelity
     if hasattr(val, "mask") and getattr(val, "part_names", None):
         masks = torch.from_numpy(np.stack([val.mask(r) for r in used]))
         if masks.shape[1:] == images.shape[2:]:
@@ -173,6 +202,23 @@ def craft_group(
     return {"classes": classes, "info": {str(k): v for k, v in info.items()}, "resumed": False}
 
 
+def _compare(fid: list[dict]) -> dict[str, Any]:
+    """Means over banks of each ranking's AUCs, and in what share of banks each one wins."""
+    out: dict[str, Any] = {
+        name: {f"{curve}_auc": float(np.mean([f[name][f"{curve}_auc"] for f in fid])) for curve in ("deletion", "insertion")}
+        for name in ("sobol", "tcav")
+    }
+    sobol, tcav = ([f[name]["deletion_auc"] for f in fid] for name in ("sobol", "tcav"))
+    out["sobol_deletion_lower"] = float(np.mean([a < b for a, b in zip(sobol, tcav)]))
+    out["tcav_deletion_lower"] = float(np.mean([b < a for a, b in zip(sobol, tcav)]))
+    out["sobol_insertion_higher"] = float(np.mean([f["sobol"]["insertion_auc"] > f["tcav"]["insertion_auc"] for f in fid]))
+    out["same_order"] = float(np.mean([f["sobol"]["order"] == f["tcav"]["order"] for f in fid]))
+    # a TCAV score strictly between 0 and 1: the derivative's sign differs between images
+    scores = [x for f in fid for x in f["tcav"]["score"]]
+    out["tcav_scores_between_0_and_1"] = float(np.mean([0 < x < 1 for x in scores]))
+    return out
+
+
 def _summary(info: dict[int, dict]) -> dict[str, Any]:
     fid = [v["fidelity"] for v in info.values() if "fidelity" in v]
     out: dict[str, Any] = {
@@ -181,13 +227,10 @@ def _summary(info: dict[int, dict]) -> dict[str, Any]:
         "sub_banks": sum(len(v["banks"]) - 1 for v in info.values() if "banks" in v),
     }
     if fid:
-        out["fidelity"] = {
-            name: {f"{curve}_auc": float(np.mean([f[name][f"{curve}_auc"] for f in fid])) for curve in ("deletion", "insertion")}
-            for name in ("sobol", "tcav")
-        }
-        out["fidelity"]["sobol_deletion_lower"] = float(np.mean([f["sobol"]["deletion_auc"] < f["tcav"]["deletion_auc"] for f in fid]))
-        out["fidelity"]["sobol_insertion_higher"] = float(np.mean([f["sobol"]["insertion_auc"] > f["tcav"]["insertion_auc"] for f in fid]))
-        out["fidelity"]["classes"] = len(fid)
+        out["fidelity"] = {**_compare(fid), "classes": len(fid)}
+    sub = [f for v in info.values() for f in v.get("sub_fidelity", {}).values()]
+    if sub:
+        out["sub_fidelity"] = {**_compare(sub), "banks": len(sub)}
     locs = [v["localization"] for v in info.values() if "localization" in v]
     if locs:
         out["localization"] = {

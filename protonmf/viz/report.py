@@ -207,12 +207,12 @@ def render_craft_page(summary: dict[str, Any], class_names: Sequence[str], figur
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p class='note'>{summary['classes']} classes with concepts, {summary['sub_banks']} sub-concept banks, "
              f"{len(summary['skipped_classes'])} classes without predicted images</p>"]
-    fid = summary.get("fidelity")
-    if fid:
+    levels = [(summary[key], what) for key, what in (("fidelity", "root"), ("sub_fidelity", "sub-concept")) if key in summary]
+    if levels:
         parts.append("<h2>Fidelity in concept space (CRAFT Fig. 5)</h2>" + _table(
-            ["ranking", "deletion AUC (lower is better)", "insertion AUC (higher is better)"],
-            [[r, fid[r]["deletion_auc"], fid[r]["insertion_auc"]] for r in ("sobol", "tcav")])
-            + f"<p>Sobol deletion AUC below TCAV's in {100 * fid['sobol_deletion_lower']:.0f}% of {fid['classes']} classes.</p>")
+            ["banks", "ranking", "deletion AUC (lower is better)", "insertion AUC (higher is better)", "deletion lower in (share of banks)"],
+            [[what, r, f[r]["deletion_auc"], f[r]["insertion_auc"], f[f"{r}_deletion_lower"]]
+             for f, what in levels for r in ("sobol", "tcav")]))
     if summary.get("localization"):
         parts.append("<h2>Concept localization against part masks</h2>" + _table(
             ["map", "peak on object", "purity", "parts covered", "IoU"],

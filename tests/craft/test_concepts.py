@@ -16,10 +16,12 @@ from protonmf.craft.concepts import (
     encode_positions,
     extract_concepts,
     pooled_activations,
+    unit_concepts,
 )
 from protonmf.backbones.layer_cut import LayerCut
 from protonmf.craft.settings import CraftSettings
 from protonmf.backbones.nets import SmallCNN
+from protonmf.nmf import nmf
 
 def test_grid_and_random_crops_are_the_boxes_resized():
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -124,6 +126,27 @@ def test_recursion_decomposes_the_crops_above_the_90th_percentile_at_the_earlier
     assert set(back.banks) == set(cc.banks)
     for bid, bank in cc.banks.items():
         assert torch.equal(back.banks[bid].W, bank.W) and torch.equal(back.banks[bid].crops, bank.crops)
+
+def test_unit_concepts_keep_u_w_and_every_bank_has_unit_rows(cnn):
+    g = torch.Generator().manual_seed(5)
+    W = torch.rand(4, 6, generator=g, dtype=torch.float64) * torch.tensor([[0.01], [30.0], [1.0], [0.0]], dtype=torch.float64)
+    U = torch.rand(10, 4, generator=g, dtype=torch.float64)
+    W1, U1 = unit_concepts(W, U)
+    torch.testing.assert_close(U1 @ W1, U @ W, rtol=1e-14, atol=0)
+    torch.testing.assert_close(W1[:3].norm(dim=1), torch.ones(3, dtype=torch.float64), rtol=1e-14, atol=0)
+    assert torch.equal(W1[3], W[3]) and torch.equal(U1[:, 3], U[:, 3])  # a dead component has no direction
+    # the banks class_concepts makes, at both layers: unit rows, and U W is the NMF's own product
+    s = CraftSettings(n_concepts=3, crop=32, stride=16, n_design=8, sub_layers=("layer2",), sub_concepts=2, recurse=1,
+                      max_iter=30)
+    x = _images(6, 5)
+    cc = class_concepts(cnn, [x], [0], s)[0]
+    assert len(cc.banks) == 2
+    for bank in cc.banks.values():
+        torch.testing.assert_close(bank.W.norm(dim=1), torch.ones(bank.W.shape[0]), rtol=1e-6, atol=0)
+    crops, _ = crop_images(x, 32, stride=16)
+    raw = nmf(pooled_activations(cnn, crops), 3, max_iter=30, tol=s.tol, seed=s.seed)
+    assert not torch.allclose(raw.B.norm(dim=1), torch.ones(3), rtol=0.05)  # NMF alone leaves them unnormalised
+    torch.testing.assert_close(cc.U @ cc.W, raw.E @ raw.B, rtol=1e-4, atol=1e-4 * float(raw.E.max() * raw.B.max()))
 
 def test_crops_at_the_boxes_are_the_crops_and_positions_encode_by_nnls(cnn):
     x = _images(3, 4)

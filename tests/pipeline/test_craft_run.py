@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 from PIL import Image
 
 from protonmf.artifact import ArtifactError, list_versions
@@ -68,6 +69,14 @@ def test_groups_resume_and_publish_round_trips(run):
         assert sub.layer == "layer2" and sub.id == f"c{int(cc.importance.argmax())}"
         assert [c["id"] for c in info["tree"]["children"] if c["children"]] == [sub.id]
         assert set(info) >= {"banks", "images", "tree", "n_eval_images"}
+        for bank in cc.banks.values():  # the stored banks are the normalised ones fidelity and maps used
+            torch.testing.assert_close(bank.W.norm(dim=1), torch.ones(bank.W.shape[0]), rtol=1e-6, atol=0)
+        if info["n_eval_images"]:  # every bank measured, the sub-bank at its own layer
+            sub_f = info["sub_fidelity"][sub.id]
+            assert sub_f["layer"] == "layer2" and sorted(sub_f["sobol"]["order"]) == [0, 1]
+            assert sub_f["sobol"]["order"] == sub.importance.argsort(descending=True).tolist()
+            assert len(sub_f["tcav"]["score"]) == 2 and len(info["fidelity"]["tcav"]["mean_derivative"]) == 3
+    assert any(cs.info[k]["n_eval_images"] for k in with_images)  # the fidelity branch above ran
     crops = ConceptSet.read_top_crops(uri).to_pydict()
     k = with_images[0]
     cc = cs.concepts[k]
