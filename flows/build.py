@@ -109,7 +109,7 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     ``config`` is a config tree (as in ``configs/*.yaml``) or the path of a YAML file;
     ``overrides`` are ``key.path=value`` strings.
     """
-    with started_run(config, overrides) as run:
+    with started_run(config, overrides, "model") as run:
         cfg, class_names = run.config, run.class_names
         with run.timed("fit"):
             fits = retrying(fit_prototype_groups, cfg)(cfg, len(class_names))
