@@ -476,3 +476,56 @@ def test_craft_flow_on_the_demo_localizes_parts_and_ranks_by_sobol(runtime, buck
     mtime = fs.info(f"{root}/current.json")["LastModified"]
     assert main(["craft", "configs/demo.yaml", *[a for s in sets for a in ("--set", s)]]) == 0  # a rerun resumes
     assert fs.info(f"{root}/current.json")["LastModified"] == mtime
+
+
+def test_two_runs_at_once_on_one_store_the_second_waits_and_redoes_nothing(runtime, bucket):
+    """A scheduled run and a manual one started together on one store and model (storage.lease=wait):
+    the work is done once — 4 classes extracted and 2 groups fitted in all, not twice each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = tree(bucket, "twice", storage__lease="wait", storage__lease_seconds=10)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [config, config]))
+    works = sorted((r["work"] for r in results), key=lambda w: -w["classes_extracted"])
+    assert works == [{"classes_extracted": N_CLASSES, "groups_fitted": 2}, {"classes_extracted": 0, "groups_fitted": 0}]
+    assert same(results[0]["evaluation"]) == same(results[1]["evaluation"])
+    from protonmf.artifact import list_versions
+    from protonmf.lease import read_lease
+
+    assert len(list_versions(f"s3://{bucket}/twice/model")) == 1  # published once
+    assert read_lease(f"s3://{bucket}/twice/features") is None and read_lease(f"s3://{bucket}/twice/model") is None
+
+
+def _hold(uri, owner, ready, done):
+    from protonmf.lease import acquire_lease
+
+    lease = acquire_lease(uri, owner=owner, mode="fail", seconds=30)
+    ready.set()
+    done.wait(120)
+    lease.release()
+
+
+def test_a_run_in_fail_mode_names_the_holder_and_writes_nothing(runtime, bucket):
+    """The weekly CRAFT run still holds the store: a build run with storage.lease=fail stops at once."""
+    import multiprocessing as mp
+
+    import s3fs
+
+    from protonmf.lease import LeaseHeld
+
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(f"s3://{bucket}/busy/features", "craft_concepts/weekly", ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        t = time.perf_counter()
+        with pytest.raises(LeaseHeld, match=rf"storage.features: s3://{bucket}/busy/features is in use by run "
+                                            rf"craft_concepts/weekly \(host .*, pid {holder.pid};"):
+            run(tree(bucket, "busy", storage__lease="fail"))
+        assert time.perf_counter() - t < 30
+    finally:
+        done.set()
+        holder.join(60)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert fs.find(f"{bucket}/busy") == []  # no store, no weights, no model: nothing was started
