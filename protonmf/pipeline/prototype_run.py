@@ -30,7 +30,7 @@ from protonmf.devices import step_device
 from protonmf.evaluation.published import evaluate_published_model
 from protonmf.data.extract import ClassExtraction, extract_classes
 from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
-from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
+from protonmf.prototypes.fit import ClassPrototypes, fit_classes, fit_settings
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
 from protonmf.data.store import FeatureStore
@@ -218,6 +218,7 @@ class GroupFit:
     head_error: dict[int, list[float]]  # p -> per class ||V − CB||² / ||V||²
     n_iter: dict[int, list[int]]
     resumed: bool
+    no_images: list[int]  # classes without a usable image: residual only (fit.residual_only)
 
 
 
@@ -235,19 +236,17 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         tensors = load_safetensors(read_bytes(fs, path))
         resumed = True
     else:
+        # A class whose images were all unreadable has no rows: it keeps its head through the residual
+        # alone (fit_classes), and the run goes on; the run summary names it.
         features = [store.read_class(k).reshape(-1, store.dim) for k in classes]  # (n_k·h·w, D) float16
-        if any(F.shape[0] == 0 for F in features):
-            empty = [store.class_names[k] for k, F in zip(classes, features) if F.shape[0] == 0]
-            raise ValueError(f"classes {empty} have no usable images: cannot fit prototypes for them")
-        A, rows = stack_classes(features)
         V, bias = store.head()
         pr = config.prototypes
-        fits = fit_prototypes_sweep(  # every p in one pass over A per NMF update
-            A, V[classes], bias[classes], pr.p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
+        by_p = fit_classes(  # every p in one pass over A per NMF update
+            features, V[classes], bias[classes], pr.p, max_iter=pr.max_iter, tol=pr.tol,
             seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver,
             device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
-        tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}
+        tensors = {f"p{p}.{name}": t for p, fit in by_p.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
         resumed = False
     return _group_fit(classes, _split_by_p(tensors), resumed)
@@ -260,6 +259,7 @@ def _group_fit(classes: list[int], by_p: dict[int, ClassPrototypes], resumed: bo
         head_error={p: f.head_error.tolist() for p, f in by_p.items()},
         n_iter={p: f.n_iter.tolist() for p, f in by_p.items()},
         resumed=resumed,
+        no_images=[k for k, n in zip(classes, next(iter(by_p.values())).n_rows.tolist()) if n == 0],
     )
 
 
