@@ -529,3 +529,24 @@ def test_a_run_in_fail_mode_names_the_holder_and_writes_nothing(runtime, bucket)
         holder.join(60)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     assert fs.find(f"{bucket}/busy") == []  # no store, no weights, no model: nothing was started
+
+
+def test_a_class_whose_images_are_all_unreadable_is_named_and_the_model_stays_exact(runtime, bucket, tmp_path):
+    from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
+
+    write_image_folder(make_synthetic_parts(N_CLASSES, 6, image_size=64, seed=0), tmp_path / "train")
+    write_image_folder(make_synthetic_parts(N_CLASSES, 3, image_size=64, seed=1), tmp_path / "val")
+    name = sorted(p.name for p in (tmp_path / "train").iterdir() if p.is_dir())[2]
+    for image in (tmp_path / "train" / name).iterdir():
+        image.write_bytes(b"not an image")
+    config = tree(bucket, "unreadable", data__source="imagefolder", data__train=str(tmp_path / "train"),
+                  data__val=str(tmp_path / "val"))
+    result = run(config)
+    assert result["classes_without_images"] == [name]
+    assert f"**1 class(es) without a usable image** (every image unreadable): {name}." in result["summary"]
+    ev = result["evaluation"]
+    assert ev["n_images"] == N_CLASSES * 3 and ev["max_abs_logit_diff"] <= 1e-4 * ev["max_abs_logit"]
+    assert ev["top1_prototype"] == ev["top1_black_box"]
+    model = PrototypeModel.load(result["model"])
+    assert model.n_rows.tolist() == [24, 24, 0, 24]  # 6 images × 2 × 2 positions
+    assert torch.equal(model.C[2], torch.zeros(3, dtype=torch.float64)) and torch.equal(model.R[2], model.backbone.V[2].double())
