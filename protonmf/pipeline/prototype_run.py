@@ -42,6 +42,7 @@ __all__ = [
     "extract_group",
     "fit_group",
     "fit_key",
+    "held_out_data",
     "load_backbone",
     "make_preprocess",
     "make_split_source",
@@ -319,6 +320,13 @@ def _split_by_p(tensors: dict[str, torch.Tensor]) -> dict[int, ClassPrototypes]:
     return {p: ClassPrototypes.from_tensors(g) for p, g in groups.items()}
 
 
+def held_out_data(config: Config) -> dict[str, Any]:
+    """The run's data config without what only training reads: enough for ``protonmf evaluate
+    MODEL_URI`` to find the held-out images again (source, val, classes, preprocess,
+    val_images_per_class; n_classes and seed for the synthetic set and the digits)."""
+    return config.data.model_dump(mode="json", exclude={"train", "max_images_per_class"})
+
+
 def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore) -> str:
     """Merge every staged group into one artifact at ``storage.model`` (manifest written last).
 
@@ -344,7 +352,7 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         store.class_names,
         preprocess=make_preprocess(config).to_dict(),
         settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri,
-                  "weights_sha256": weights_sha256(backbone.model)},
+                  "weights_sha256": weights_sha256(backbone.model), "data": held_out_data(config)},
     )
     model.save(uri, keep_versions=config.storage.keep_versions, storage_options=opts)  # a new version, then the pointer
     fs.rm(staging, recursive=True)

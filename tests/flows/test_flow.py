@@ -550,3 +550,14 @@ def test_a_class_whose_images_are_all_unreadable_is_named_and_the_model_stays_ex
     model = PrototypeModel.load(result["model"])
     assert model.n_rows.tolist() == [24, 24, 0, 24]  # 6 images × 2 × 2 positions
     assert torch.equal(model.C[2], torch.zeros(3, dtype=torch.float64)) and torch.equal(model.R[2], model.backbone.V[2].double())
+
+    # `protonmf evaluate MODEL_URI` alone: the held-out data its manifest records (data.val here)
+    import json
+
+    from flows.cli import main
+
+    assert model.settings["data"]["val"] == str(tmp_path / "val") and model.settings["data"]["source"] == "imagefolder"
+    assert main(["evaluate", result["model"], "--json", str(tmp_path / "ev.json"), "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "ev.json").read_text())
+    assert again["n_images"] == N_CLASSES * 3
+    assert (again["top1_black_box"], again["top1_prototype"]) == (ev["top1_black_box"], ev["top1_prototype"])

@@ -35,3 +35,4 @@ def test_a_class_without_rows_keeps_its_head_through_the_residual(resnet):
     # residual only (eq. 7): the empty classes' logits are the black box's even without prototypes
     nmf_only = model.with_mode("nmf_only").logits_from_features(F)
     assert torch.equal(nmf_only[:, [1, 3]], resnet.bias[[1, 3]].expand(8, 2).to(nmf_only.dtype))
+
