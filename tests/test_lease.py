@@ -132,3 +132,14 @@ def test_a_taken_over_lease_fails_its_run_at_release(location):
         lease.release()
     assert read_lease(location)["owner"] == "other"  # the loser deletes nothing
     other.release()
+
+
+def test_storage_without_conditional_writes_reads_its_record_back():
+    """fsspec's memory filesystem stands for an object store without If-None-Match: write, settle, read back."""
+    uri = f"memory://lease-test-{os.getpid()}/store"
+    lease = acquire_lease(uri, owner="first", mode="fail", seconds=30, settle=0.05)
+    assert read_lease(uri)["owner"] == "first"
+    with pytest.raises(LeaseHeld, match=f"lease: {uri} is in use by run first "):
+        acquire_lease(uri, owner="second", mode="fail", seconds=30, settle=0.05)
+    lease.release()
+    assert read_lease(uri) is None
