@@ -70,6 +70,14 @@ def _interpretability_table(evaluation: dict) -> str:
     )
 
 
+def _no_images_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    return (f"\n**{len(names)} class(es) without a usable image** (every image unreadable): "
+            f"{', '.join(names)}. They have no prototypes; their logits come from the residual alone "
+            "(C = 0, R = V), so the model is still exact.\n")
+
+
 def _report(config: Config, class_names, extraction, fits, evaluation, uri, timings) -> str:
     p0 = config.prototypes.p[0]
     rows = []
@@ -84,6 +92,7 @@ def _report(config: Config, class_names, extraction, fits, evaluation, uri, timi
     create_link_artifact(uri, link_text="prototype model", key="model")
     if evaluation.get("report"):
         create_link_artifact(evaluation["report"], link_text="HTML report", key="report")
+    no_images = [class_names[k] for group in fits for k in group["no_images"]]
     images = sum(r["n_images"] for r in extraction)
     skipped = sum(r["n_skipped"] for r in extraction)
     resumed = sum(bool(r["resumed"]) for r in extraction)
@@ -111,7 +120,7 @@ Max |logit difference| prototype model vs black box: {evaluation['max_abs_logit_
 {_localization_table(evaluation)}
 {_interpretability_table(evaluation)}
 Classes: {len(class_names)} done ({resumed} resumed from an earlier run); images used {images}, skipped {skipped}.
-
+{_no_images_note(no_images)}
 Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in timings.items())}
 """
     create_markdown_artifact(markdown, key="run-summary", description="build_prototype_model summary")
@@ -125,7 +134,7 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     ``config`` is a config tree (as in ``configs/*.yaml``) or the path of a YAML file;
     ``overrides`` are ``key.path=value`` strings.
     """
-    with started_run(config, overrides) as run:
+    with started_run(config, overrides, "model") as run:
         cfg, class_names = run.config, run.class_names
         with run.timed("fit"):
             fits = retrying(fit_prototype_groups, cfg)(cfg, len(class_names))
@@ -136,4 +145,6 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
     summary = _report(cfg, class_names, run.extraction, fits, evaluation, uri, run.timings)
     get_run_logger().info(summary)
     work = {"classes_extracted": sum(not r["resumed"] for r in run.extraction), "groups_fitted": sum(not g["resumed"] for g in fits)}
-    return {"model": uri, "evaluation": evaluation, "timings": run.timings, "classes": len(class_names), "work": work}
+    no_images = [class_names[k] for g in fits for k in g["no_images"]]
+    return {"model": uri, "evaluation": evaluation, "timings": run.timings, "classes": len(class_names), "work": work,
+            "classes_without_images": no_images, "summary": summary}

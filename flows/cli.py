@@ -3,7 +3,8 @@
     protonmf demo [--out DIR]                    the whole flow on the embedded default, locally
     protonmf run CONFIG [--set key=value ...]    the whole flow on any config
     protonmf craft CONFIG [--set key=value ...]  CRAFT concepts of every class (configs/demo.yaml works)
-    protonmf evaluate MODEL_URI (--config CONFIG | --val URI) [--features STORE_URI] [--json OUT] [--device D]
+    protonmf evaluate MODEL_URI [--config CONFIG | --val URI] [--features STORE_URI] [--json OUT] [--device D]
+                                 (neither: the held-out data its manifest records)
     protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...] [--device D]
 
 evaluate and explain compute on --device, by default CUDA if this machine has it, else the CPU.
@@ -108,11 +109,17 @@ def _evaluate(args) -> int:
         config = load_config(args.config, args.set)
         source = make_split_source(config, "val")
         preprocess = make_preprocess(config)
-    else:
-        if not args.val:
-            raise SystemExit("evaluate: give --val IMAGEFOLDER_URI or --config CONFIG for the held-out images")
+    elif args.val:
         config = parse_config({"data": {"preprocess": model.preprocess}}) if model.preprocess else parse_config({})
         source = make_source("imagefolder", name="--val", root=args.val, classes=model.class_names)
+        preprocess = make_preprocess(config)
+    else:
+        data = model.settings.get("data")  # the held-out data of the run that published it
+        if data is None:  # published before runs recorded it
+            raise SystemExit("evaluate: give --val IMAGEFOLDER_URI or --config CONFIG for the held-out images "
+                             f"(the model at {args.model} does not record its run's held-out data)")
+        config = parse_config({"data": data}, origin=f"the data recorded in {args.model}'s manifest")
+        source = make_split_source(config, "val")
         preprocess = make_preprocess(config)
     features = args.features or (model.settings.get("features") if args.reconstruction else None)
     store = FeatureStore.open(features) if features else None
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     cr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ev = sub.add_parser("evaluate", help="evaluate a published model against its black box")
     ev.add_argument("model")
-    ev.add_argument("--config", help="config whose validation split to use")
+    ev.add_argument("--config", help="config whose validation split to use (default: the held-out data the model's manifest records)")
     ev.add_argument("--val", help="an ImageFolder URI of held-out images (class folders named as the model's classes)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--features", help="feature store URI: add Table 1 / Figure 5 reconstruction errors and seed stability")

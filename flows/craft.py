@@ -95,7 +95,7 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     ``config`` is a config tree (as in ``configs/*.yaml``) or the path of a YAML file;
     ``overrides`` are ``key.path=value`` strings.
     """
-    with started_run(config, overrides) as run:
+    with started_run(config, overrides, "concepts") as run:
         cfg, class_names = run.config, run.class_names
         with run.timed("concepts"):
             plan = retrying(plan_concept_images, cfg)(cfg)

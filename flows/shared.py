@@ -21,6 +21,7 @@ from rich.progress import Progress  # noqa: E402
 
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
 from protonmf.pipeline.prototype_run import preflight  # noqa: E402
+from protonmf.pipeline.staging import run_leases  # noqa: E402
 from tasks.extract import extract_on_ray  # noqa: E402
 from tasks.prepare import prepare_on_ray  # noqa: E402
 from tasks.runtime import is_retryable, ray_session  # noqa: E402
@@ -96,12 +97,17 @@ class StartedRun:
 
 
 @contextmanager
-def started_run(config: Config | dict[str, Any] | str, overrides: list[str] | None) -> Iterator[StartedRun]:
-    """Read and check the config (unreachable storage fails here, in seconds), connect to Ray for
-    the block, prepare the run and extract its features (both resume what an earlier run did)."""
+def started_run(config: Config | dict[str, Any] | str, overrides: list[str] | None, output: str) -> Iterator[StartedRun]:
+    """Read and check the config (unreachable storage fails here, in seconds), hold the leases of
+    the feature store and of ``storage.<output>`` for the block (one run at a time on each; the
+    driver takes them, as they are only storage), connect to Ray for the block, prepare the run and
+    extract its features (both resume what an earlier run did)."""
+    from prefect.runtime import flow_run
+
     cfg = coerce_config(config, overrides)
     preflight(cfg)
-    with ray_session(cfg):
+    with run_leases(cfg, (output,), owner=f"{flow_run.get_name() or 'run'}/{flow_run.get_id() or os.getpid()}"), \
+            ray_session(cfg):
         run = StartedRun(cfg, [], [])
         with run.timed("prepare"):
             run.config, run.class_names, done = retrying(prepare_run, cfg)(cfg)

@@ -105,6 +105,12 @@ class StorageConfig(_Section):
     concepts: str = "out/concepts"  # the CRAFT concepts artifact (``protonmf craft``)
     keep_versions: int = Field(3, ge=1)  # published versions of the model and of the concepts kept
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # One run at a time per feature store and per model / concepts location (protonmf/lease.py):
+    # a second run waits for the first ("wait", up to lease_timeout seconds) or fails naming it
+    # ("fail"); a lease not renewed for lease_seconds (its run died) is taken over.
+    lease: Literal["wait", "fail"] = "wait"
+    lease_seconds: float = Field(120.0, gt=0)
+    lease_timeout: float = Field(86400.0, ge=0)
 
 
 class EvaluationConfig(_Section):

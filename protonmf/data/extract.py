@@ -42,6 +42,20 @@ class ClassExtraction:
         return asdict(self)
 
 
+def _nonfinite(F: Tensor, F16: Tensor) -> dict[int, str]:
+    """Images (index in the batch → why) whose features (B, h, w, D) cannot be stored: NaN or Inf
+    from the backbone, or values beyond float16's range (the store's dtype), which become Inf."""
+    bad = {}
+    finite, finite16 = F.isfinite().flatten(1).all(1), F16.isfinite().flatten(1).all(1)
+    for i in (~finite16).nonzero().flatten().tolist():
+        if not finite[i]:
+            kinds = [name for name, t in (("NaN", F[i].isnan()), ("Inf", F[i].isinf())) if t.any()]
+            bad[i] = f"{' and '.join(kinds)} in its features"
+        else:
+            bad[i] = "features beyond float16's range (|x| > 65504), the store's dtype"
+    return bad
+
+
 @torch.no_grad()
 def extract_classes(
     backbone: FeatureBackbone,
@@ -111,20 +125,35 @@ def extract_classes(
             with autocast:
                 F = backbone(batch.images.to(device, memory_format=layout, non_blocking=True))
             F = F.float()
+            F16 = F.to(torch.float16)
+            # One image with NaN or Inf features would turn its class's NMF into NaN: it is skipped
+            # (named, with why), and the other images and classes go on.
+            bad = _nonfinite(F, F16)
+            ids, uris, labels = batch.image_ids, batch.uris, batch.labels
+            if bad:
+                for i, why in bad.items():
+                    log.warning("class %d: image %s skipped: %s", k, uris[i], why)
+                    for name, value in zip(RECORD_SCHEMA.names, (ids[i], uris[i], k, None, None, None, None, why)):
+                        rows[name].append(value)
+                keep = [i for i in range(len(batch)) if i not in bad]
+                F, F16 = F[keep], F16[keep]
+                ids, uris, labels = [ids[i] for i in keep], [uris[i] for i in keep], labels[keep]
+            if len(ids) == 0:
+                continue
             logits = backbone.head_logits(F)
             top = logits.topk(top_k, dim=1)
             pred = logits.argmax(1).cpu()
-            n_correct += int((pred == batch.labels).sum())
+            n_correct += int((pred == labels).sum())
             first = sum(f.shape[0] for f in feats)
-            feats.append(F.to(torch.float16).cpu())
-            rows["image_id"] += batch.image_ids
-            rows["uri"] += batch.uris
-            rows["label"] += batch.labels.tolist()
-            rows["row"] += list(range(first, first + len(batch)))
+            feats.append(F16.cpu())
+            rows["image_id"] += ids
+            rows["uri"] += uris
+            rows["label"] += labels.tolist()
+            rows["row"] += list(range(first, first + len(ids)))
             rows["pred"] += pred.tolist()
             rows["top_classes"] += top.indices.cpu().tolist()
             rows["top_logits"] += top.values.float().cpu().tolist()
-            rows["skipped"] += [None] * len(batch)
+            rows["skipped"] += [None] * len(ids)
             if on_batch is not None:
                 on_batch(len(batch))
         h, w = store.grid

@@ -49,7 +49,7 @@ def reconstruction_study(
     For each p: mean ± std over classes of the feature reconstruction error ||A − EB||²/||A||²
     and the head reconstruction error ||V − CB||²/||V||² of NMF prototypes, the same for the
     real-patch baseline (:mod:`protonmf.evaluation.baselines`), and the matched cosine similarity of the
-    prototypes fitted from two seeds.
+    prototypes fitted from two seeds. Classes without a usable image are left out.
     """
     from protonmf.evaluation.baselines import basis_error, patch_prototypes
     from protonmf.prototypes.fit import fit_prototypes_sweep, stack_classes
@@ -64,6 +64,10 @@ def reconstruction_study(
     for start in range(0, len(ks), group_size):
         group = ks[start : start + group_size]
         feats = [store.read_class(k).reshape(-1, store.dim) for k in group]
+        # A class without a usable image has nothing to reconstruct: it is left out of the means.
+        group, feats = [k for k, F in zip(group, feats) if len(F)], [F for F in feats if len(F)]
+        if not group:
+            continue
         A, rows = stack_classes(feats)
 
         def fit(ps: list[int], seed: int) -> dict[int, ClassPrototypes]:

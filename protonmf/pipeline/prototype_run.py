@@ -30,7 +30,7 @@ from protonmf.devices import step_device
 from protonmf.evaluation.published import evaluate_published_model
 from protonmf.data.extract import ClassExtraction, extract_classes
 from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
-from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes_sweep, fit_settings, stack_classes
+from protonmf.prototypes.fit import ClassPrototypes, fit_classes, fit_settings
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
 from protonmf.data.store import FeatureStore
@@ -42,9 +42,11 @@ __all__ = [
     "extract_group",
     "fit_group",
     "fit_key",
+    "held_out_data",
     "load_backbone",
     "make_preprocess",
     "make_split_source",
+    "check_data",
     "preflight",
     "prepare_store",
     "publish_model",
@@ -167,14 +169,45 @@ def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str])
     )
 
 
+def check_data(config: Config, train: ImageSource, dim: int) -> None:
+    """What can be found wrong before hours of extraction, each named with its config key: a
+    prototype count above the feature dimension D, a class folder without images, held-out
+    classes that are not the model's (labels are indices into the class list, so they must match)."""
+    too_many = [p for p in config.prototypes.p if p > dim]
+    if too_many:
+        raise ValueError(f"prototypes.p: {too_many} larger than the feature dimension D = {dim} of "
+                         f"{config.backbone.arch}'s features (NMF needs p <= D)")
+    sources = [("data.train", train)]
+    if config.data.source == "imagefolder" and config.data.val:
+        sources.append(("data.val", make_split_source(config, "val")))
+    for key, source in sources:
+        empty = getattr(source, "empty_folders", [])
+        if empty:
+            raise ValueError(f"{key}: {len(empty)} class folder(s) under {source.root} hold no image: "
+                             f"{', '.join(empty[:20])}")
+    if len(sources) == 2:
+        val, known = sources[1][1], set(train.classes)
+        unknown = [c for c in val.classes if c not in known]
+        if unknown:
+            raise ValueError(f"data.val: {len(unknown)} class(es) under {val.root} are not classes of the model "
+                             f"(not among the {len(known)} of data.train): {', '.join(unknown[:20])}")
+        if list(val.classes) != list(train.classes):
+            missing = [c for c in train.classes if c not in set(val.classes)]
+            raise ValueError(f"data.val: {len(missing)} class(es) of the model have no folder under {val.root}: "
+                             f"{', '.join(missing[:20])} (labels are positions in the class list; set data.classes "
+                             "to hold the list fixed)")
+
+
 def prepare_store(config: Config, backbone: FeatureBackbone, source: ImageSource) -> FeatureStore:
-    """Create the run's feature store, or reopen it if a run with the same settings made it."""
+    """Create the run's feature store, or reopen it if a run with the same settings made it
+    (after :func:`check_data`)."""
+    h, w, D = _grid(backbone, config.data.preprocess.crop)
+    check_data(config, source, D)
     if len(source.classes) != backbone.num_classes:
         raise ValueError(
             f"data has {len(source.classes)} classes but the backbone's head has {backbone.num_classes} "
             "(set backbone.num_classes or data.classes)"
         )
-    h, w, D = _grid(backbone, config.data.preprocess.crop)
     return FeatureStore.create(
         config.storage.features,
         key=_features_key(config, backbone, list(source.classes)),
@@ -219,6 +252,7 @@ class GroupFit:
     head_error: dict[int, list[float]]  # p -> per class ||V − CB||² / ||V||²
     n_iter: dict[int, list[int]]
     resumed: bool
+    no_images: list[int]  # classes without a usable image: residual only (fit.residual_only)
 
 
 
@@ -236,19 +270,17 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         tensors = load_safetensors(read_bytes(fs, path))
         resumed = True
     else:
+        # A class whose images were all unreadable has no rows: it keeps its head through the residual
+        # alone (fit_classes), and the run goes on; the run summary names it.
         features = [store.read_class(k).reshape(-1, store.dim) for k in classes]  # (n_k·h·w, D) float16
-        if any(F.shape[0] == 0 for F in features):
-            empty = [store.class_names[k] for k, F in zip(classes, features) if F.shape[0] == 0]
-            raise ValueError(f"classes {empty} have no usable images: cannot fit prototypes for them")
-        A, rows = stack_classes(features)
         V, bias = store.head()
         pr = config.prototypes
-        fits = fit_prototypes_sweep(  # every p in one pass over A per NMF update
-            A, V[classes], bias[classes], pr.p, n_rows=rows, max_iter=pr.max_iter, tol=pr.tol,
+        by_p = fit_classes(  # every p in one pass over A per NMF update
+            features, V[classes], bias[classes], pr.p, max_iter=pr.max_iter, tol=pr.tol,
             seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, residual=pr.residual,
             device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
-        tensors = {f"p{p}.{name}": t for p, (fit, _) in fits.items() for name, t in fit.to_tensors().items()}
+        tensors = {f"p{p}.{name}": t for p, fit in by_p.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
         resumed = False
     return _group_fit(classes, _split_by_p(tensors), resumed)
@@ -261,6 +293,7 @@ def _group_fit(classes: list[int], by_p: dict[int, ClassPrototypes], resumed: bo
         head_error={p: f.head_error.tolist() for p, f in by_p.items()},
         n_iter={p: f.n_iter.tolist() for p, f in by_p.items()},
         resumed=resumed,
+        no_images=[k for k, n in zip(classes, next(iter(by_p.values())).n_rows.tolist()) if n == 0],
     )
 
 
@@ -288,6 +321,13 @@ def _split_by_p(tensors: dict[str, torch.Tensor]) -> dict[int, ClassPrototypes]:
     return {p: ClassPrototypes.from_tensors(g) for p, g in groups.items()}
 
 
+def held_out_data(config: Config) -> dict[str, Any]:
+    """The run's data config without what only training reads: enough for ``protonmf evaluate
+    MODEL_URI`` to find the held-out images again (source, val, classes, preprocess,
+    val_images_per_class; n_classes and seed for the synthetic set and the digits)."""
+    return config.data.model_dump(mode="json", exclude={"train", "max_images_per_class"})
+
+
 def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore) -> str:
     """Merge every staged group into one artifact at ``storage.model`` (manifest written last).
 
@@ -313,7 +353,7 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         store.class_names,
         preprocess=make_preprocess(config).to_dict(),
         settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri,
-                  "weights_sha256": weights_sha256(backbone.model)},
+                  "weights_sha256": weights_sha256(backbone.model), "data": held_out_data(config)},
     )
     model.save(uri, keep_versions=config.storage.keep_versions, storage_options=opts)  # a new version, then the pointer
     fs.rm(staging, recursive=True)

@@ -7,20 +7,25 @@
   ``<artifact URI>.staging/<key[:16]>/g<first>-<last>``.
 - :func:`published_key`: the run key an artifact was published with (None if there is none), so
   that publishing the same key again is skipped.
+- :func:`run_leases`: one run at a time on the feature store and the artifact a run writes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
 from protonmf.artifact import current_manifest
+from protonmf.config import Config
+from protonmf.lease import acquire_lease
 from protonmf.storage import join, to_fs
 
-__all__ = ["class_groups", "group_stem", "published_key", "run_key", "staging_dir"]
+__all__ = ["class_groups", "group_stem", "published_key", "run_key", "run_leases", "staging_dir"]
 
 
 def run_key(**parts: Any) -> str:
@@ -47,3 +52,24 @@ def published_key(uri: str, field: str, storage_options: dict[str, Any] | None =
     """``settings[field]`` of the current version of the artifact at ``uri``, or None if nothing is published."""
     manifest = current_manifest(uri, storage_options=storage_options)
     return None if manifest is None else manifest.get("settings", {}).get(field)
+
+
+@contextmanager
+def run_leases(config: Config, outputs: tuple[str, ...], owner: str | None = None) -> Iterator[dict[str, Any]]:
+    """Hold the leases of ``storage.features`` and of each ``storage.<output>`` (``model``,
+    ``concepts``) for the block; yields the held leases by config key.
+
+    Taken in the order of their URIs, so two runs that need an overlapping pair (a build and a
+    CRAFT run share the store) never each hold one and wait for the other.
+    """
+    s = config.storage
+    keys = sorted({"storage.features": s.features, **{f"storage.{o}": getattr(s, o) for o in outputs}}.items(),
+                  key=lambda kv: kv[1])
+    with ExitStack() as stack:
+        held = {}
+        for name, uri in keys:
+            lease = acquire_lease(uri, name=name, owner=owner, mode=s.lease, seconds=s.lease_seconds,
+                                  timeout=s.lease_timeout, storage_options=s.storage_options or None)
+            stack.callback(lease.release)
+            held[name] = lease
+        yield held

@@ -31,7 +31,10 @@ from protonmf.head import (
 )
 from protonmf.nmf import NMFResult, nmf, nmf_sweep
 
-__all__ = ["ClassPrototypes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings", "stack_classes"]
+__all__ = [
+    "ClassPrototypes", "fit_classes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings", "residual_only",
+    "stack_classes",
+]
 
 
 @dataclass(frozen=True)
@@ -260,3 +263,69 @@ def fit_prototypes_sweep(
     rows = _row_counts(A, n_rows)
     return {p: (_head_prototypes(res, V, bias, rows, nonneg=nonneg, solver=solver, residual=residual, A=A), res)
             for p, res in sweep.items()}
+
+
+def residual_only(V: Tensor, bias: Tensor | None, p: int) -> ClassPrototypes:
+    """Classes with no feature rows (every image of theirs unreadable): no prototypes, the head
+    kept whole by the residual, so the model stays exact.
+
+    B = 0 and C = 0, so R = V − C B = V (eq. 5); Σa = 0 leaves R unspread (``spread`` False,
+    B_aug = B = 0), and the class's logit is the residual term of eq. 7: bias + mean_hw(F)·Vᵀ.
+    ``feature_error`` is 0 (nothing to reconstruct), ``head_error`` 1 (no part of V is in
+    prototypes), ``n_iter`` and ``n_rows`` 0.
+
+    Parameters
+    ----------
+    V : Tensor of shape (K, D), the head rows of these K classes.
+    bias : Tensor of shape (K,) or None.
+    p : int, the prototype count of the fit they join.
+    """
+    K, D = V.shape
+    zeros = torch.zeros(K, dtype=torch.float64, device=V.device)
+    return ClassPrototypes(
+        B=torch.zeros(K, p, D, device=V.device),
+        C=torch.zeros(K, p, dtype=torch.float64, device=V.device),
+        R=V.double(),
+        B_aug=torch.zeros(K, p, D, dtype=torch.float64, device=V.device),
+        spread=torch.zeros(K, dtype=torch.bool, device=V.device),
+        bias=(bias if bias is not None else zeros).double(),
+        feature_error=zeros,
+        head_error=torch.where(V.double().square().sum(1) > 0, 1.0, 0.0),
+        n_iter=torch.zeros(K, dtype=torch.int64, device=V.device),
+        n_rows=torch.zeros(K, dtype=torch.int64, device=V.device),
+    )
+
+
+def fit_classes(
+    features: Sequence[Tensor], V: Tensor, bias: Tensor | None, ps: Sequence[int], **fit_kwargs: Any
+) -> dict[int, ClassPrototypes]:
+    """:func:`fit_prototypes_sweep` on per-class features, where a class may have no rows at all.
+
+    Classes with rows are stacked (:func:`stack_classes`) and fitted; a class without is
+    :func:`residual_only`, at its place.
+
+    Parameters
+    ----------
+    features : sequence of K tensors of shape (n_c, h, w, D) or (rows_c, D); rows_c may be 0.
+    V : Tensor of shape (K, D); bias : Tensor of shape (K,) or None.
+    ps : the prototype counts; ``fit_kwargs`` as in :func:`fit_prototypes_sweep` (but ``n_rows``).
+
+    Returns
+    -------
+    dict mapping each p to the :class:`ClassPrototypes` of the K classes, in their order.
+    """
+    rows = [int(F.reshape(-1, F.shape[-1]).shape[0]) for F in features]
+    full = [k for k, n in enumerate(rows) if n > 0]
+    empty = [k for k, n in enumerate(rows) if n == 0]
+    bias_of = (lambda idx: None) if bias is None else (lambda idx: bias[idx])
+    parts: dict[int, list[ClassPrototypes]] = {p: [] for p in ps}
+    if full:
+        A, n_rows = stack_classes([features[k] for k in full])
+        for p, (fit, _) in fit_prototypes_sweep(A, V[full], bias_of(full), ps, n_rows=n_rows, **fit_kwargs).items():
+            parts[p].append(fit)
+    for p in ps:
+        if empty:
+            parts[p].append(residual_only(V[empty], bias_of(empty), p))
+    order = torch.argsort(torch.tensor(full + empty))  # back to the classes' own order (concat is on the CPU)
+    return {p: ClassPrototypes(**{f.name: getattr(ClassPrototypes.concat(parts[p]), f.name)[order] for f in fields(ClassPrototypes)})
+            for p in ps}

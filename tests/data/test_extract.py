@@ -158,3 +158,37 @@ def test_a_damaged_class_whose_images_are_gone_fails_naming_it(backbone, tree, t
     with pytest.raises(StoreError, match=message):
         extract_classes(backbone, gone, PRE, store, range(3), batch_size=4, workers=0)
     assert store.check_class(1).startswith("chunk 0 (images 0–3) is missing")  # left as it was, still reported
+
+
+class _Poisoned:
+    """The real preprocessing, but the 70-px-wide grey image comes out as NaN and the CMYK one
+    (64 × 80) scaled by 1e8: a real resnet18 then gives NaN features, and features beyond float16."""
+
+    def __call__(self, image):
+        x = PRE(image)
+        if image.size == (70, 64):
+            return x * float("nan")
+        if image.size == (64, 80):
+            return x * 1e8
+        return x
+
+
+def test_nan_and_inf_features_skip_the_image_naming_it_and_the_rest_goes_on(backbone, tree, tmp_path, caplog):
+    source = make_source("imagefolder", root=str(tree))
+    store = FeatureStore.create(
+        str(tmp_path / "features"), key=run_key(arch="resnet18", data="poisoned"), class_names=source.classes,
+        grid=(2, 2), dim=512, V=backbone.V, bias=backbone.bias, chunk_images=4,
+    )
+    with caplog.at_level("WARNING", logger="protonmf.data.extract"):
+        summary = extract_classes(backbone, source, _Poisoned(), store, range(3), batch_size=4, workers=2)
+    assert [s.n_images for s in summary] == [6, 7, 6]  # 9 readable in class 1, 2 of them poisoned
+    assert [s.n_skipped for s in summary] == [0, 5, 0]
+    records = store.read_records([1]).to_pylist()
+    why = {r["uri"].rsplit("/", 1)[-1]: r["skipped"] for r in records if r["skipped"]}
+    assert why["gray.png"] == "NaN in its features"
+    assert why["cmyk.jpg"] == "features beyond float16's range (|x| > 65504), the store's dtype"
+    for k in range(3):
+        assert torch.isfinite(store.read_class(k).float()).all()
+    assert sum(r["skipped"] is None for r in records) == 7 and sorted(r["row"] for r in records if r["row"] is not None) == list(range(7))
+    assert any(f"class 1: image {r['uri']} skipped: NaN in its features" in m
+               for m in caplog.messages for r in records if r["uri"].endswith("gray.png"))

@@ -480,3 +480,88 @@ def test_craft_flow_on_the_demo_localizes_parts_and_measures_fidelity(runtime, b
     mtime = fs.info(f"{root}/current.json")["LastModified"]
     assert main(["craft", "configs/demo.yaml", *[a for s in sets for a in ("--set", s)]]) == 0  # a rerun resumes
     assert fs.info(f"{root}/current.json")["LastModified"] == mtime
+
+
+def test_two_runs_at_once_on_one_store_the_second_waits_and_redoes_nothing(runtime, bucket):
+    """A scheduled run and a manual one started together on one store and model (storage.lease=wait):
+    the work is done once — 4 classes extracted and 2 groups fitted in all, not twice each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = tree(bucket, "twice", storage__lease="wait", storage__lease_seconds=10)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [config, config]))
+    works = sorted((r["work"] for r in results), key=lambda w: -w["classes_extracted"])
+    assert works == [{"classes_extracted": N_CLASSES, "groups_fitted": 2}, {"classes_extracted": 0, "groups_fitted": 0}]
+    assert same(results[0]["evaluation"]) == same(results[1]["evaluation"])
+    from protonmf.artifact import list_versions
+    from protonmf.lease import read_lease
+
+    assert len(list_versions(f"s3://{bucket}/twice/model")) == 1  # published once
+    assert read_lease(f"s3://{bucket}/twice/features") is None and read_lease(f"s3://{bucket}/twice/model") is None
+
+
+def _hold(uri, owner, ready, done):
+    from protonmf.lease import acquire_lease
+
+    lease = acquire_lease(uri, owner=owner, mode="fail", seconds=30)
+    ready.set()
+    done.wait(120)
+    lease.release()
+
+
+def test_a_run_in_fail_mode_names_the_holder_and_writes_nothing(runtime, bucket):
+    """The weekly CRAFT run still holds the store: a build run with storage.lease=fail stops at once."""
+    import multiprocessing as mp
+
+    import s3fs
+
+    from protonmf.lease import LeaseHeld
+
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(f"s3://{bucket}/busy/features", "craft_concepts/weekly", ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        t = time.perf_counter()
+        with pytest.raises(LeaseHeld, match=rf"storage.features: s3://{bucket}/busy/features is in use by run "
+                                            rf"craft_concepts/weekly \(host .*, pid {holder.pid};"):
+            run(tree(bucket, "busy", storage__lease="fail"))
+        assert time.perf_counter() - t < 30
+    finally:
+        done.set()
+        holder.join(60)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert fs.find(f"{bucket}/busy") == []  # no store, no weights, no model: nothing was started
+
+
+def test_a_class_whose_images_are_all_unreadable_is_named_and_the_model_stays_exact(runtime, bucket, tmp_path):
+    from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
+
+    write_image_folder(make_synthetic_parts(N_CLASSES, 6, image_size=64, seed=0), tmp_path / "train")
+    write_image_folder(make_synthetic_parts(N_CLASSES, 3, image_size=64, seed=1), tmp_path / "val")
+    name = sorted(p.name for p in (tmp_path / "train").iterdir() if p.is_dir())[2]
+    for image in (tmp_path / "train" / name).iterdir():
+        image.write_bytes(b"not an image")
+    config = tree(bucket, "unreadable", data__source="imagefolder", data__train=str(tmp_path / "train"),
+                  data__val=str(tmp_path / "val"))
+    result = run(config)
+    assert result["classes_without_images"] == [name]
+    assert f"**1 class(es) without a usable image** (every image unreadable): {name}." in result["summary"]
+    ev = result["evaluation"]
+    assert ev["n_images"] == N_CLASSES * 3 and ev["max_abs_logit_diff"] <= 1e-4 * ev["max_abs_logit"]
+    assert ev["top1_prototype"] == ev["top1_black_box"]
+    model = PrototypeModel.load(result["model"])
+    assert model.n_rows.tolist() == [24, 24, 0, 24]  # 6 images × 2 × 2 positions
+    assert torch.equal(model.C[2], torch.zeros(3, dtype=torch.float64)) and torch.equal(model.R[2], model.backbone.V[2].double())
+
+    # `protonmf evaluate MODEL_URI` alone: the held-out data its manifest records (data.val here)
+    import json
+
+    from flows.cli import main
+
+    assert model.settings["data"]["val"] == str(tmp_path / "val") and model.settings["data"]["source"] == "imagefolder"
+    assert main(["evaluate", result["model"], "--json", str(tmp_path / "ev.json"), "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "ev.json").read_text())
+    assert again["n_images"] == N_CLASSES * 3
+    assert (again["top1_black_box"], again["top1_prototype"]) == (ev["top1_black_box"], ev["top1_prototype"])

@@ -60,6 +60,8 @@ class ImageFolderSource(ImageSource):
     classes, records : see :class:`ImageSource`; records are sorted by (label, path).
     fs, path : the filesystem and the root's path inside it.
     unlisted_folders : folders with images that are not in a given ``classes`` list.
+    empty_folders : folders under ``root`` without any image (not classes here; the pipeline
+        refuses them before extraction).
 
     Raises
     ------
@@ -93,6 +95,7 @@ class ImageFolderSource(ImageSource):
 
         by_class, n_other = self._list()
         self._check_found(by_class, n_other)
+        self.empty_folders = self._empty_folders(by_class)
         if given is None:
             self.classes = sorted(by_class)
             self.unlisted_folders: list[str] = []
@@ -103,6 +106,16 @@ class ImageFolderSource(ImageSource):
         self.class_subset = None if subset is None else used
         self.records = self._records(used, by_class, max_images_per_class)
         self.max_images_per_class = max_images_per_class
+
+    def _empty_folders(self, by_class: dict[str, list[str]]) -> list[str]:
+        """Folders under the root that hold no image (a class whose images went missing, on a disk;
+        object stores have no empty folders, only prefixes with other files)."""
+        try:
+            entries = self.fs.ls(self.path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
+        return sorted(n for n in names if n not in by_class and not n.startswith("."))
 
     def _check_found(self, by_class: dict[str, list[str]], n_other: int) -> None:
         """Nothing found under the root is an error that says what was looked for."""

@@ -1,0 +1,73 @@
+"""Bad input found in prepare, before any extraction, each named with its config key."""
+
+import shutil
+
+import pytest
+import torch
+
+from protonmf import BackboneSpec, build_backbone
+from protonmf.config import parse_config
+from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
+from protonmf.pipeline.prototype_run import make_split_source, prepare_store
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return build_backbone(BackboneSpec("torchvision:resnet18", num_classes=3))  # D = 512
+
+
+@pytest.fixture
+def folders(tmp_path):
+    write_image_folder(make_synthetic_parts(3, 2, image_size=64, seed=0), tmp_path / "train")
+    write_image_folder(make_synthetic_parts(3, 2, image_size=64, seed=1), tmp_path / "val")
+    return tmp_path
+
+
+def config(tmp_path, **data):
+    return parse_config({
+        "data": {"source": "imagefolder", "train": str(tmp_path / "train"), "val": str(tmp_path / "val"),
+                 "preprocess": {"resize": 64, "crop": 64}, **data},
+        "prototypes": {"p": [3, 600, 1000]},
+        "storage": {"features": str(tmp_path / "features"), "model": str(tmp_path / "model")},
+    })
+
+
+def prepare(cfg, backbone):
+    return prepare_store(cfg, backbone, make_split_source(cfg, "train"))
+
+
+def test_p_above_the_feature_dimension(folders, backbone):
+    with pytest.raises(ValueError, match=r"^prototypes.p: \[600, 1000\] larger than the feature dimension D = 512 of "
+                                         r"protonmf:small_cnn's features \(NMF needs p <= D\)$"):
+        prepare(config(folders), backbone)
+    assert not (folders / "features").exists()  # nothing written
+
+
+def ok(cfg):
+    return cfg.model_copy(update={"prototypes": cfg.prototypes.model_copy(update={"p": [3]})})
+
+
+def test_a_class_folder_without_images(folders, backbone):
+    names = sorted(p.name for p in (folders / "train").iterdir())
+    for image in (folders / "train" / names[1]).iterdir():
+        image.unlink()
+    (folders / "train" / ".cache").mkdir()  # hidden: not a class
+    with pytest.raises(ValueError, match=rf"^data.train: 1 class folder\(s\) under {folders}/train hold no image: {names[1]}$"):
+        prepare(ok(config(folders)), backbone)
+    assert not (folders / "features").exists()
+
+
+def test_held_out_classes_that_are_not_the_models(folders, backbone):
+    names = sorted(p.name for p in (folders / "val").iterdir())
+    shutil.copytree(folders / "val" / names[0], folders / "val" / "c999_stranger")
+    with pytest.raises(ValueError, match=rf"^data.val: 1 class\(es\) under {folders}/val are not classes of the model "
+                                         r"\(not among the 3 of data.train\): c999_stranger$"):
+        prepare(ok(config(folders)), backbone)
+    shutil.rmtree(folders / "val" / "c999_stranger")
+    shutil.rmtree(folders / "val" / names[2])
+    with pytest.raises(ValueError, match=rf"^data.val: 1 class\(es\) of the model have no folder under {folders}/val: {names[2]} "):
+        prepare(ok(config(folders)), backbone)
+    assert not (folders / "features").exists()
+    store = prepare(ok(config(folders)).model_copy(update={"data": ok(config(folders)).data.model_copy(update={"val": None})}), backbone)
+    assert store.class_names == names  # and with good data the store is made
