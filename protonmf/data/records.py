@@ -21,7 +21,9 @@ class Record:
         descriptive ``sklearn://`` or ``synthetic://`` name).
     label : int, index into the source's ``classes``.
     bbox : (x, y, width, height) in pixels or None; :class:`CUBSource` crops to it when loading.
-    index : int or None, row in an in-memory array (digits, synthetic).
+    index : int or None, row in an in-memory array (digits, synthetic) or in a Parquet shard.
+    offset, size : int or None, the image's bytes in a tar shard (WebDataset): ``size`` bytes
+        from byte ``offset``.
     """
 
     image_id: str
@@ -29,6 +31,8 @@ class Record:
     label: int
     bbox: tuple[float, float, float, float] | None = None
     index: int | None = None
+    offset: int | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True)
