@@ -16,10 +16,12 @@ from protonmf.data.store import FeatureStore
 from tasks.runtime import gather, maybe_fail_for_test
 
 
-def _open(config: Config):
+def _open(config: Config, train_labels: list[int] | None = None, val_labels: list[int] | None = None):
+    """Store, black box, and the two splits (only the index rows of the labels given, if any)."""
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
     backbone = load_backbone(config).to("cuda" if torch.cuda.is_available() else "cpu")
-    return store, backbone, make_split_source(config, "train"), make_split_source(config, "val")
+    return (store, backbone, make_split_source(config, "train", labels=train_labels),
+            make_split_source(config, "val", labels=val_labels))
 
 
 @ray.remote(max_retries=2)
@@ -33,8 +35,9 @@ def _plan(config_json: str) -> str:
 def _craft_group(config_json: str, plan_json: str, classes: list[int]) -> dict:
     maybe_fail_for_test()
     config = Config.model_validate_json(config_json)
-    store, backbone, train, val = _open(config)
     plan = {int(k): v for k, v in json.loads(plan_json).items()}
+    # the images predicted as these classes carry their own (true) labels
+    store, backbone, train, val = _open(config, sorted({w["label"] for k in classes for w in plan.get(k, [])}), classes)
     return craft_group(config, backbone, store, plan, classes, train, val)
 
 

@@ -1,53 +1,134 @@
-"""Feature extraction on Ray: Ray Data ``map_batches`` over class indices with an actor class.
+"""Feature extraction on Ray: a Ray Data pipeline over the classes still to extract.
 
-Each actor loads the black box once (on a GPU when ``compute.extract_gpus`` > 0), extracts whole
-classes, writes their chunks to the feature store itself, and returns only small metadata.
+    classes ──▶ decode (CPU tasks) ──▶ FeatureExtractor (an autoscaling pool of actors) ──▶ summaries
+
+- **decode**, one Ray task per class (``num_cpus=1``): reads the class's rows of the dataset index
+  (never a listing), reads and decodes its images on a few threads, resizes and crops them, and
+  hands the class on as one (n, 3, S, S) uint8 tensor (a quarter of float32's bytes).
+- **FeatureExtractor**, an actor holding the black box (``num_gpus=compute.extract_gpus``):
+  normalizes, forwards, and writes the whole class to the feature store itself (one writer per
+  class, chunk-aligned), returning a few numbers.
+
+Ray Data streams one into the other, so every CPU of the cluster decodes while the GPUs forward.
+The actor pool grows from 1 to what the cluster can hold (:func:`extract_pool_size`). With
+``extract_gpus: 0`` both stages ask for the same resources and Ray Data fuses them: each CPU actor
+then decodes and forwards its own classes, one core each, which is what a CPU-only cluster wants.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import ray
+import torch
 
 from protonmf.config import Config
-from protonmf.pipeline.prototype_run import extract_group, load_backbone, make_split_source
+from protonmf.data.extract import ClassExtraction, DecodedClass
 from protonmf.data.store import FeatureStore
+from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
+
+SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
+
+
+def extract_pool_size(capacity: Mapping[str, float], extract_gpus: float, n_classes: int, cap: int | None = None) -> int:
+    """The most extraction actors worth starting: as many as ``capacity`` holds, at most ``cap``
+    and at most one per class (never below 1).
+
+    Each actor takes ``extract_gpus`` GPUs and one CPU; on CPUs alone (``extract_gpus`` = 0) one CPU.
+
+    >>> extract_pool_size({"CPU": 64, "GPU": 8}, 1, 1000)
+    8
+    >>> extract_pool_size({"CPU": 64, "GPU": 8}, 0.5, 1000, cap=12)
+    12
+    >>> extract_pool_size({"CPU": 2}, 0, 1000)
+    2
+    """
+    by_cpu = math.floor(capacity.get("CPU", 0))
+    most = by_cpu if extract_gpus == 0 else min(math.floor(capacity.get("GPU", 0) / extract_gpus), by_cpu)
+    if cap is not None:
+        most = min(most, cap)
+    return max(1, min(most, n_classes))
+
+
+def cluster_capacity() -> dict[str, float]:
+    """What the cluster can give: its autoscaler's largest configuration when it has one (Ray
+    Data sizes its own shuffles the same way), else the resources it has now."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it, what the cluster has now
+        most = None
+    return dict(most or ray.cluster_resources())
+
+
+def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndarray]:
+    """Ray Data stage 1 (CPU): decode the batch's one class."""
+    config = Config.model_validate_json(config_json)
+    (decoded,) = decode_group(config, [int(k) for k in batch["k"]])
+    return {
+        "k": np.array([decoded.k]),
+        "images": decoded.images.numpy()[None],  # (1, n, 3, S, S) uint8
+        "entries": np.array([json.dumps(decoded.entries)]),
+        "decode_seconds": np.array([decoded.seconds]),
+        "decoder": np.array([os.getpid()]),
+    }
 
 
 class FeatureExtractor:
-    """A Ray Data actor: ``__init__`` loads, ``__call__`` extracts a batch of classes."""
+    """Ray Data stage 2: ``__init__`` loads the black box and opens the store, ``__call__`` forwards
+    and writes the batch's one decoded class."""
 
     def __init__(self, config_json: str):
         self.config = Config.model_validate_json(config_json)
         self.backbone = load_backbone(self.config)
-        self.source = make_split_source(self.config, "train")
         self.store = FeatureStore.open(self.config.storage.features, storage_options=self.config.storage.storage_options or None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = extract_group(self.config, self.backbone, self.source, self.store, [int(k) for k in batch["k"]])
-        return {name: np.array([getattr(d, name) for d in done]) for name in ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")}
+        decoded = DecodedClass(
+            k=int(batch["k"][0]),
+            images=torch.from_numpy(np.array(batch["images"][0])),  # a writable copy of the object store's view
+            entries=[tuple(e) for e in json.loads(str(batch["entries"][0]))],
+            seconds=float(batch["decode_seconds"][0]),
+        )
+        (done,) = forward_group(self.config, self.backbone, self.store, [decoded])
+        return {**{name: np.array([getattr(done, name)]) for name in SUMMARY},
+                "worker": np.array([os.getpid()]), "decoder": batch["decoder"]}
 
 
 def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None) -> list[dict]:
-    """Extract ``classes`` with a pool of actors; returns one small dict per class."""
+    """Extract ``classes``; returns one small dict per class (``worker`` and ``decoder``: the pids of
+    the actor that forwarded it and of the process that decoded it; classes already complete come
+    back ``resumed`` without any work)."""
     compute = config.compute
-    ds = ray.data.from_items([{"k": k} for k in classes], override_num_blocks=max(1, len(classes)))
-    ds = ds.map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs={"config_json": config.model_dump_json()},
-        batch_size=1,
-        concurrency=compute.workers,
-        num_gpus=compute.extract_gpus,
-        num_cpus=1,
-        max_restarts=2,
-        max_task_retries=2,
-    )
-    out = []
-    for row in ds.iter_rows():
-        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        out.append(row)
+    store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
+    done = set(store.done_classes())
+    out = [{**ClassExtraction(k, 0, 0, 0, 0.0, resumed=True).to_dict(), "worker": None, "decoder": None}
+           for k in classes if k in done]
+    for row in out:
         if on_class is not None:
             on_class(row)
+    todo = [k for k in classes if k not in done]
+    if todo:
+        config_json = config.model_dump_json()
+        size = extract_pool_size(cluster_capacity(), compute.extract_gpus, len(todo), compute.max_extract_workers)
+        ds = ray.data.from_items([{"k": k} for k in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(_decode, fn_kwargs={"config_json": config_json}, batch_size=1, num_cpus=1)
+        ds = ds.map_batches(
+            FeatureExtractor,
+            fn_constructor_kwargs={"config_json": config_json},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+            num_gpus=compute.extract_gpus,
+            num_cpus=1,
+        )
+        for row in ds.iter_rows():
+            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            out.append(row)
+            if on_class is not None:
+                on_class(row)
     return sorted(out, key=lambda r: r["k"])
