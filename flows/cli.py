@@ -4,6 +4,7 @@
     protonmf run CONFIG [--set key=value ...]    the whole flow on any config
     protonmf craft CONFIG [--set key=value ...]  CRAFT concepts of every class (configs/demo.yaml works)
     protonmf evaluate MODEL_URI (--config CONFIG | --val URI) [--features STORE_URI] [--json OUT]
+                     [--unknown-val-classes error|skip]
     protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...]
 """
 
@@ -68,6 +69,7 @@ def _craft(config, overrides) -> int:
 def _evaluate(args) -> int:
     from protonmf.config import parse_config
     from protonmf.data import make_source
+    from protonmf.data.sources.relabel import relabel_by_name
     from protonmf.data.store import FeatureStore
     from protonmf.evaluation.published import evaluate_published_model
     from protonmf.prototypes.model import PrototypeModel
@@ -78,13 +80,17 @@ def _evaluate(args) -> int:
         from protonmf.config import load_config
 
         config = load_config(args.config, args.set)
-        source = make_split_source(config, "val")
+        if args.unknown_val_classes:
+            config = parse_config(config.model_dump(), [f"data.unknown_val_classes={args.unknown_val_classes}"])
+        source = make_split_source(config, "val", classes=model.class_names)
         preprocess = make_preprocess(config)
     else:
         if not args.val:
             raise SystemExit("evaluate: give --val IMAGEFOLDER_URI or --config CONFIG for the held-out images")
         config = parse_config({"data": {"preprocess": model.preprocess}}) if model.preprocess else parse_config({})
-        source = make_source("imagefolder", name="--val", root=args.val, classes=model.class_names)
+        # the folders' own classes, matched to the model's by name (not by their sorted order)
+        source = relabel_by_name(make_source("imagefolder", name="--val", root=args.val), model.class_names,
+                                 unknown=args.unknown_val_classes or "error", what="--val")
         preprocess = make_preprocess(config)
     features = args.features or (model.settings.get("features") if args.reconstruction else None)
     store = FeatureStore.open(features) if features else None
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--config", help="config whose validation split to use")
     ev.add_argument("--val", help="an ImageFolder URI of held-out images (class folders named as the model's classes)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--unknown-val-classes", choices=["error", "skip"],
+                    help="a held-out class the model does not know: an error (default), or skip its images (counted in the JSON)")
     ev.add_argument("--features", help="feature store URI: add Table 1 / Figure 5 reconstruction errors and seed stability")
     ev.add_argument("--reconstruction", action="store_true", help="the same, from the store the model was fitted on")
     ev.add_argument("--classes", type=int, default=50, help="classes used for the reconstruction study (default 50)")
