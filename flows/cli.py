@@ -4,6 +4,7 @@
     protonmf run CONFIG [--set key=value ...]    the whole flow on any config
     protonmf craft CONFIG [--set key=value ...]  CRAFT concepts of every class (configs/demo.yaml works)
     protonmf evaluate MODEL_URI [--config CONFIG | --val URI] [--features STORE_URI] [--json OUT] [--device D]
+                                 [--unknown-val-classes error|skip]
                                  (neither: the held-out data its manifest records)
     protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...] [--device D]
 
@@ -97,6 +98,7 @@ def _device(args):
 def _evaluate(args) -> int:
     from protonmf.config import parse_config
     from protonmf.data import make_source
+    from protonmf.data.sources.relabel import relabel_by_name
     from protonmf.data.store import FeatureStore
     from protonmf.evaluation.published import evaluate_published_model
     from protonmf.prototypes.model import PrototypeModel
@@ -107,11 +109,15 @@ def _evaluate(args) -> int:
         from protonmf.config import load_config
 
         config = load_config(args.config, args.set)
-        source = make_split_source(config, "val")
+        if args.unknown_val_classes:
+            config = parse_config(config.model_dump(), [f"data.unknown_val_classes={args.unknown_val_classes}"])
+        source = make_split_source(config, "val", classes=model.class_names)
         preprocess = make_preprocess(config)
     elif args.val:
         config = parse_config({"data": {"preprocess": model.preprocess}}) if model.preprocess else parse_config({})
-        source = make_source("imagefolder", name="--val", root=args.val, classes=model.class_names)
+        # the folders' own classes, matched to the model's by name (not by their sorted order)
+        source = relabel_by_name(make_source("imagefolder", name="--val", root=args.val), model.class_names,
+                                 unknown=args.unknown_val_classes or "error", what="--val")
         preprocess = make_preprocess(config)
     else:
         data = model.settings.get("data")  # the held-out data of the run that published it
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--config", help="config whose validation split to use (default: the held-out data the model's manifest records)")
     ev.add_argument("--val", help="an ImageFolder URI of held-out images (class folders named as the model's classes)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--unknown-val-classes", choices=["error", "skip"],
+                    help="a held-out class the model does not know: an error (default), or skip its images (counted in the JSON)")
     ev.add_argument("--features", help="feature store URI: add Table 1 / Figure 5 reconstruction errors and seed stability")
     ev.add_argument("--reconstruction", action="store_true", help="the same, from the store the model was fitted on")
     ev.add_argument("--classes", type=int, default=50, help="classes used for the reconstruction study (default 50)")

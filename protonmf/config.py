@@ -8,10 +8,10 @@ valid integer``). ``--set a.b=value`` overrides any key; the value is read as YA
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protonmf.craft.settings import CraftSettings
 
@@ -34,8 +34,8 @@ class PreprocessConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["imagefolder", "synthetic", "digits", "cub"] = "synthetic"
-    train: str | None = None
+    source: Literal["imagefolder", "synthetic", "digits", "cub", "parquet", "webdataset"] = "synthetic"
+    train: str | None = None  # a folder, or for parquet and webdataset also a glob of shards
     val: str | None = None
     classes: list[str] | None = None
     max_images_per_class: int | None = Field(None, ge=1)
@@ -43,6 +43,17 @@ class DataConfig(_Section):
     n_classes: int = Field(10, ge=1)  # synthetic only
     seed: int = 0  # synthetic and digits: which images, and the digits train/val split
     preprocess: PreprocessConfig = PreprocessConfig()
+    # Held-out classes are matched to the training classes by name; one the model does not know
+    # is an error ("error") or its images are left out and counted ("skip").
+    unknown_val_classes: Literal["error", "skip"] = "error"
+    # Set by the run's prepare step, not by hand: the dataset index of each split (one Parquet
+    # file next to the feature store), which every worker reads instead of listing the data.
+    train_index: str | None = None
+    val_index: str | None = None
+
+    #: Keys that say how the data is listed or evaluated, not which features are extracted.
+    NOT_IN_FEATURES_KEY: ClassVar[frozenset[str]] = frozenset(
+        {"val", "val_images_per_class", "unknown_val_classes", "train_index", "val_index"})
 
 
 class BackboneConfig(_Section):
@@ -91,12 +102,22 @@ class ComputeConfig(_Section):
     extract_gpus: float = Field(0, ge=0)
     fit_gpus: float = Field(0, ge=0)
     batch_size: int = Field(256, ge=1)
-    workers: int = Field(1, ge=1)
+    # The extraction pool grows from 1 actor to as many as the cluster can hold (its GPUs divided
+    # by extract_gpus, or its CPUs when extract_gpus is 0); this caps it (null: no cap).
+    max_extract_workers: int | None = Field(None, ge=1)
     precision: Literal["float32", "bfloat16"] = "float32"  # extraction forward pass (bfloat16: GPU workers)
     channels_last: bool = False  # NHWC convolutions in extraction (GPU workers)
     # Prefect's retries of a step after an error that can heal (tasks.runtime.is_retryable); other
     # errors fail at once. 0 leaves only Ray's retries of a task whose worker died.
     retries: int = Field(2, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "workers" in data:
+            raise ValueError("compute.workers was removed: the extraction pool sizes itself to the cluster; "
+                             "cap it with compute.max_extract_workers")
+        return data
 
 
 class StorageConfig(_Section):

@@ -16,12 +16,14 @@ from protonmf.data.store import FeatureStore
 from tasks.runtime import gather, maybe_fail_for_test
 
 
-def _open(config: Config, gpus: float):
-    """The store, the black box on the task's device (CUDA if it was given ``gpus`` > 0), the sources."""
+def _open(config: Config, gpus: float, train_labels: list[int] | None = None, val_labels: list[int] | None = None):
+    """The store, the black box on the task's device (CUDA if it was given ``gpus`` > 0), and the
+    two splits (only the index rows of the labels given, if any)."""
     device = step_device(gpus, "compute.extract_gpus")  # before any I/O: a worker without CUDA fails at once
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
     backbone = load_backbone(config).to(device)
-    return store, backbone, make_split_source(config, "train"), make_split_source(config, "val")
+    return (store, backbone, make_split_source(config, "train", labels=train_labels),
+            make_split_source(config, "val", labels=val_labels))
 
 
 @ray.remote(max_retries=2)
@@ -37,6 +39,8 @@ def _craft_group(config_json: str, plan_json: str, classes: list[int]) -> dict:
     config = Config.model_validate_json(config_json)
     store, backbone, train, val = _open(config, config.compute.extract_gpus)  # as craft_all asks Ray
     plan = {int(k): v for k, v in json.loads(plan_json).items()}
+    # the images predicted as these classes carry their own (true) labels
+    store, backbone, train, val = _open(config, sorted({w["label"] for k in classes for w in plan.get(k, [])}), classes)
     return craft_group(config, backbone, store, plan, classes, train, val)
 
 

@@ -1,56 +1,128 @@
-"""Feature extraction on Ray: Ray Data ``map_batches`` over class indices with an actor class.
+"""Feature extraction on Ray: a Ray Data pipeline over the classes still to extract.
 
-Each actor loads the black box once (on a GPU when ``compute.extract_gpus`` > 0), extracts whole
-classes, writes their chunks to the feature store itself, and returns only small metadata.
+    classes ──▶ decode (CPU tasks) ──▶ FeatureExtractor (an autoscaling pool of actors) ──▶ summaries
 
-An error of our code travels back as data and is raised again on the driver as itself: Ray Data
-would wrap it in a ``UserCodeException`` that has lost it (its type, its ``.cause``), and an
-actor whose ``__init__`` failed would be reported as an actor that died, which looks like a lost
-worker. So a ``StoreError`` stays a ``StoreError`` and :func:`tasks.runtime.is_retryable` can
-tell it from a lost connection.
+- **decode**, one Ray task per class (``num_cpus=1``): reads the class's rows of the dataset index
+  (never a listing), reads and decodes its images on a few threads, resizes and crops them, and
+  hands the class on as one (n, 3, S, S) uint8 tensor (a quarter of float32's bytes).
+- **FeatureExtractor**, an actor holding the black box (``num_gpus=compute.extract_gpus``):
+  normalizes, forwards, and writes the whole class to the feature store itself (one writer per
+  class, chunk-aligned), returning a few numbers.
+
+Ray Data streams one into the other, so every CPU of the cluster decodes while the GPUs forward.
+The actor pool grows from 1 to what the cluster can hold (:func:`extract_pool_size`). With
+``extract_gpus: 0`` both stages ask for the same resources and Ray Data fuses them: each CPU actor
+then decodes and forwards its own classes, one core each, which is what a CPU-only cluster wants.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import pickle
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import ray
+import torch
 
 from protonmf.config import Config
-from protonmf.pipeline.prototype_run import extract_group, load_backbone, make_split_source
+from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_missing
 from protonmf.data.store import FeatureStore
+from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
+
+SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
 
 
-#: What a worker returns per class (besides ``error``): the fields of ``ClassExtraction``.
-FIELDS = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
+def extract_pool_size(capacity: Mapping[str, float], extract_gpus: float, n_classes: int, cap: int | None = None) -> int:
+    """The most extraction actors worth starting: as many as ``capacity`` holds, at most ``cap``
+    and at most one per class (never below 1).
+
+    Each actor takes ``extract_gpus`` GPUs and one CPU; on CPUs alone (``extract_gpus`` = 0) one CPU.
+
+    >>> extract_pool_size({"CPU": 64, "GPU": 8}, 1, 1000)
+    8
+    >>> extract_pool_size({"CPU": 64, "GPU": 8}, 0.5, 1000, cap=12)
+    12
+    >>> extract_pool_size({"CPU": 2}, 0, 1000)
+    2
+    """
+    by_cpu = math.floor(capacity.get("CPU", 0))
+    most = by_cpu if extract_gpus == 0 else min(math.floor(capacity.get("GPU", 0) / extract_gpus), by_cpu)
+    if cap is not None:
+        most = min(most, cap)
+    return max(1, min(most, n_classes))
+
+
+def cluster_capacity() -> dict[str, float]:
+    """What the cluster can give: its autoscaler's largest configuration when it has one (Ray
+    Data sizes its own shuffles the same way), else the resources it has now."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it, what the cluster has now
+        most = None
+    return dict(most or ray.cluster_resources())
+
+
+def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndarray]:
+    """Ray Data stage 1 (CPU): check the batch's one class if it is complete (read back against its
+    checksums: an intact class is passed on as resumed, undecoded), else decode it."""
+    config = Config.model_validate_json(config_json)
+    k = int(batch["k"][0])
+    store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
+    todo, _, _ = damaged_or_missing(store, k)
+    if todo:
+        (decoded,) = decode_group(config, [k])
+    else:
+        S = config.data.preprocess.crop
+        decoded = DecodedClass(k, torch.zeros(0, 3, S, S, dtype=torch.uint8), [])
+    return {
+        "k": np.array([decoded.k]),
+        "images": decoded.images.numpy()[None],  # (1, n, 3, S, S) uint8
+        "entries": np.array([json.dumps(decoded.entries)]),
+        "decode_seconds": np.array([decoded.seconds]),
+        "decoder": np.array([os.getpid()]),
+        "resumed": np.array([not todo]),
+    }
 
 
 class FeatureExtractor:
-    """A Ray Data actor: ``__init__`` loads, ``__call__`` extracts a batch of classes."""
+    """Ray Data stage 2: ``__init__`` loads the black box and opens the store, ``__call__`` forwards
+    and writes the batch's one decoded class."""
 
     def __init__(self, config_json: str):
         self.failed: Exception | None = None
         try:
             self.config = Config.model_validate_json(config_json)
             self.backbone = load_backbone(self.config)
-            self.source = make_split_source(self.config, "train")
             self.store = FeatureStore.open(self.config.storage.features, storage_options=self.config.storage.storage_options or None)
-        except Exception as err:  # noqa: BLE001 - reported by __call__, see the module's docstring
+        except Exception as err:  # noqa: BLE001 - reported by __call__: Ray Data would report a dead actor
             self.failed = err
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ks = [int(k) for k in batch["k"]]
+        k = int(batch["k"][0])
         try:
             if self.failed is not None:
                 raise self.failed
-            done = [d.to_dict() for d in extract_group(self.config, self.backbone, self.source, self.store, ks)]
-        except Exception as err:  # noqa: BLE001 - sent back whole, see the module's docstring
-            done = [{**dict.fromkeys(FIELDS, 0), "k": k, "error": _as_data(err)} for k in ks]
-        out = {name: np.array([d[name] for d in done]) for name in FIELDS}
-        return {**out, "error": np.array([d.get("error", b"") for d in done], dtype=object)}
+            if bool(batch["resumed"][0]):  # complete and intact: nothing to do
+                done = ClassExtraction(k, 0, 0, 0, 0.0, resumed=True)
+            else:
+                decoded = DecodedClass(
+                    k=k,
+                    images=torch.from_numpy(np.array(batch["images"][0])),  # a writable copy of the object store's view
+                    entries=[tuple(e) for e in json.loads(str(batch["entries"][0]))],
+                    seconds=float(batch["decode_seconds"][0]),
+                )
+                (done,) = forward_group(self.config, self.backbone, self.store, [decoded])
+            row, error = done.to_dict(), b""
+        except Exception as err:  # noqa: BLE001 - sent back whole (Ray Data's UserCodeException loses its type)
+            row, error = {**dict.fromkeys(SUMMARY, 0), "k": k}, _as_data(err)
+        return {**{name: np.array([row[name]]) for name in SUMMARY}, "worker": np.array([os.getpid()]),
+                "decoder": batch["decoder"], "error": np.array([error], dtype=object)}
 
 
 WORKER_NOTE = "in the extraction worker:\n"
@@ -58,7 +130,7 @@ WORKER_NOTE = "in the extraction worker:\n"
 
 def _as_data(err: Exception) -> bytes:
     """``err`` pickled, with the worker's traceback as a note (pickling drops tracebacks)."""
-    if not any(note.startswith(WORKER_NOTE) for note in getattr(err, "__notes__", [])):  # once: __init__'s is sent per batch
+    if not any(note.startswith(WORKER_NOTE) for note in getattr(err, "__notes__", [])):
         err.add_note(WORKER_NOTE + "".join(traceback.format_exception(err)))
     try:
         return pickle.dumps(err)
@@ -67,26 +139,33 @@ def _as_data(err: Exception) -> bytes:
 
 
 def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None) -> list[dict]:
-    """Extract ``classes`` with a pool of actors; returns one small dict per class."""
+    """Extract ``classes``; returns one small dict per class (``worker`` and ``decoder``: the pids of
+    the actor that forwarded it and of the process that decoded it; classes already complete come
+    back ``resumed`` without any work)."""
     compute = config.compute
-    ds = ray.data.from_items([{"k": k} for k in classes], override_num_blocks=max(1, len(classes)))
-    ds = ds.map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs={"config_json": config.model_dump_json()},
-        batch_size=1,
-        concurrency=compute.workers,
-        num_gpus=compute.extract_gpus,
-        num_cpus=1,
-        max_restarts=2,
-        max_task_retries=2,
-    )
-    out = []
-    for row in ds.iter_rows():
-        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        error = row.pop("error")
-        if error:
-            raise pickle.loads(error)
-        out.append(row)
-        if on_class is not None:
-            on_class(row)
+    out: list[dict] = []
+    todo = list(classes)  # complete classes too: the decode stage checks them where they are read
+    if todo:
+        config_json = config.model_dump_json()
+        size = extract_pool_size(cluster_capacity(), compute.extract_gpus, len(todo), compute.max_extract_workers)
+        ds = ray.data.from_items([{"k": k} for k in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(_decode, fn_kwargs={"config_json": config_json}, batch_size=1, num_cpus=1)
+        ds = ds.map_batches(
+            FeatureExtractor,
+            fn_constructor_kwargs={"config_json": config_json},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+            num_gpus=compute.extract_gpus,
+            num_cpus=1,
+            max_restarts=2,  # an actor that died (OOM, lost node) is started again
+            max_task_retries=2,
+        )
+        for row in ds.iter_rows():
+            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            error = row.pop("error")
+            if error:
+                raise pickle.loads(error)
+            out.append(row)
+            if on_class is not None:
+                on_class(row)
     return sorted(out, key=lambda r: r["k"])

@@ -1,23 +1,26 @@
-"""Preparing a run on Ray: the black box's weights pinned and the feature store opened where the
-storage is (a worker, not the machine that runs the flow)."""
+"""Preparing a run on Ray: the black box's weights pinned, the data listed once into its dataset
+index, and the feature store opened, where the storage is (a worker, not the machine that runs
+the flow)."""
 
 from __future__ import annotations
 
 import ray
 
 from protonmf.config import Config
-from protonmf.pipeline.prototype_run import make_split_source, prepare_store, resolve_backbone
+from protonmf.pipeline.prototype_run import index_data, make_split_source, prepare_store, resolve_backbone
 
 
 @ray.remote(max_retries=2)
 def _prepare(config_json: str) -> dict:
     config, backbone = resolve_backbone(Config.model_validate_json(config_json))
-    store = prepare_store(config, backbone, make_split_source(config, "train"))
+    config = index_data(config)  # the only listing of the data in a run
+    store = prepare_store(config, backbone, make_split_source(config, "train", labels=[]))
     return {"config_json": config.model_dump_json(), "class_names": store.class_names, "done": store.done_classes()}
 
 
 def prepare_on_ray(config: Config) -> tuple[Config, list[str], list[int]]:
-    """The config with the black box's weights pinned (see ``resolve_backbone``), the store's class
-    names, and the classes already extracted."""
+    """The config with the black box's weights and the dataset index pinned (see
+    ``resolve_backbone`` and ``index_data``), the store's class names, and the classes already
+    extracted."""
     out = ray.get(_prepare.remote(config.model_dump_json()))
     return Config.model_validate_json(out["config_json"]), out["class_names"], out["done"]

@@ -61,21 +61,55 @@ def resnet_model(resnet, resnet_data):
 # ---------------------------------------------------------------------------------------------
 
 
+#: Every request the moto server answered, as (method, path, query string), in order: tests count
+#: LIST requests here, whichever process (the test, a Ray worker) sent them.
+S3_REQUESTS: list[tuple[str, str, str]] = []
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 (a free port), for the whole session; yields its endpoint URL."""
+    """A moto S3 server on 127.0.0.1 (a free port), for the whole session; yields its endpoint URL.
+
+    Requests are logged in :data:`S3_REQUESTS` (see :func:`s3_lists`)."""
     import logging
 
-    from moto.server import ThreadedMotoServer
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    class LoggingMotoServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:  # moto's own, with the application wrapped in a log
+            app = DomainDispatcherApplication(create_backend_app)
+
+            def logged(environ, start_response):
+                S3_REQUESTS.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")))
+                return app(environ, start_response)
+
+            self._server = make_server(self._ip_address, self._port, logged, True, request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = LoggingMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         yield f"http://127.0.0.1:{server._server.server_port}"
     finally:
         server.stop()
+
+
+def s3_lists(since: int, bucket: str, prefix: str) -> int:
+    """LIST requests (ListObjects v1/v2) on ``bucket`` under ``prefix`` among ``S3_REQUESTS[since:]``."""
+    from urllib.parse import parse_qs
+
+    n = 0
+    for method, path, query in S3_REQUESTS[since:]:
+        q = parse_qs(query, keep_blank_values=True)
+        listing = method == "GET" and path.strip("/") == bucket and ("list-type" in q or "prefix" in q or "delimiter" in q)
+        if listing and q.get("prefix", [""])[0].startswith(prefix):
+            n += 1
+    return n
 
 
 @pytest.fixture

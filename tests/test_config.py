@@ -46,6 +46,9 @@ def test_issue_example_and_overrides():
         ({}, ["backbone.arch=resnet34"], "backbone.arch: Value error, must be 'library:name'"),
         ({}, ["prototypes.tol"], "--set expects key=value"),
         ({"storage": {"model": 3}}, [], "storage.model: Input should be a valid string"),
+        ({"compute": {"workers": 4}}, [], "compute.workers was removed: the extraction pool sizes itself to the cluster; "
+                                          "cap it with compute.max_extract_workers"),
+        ({}, ["data.unknown_val_classes=ignore"], "data.unknown_val_classes: Input should be 'error' or 'skip'"),
     ],
 )
 def test_bad_config_names_the_key(tree, overrides, message):

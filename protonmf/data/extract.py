@@ -1,16 +1,23 @@
 """Feature extraction: images of whole classes → backbone features in the feature store.
 
-One call handles a list of classes; each class is read, forwarded in batches, and written to the
-store as a unit (features, records, then the completion marker), so a class is either complete
-or absent and a rerun skips complete classes. A complete class is read back and checked against
-its marker's checksums first: a damaged one is extracted again, from the same images.
+Extraction has two halves, which may run in different processes:
+
+- :func:`decode_class` (CPU): read, decode, resize and crop every image of a class into a
+  (n, 3, S, S) uint8 tensor (:class:`DecodedClass`), noting each file it cannot use and why;
+- :func:`extract_decoded` (GPU or CPU): normalize, forward in batches, and write the class to the
+  store as a unit (features, records, then the completion marker), so a class is either
+  complete or absent and a rerun skips complete classes.
+
+:func:`extract_classes` does both in one process, decoding with threads while the forward pass
+runs. Either way a class's records table lists its images in record order, and the stored
+features are bit-identical.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,11 +27,11 @@ from torch import Tensor
 
 from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.data import ImageSource, iter_batches
+from protonmf.data.preprocess import Preprocess
+from protonmf.data.records import Record
 from protonmf.data.store import RECORD_SCHEMA, FeatureStore
 
-__all__ = ["ClassExtraction", "extract_classes"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ClassExtraction", "DecodedClass", "decode_class", "extract_classes", "extract_decoded"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class ClassExtraction:
         return asdict(self)
 
 
+log = logging.getLogger(__name__)
+
+
 def _nonfinite(F: Tensor, F16: Tensor) -> dict[int, str]:
     """Images (index in the batch → why) whose features (B, h, w, D) cannot be stored: NaN or Inf
     from the backbone, or values beyond float16's range (the store's dtype), which become Inf."""
@@ -56,11 +66,208 @@ def _nonfinite(F: Tensor, F16: Tensor) -> dict[int, str]:
     return bad
 
 
-@torch.no_grad()
+def damaged_or_missing(store: FeatureStore, k: int) -> tuple[bool, dict | None, str | None]:
+    """(extract class k?, its old marker if it is complete but damaged, what is wrong).
+
+    A complete class is read back and checked against its marker's checksums; an intact one is
+    not extracted again, a damaged one is (from the same images: see :func:`_check_same_images`).
+    """
+    if not store.is_done(k):
+        return True, None, None
+    damage = store.check_class(k)
+    if damage is None:
+        return False, None, None
+    log.warning("class %d of the feature store at %s is damaged (%s): extracting it again", k, store.uri, damage)
+    return True, store.read_marker(k), damage
+
+
+def _check_same_images(store: FeatureStore, k: int, previous: dict | None, damage: str | None, n_used: int,
+                       entries: list[tuple[str, str, str | None]]) -> None:
+    """A damaged class extracted again must give as many usable images as the first time: if its
+    images are gone or changed, the features would not be the ones the store's key promises, so
+    this raises naming the class and the store is left as it was."""
+    if previous is None or n_used == previous.get("n_images", n_used):
+        return
+    skipped = [f"{uri}: {why}" for _, uri, why in entries if why]
+    raise store.damaged(k, (
+        f"{damage}; it cannot be extracted again: {n_used} of its images can be used now, "
+        f"{previous['n_images']} when it was extracted (images gone or changed"
+        + (f"; e.g. {skipped[0]})" if skipped else ")")
+    ))
+
+
+@dataclass
+class DecodedClass:
+    """One class read, decoded, resized and cropped: what the CPU half hands to the forward pass.
+
+    Attributes
+    ----------
+    k : the class index.
+    images : (n, 3, S, S) uint8, the usable images in record order.
+    entries : every record of the class in record order, as (image_id, uri, reason): reason is
+        None for an image in ``images``, else why the file was skipped.
+    seconds : time spent reading and decoding.
+    """
+
+    k: int
+    images: Tensor
+    entries: list[tuple[str, str, str | None]]
+    seconds: float = 0.0
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(reason is not None for _, _, reason in self.entries)
+
+
+def _uint8_batches(
+    source: ImageSource, preprocess: Preprocess, records: Sequence[Record], batch_size: int, workers: int | None,
+    reasons: dict[str, str],
+) -> Iterable[Tensor]:
+    """The usable images of ``records`` as uint8 batches, in record order; skip reasons go to ``reasons``."""
+    for batch in iter_batches(source, preprocess.to_uint8, batch_size, workers=workers, records=records):
+        for skip in batch.skipped:
+            reasons[skip.image_id] = skip.reason
+        if len(batch):
+            yield batch.images
+
+
+def _entries(records: Sequence[Record], reasons: dict[str, str]) -> list[tuple[str, str, str | None]]:
+    return [(r.image_id, r.uri, reasons.get(r.image_id)) for r in records]
+
+
+def decode_class(
+    source: ImageSource, preprocess: Preprocess, k: int, *, workers: int | None = None, batch_size: int = 64,
+) -> DecodedClass:
+    """Read, decode, resize and crop every image of class ``k`` (``source.records_of(k)``).
+
+    ``workers`` threads read and decode (see :func:`~protonmf.data.batching.iter_batches`);
+    unreadable files are listed in ``entries`` with their reason, never raised.
+    """
+    start = time.perf_counter()
+    records = source.records_of(k)
+    reasons: dict[str, str] = {}
+    chunks = list(_uint8_batches(source, preprocess, records, batch_size, workers, reasons))
+    S = preprocess.crop
+    images = torch.cat(chunks) if chunks else torch.zeros(0, 3, S, S, dtype=torch.uint8)
+    return DecodedClass(k, images, _entries(records, reasons), time.perf_counter() - start)
+
+
+class _Forward:
+    """The backbone on its device, with the precision and memory layout of the run."""
+
+    def __init__(self, backbone: FeatureBackbone, device: torch.device | str | None, precision: str, channels_last: bool,
+                 top_k: int):
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
+        self.device = torch.device(device) if device is not None else backbone.device
+        self.backbone = backbone.to(self.device).eval()
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.precision = precision
+        self.top_k = min(top_k, backbone.num_classes)
+
+    @torch.no_grad()
+    def write_class(
+        self, store: FeatureStore, k: int, batches: Iterable[Tensor], preprocess: Preprocess,
+        entries: Callable[[], list[tuple[str, str, str | None]]], on_batch: Callable[[int], None] | None = None,
+        previous: tuple[dict | None, str | None] | None = None,
+    ) -> tuple[int, int, int]:
+        """Forward uint8 ``batches`` of class k and write the class; (n used, n skipped, n correct).
+
+        ``entries`` is called once every batch has been consumed (a streaming decoder knows its
+        skipped files only then). ``previous``: the old marker and damage of a damaged class
+        extracted again (see :func:`_check_same_images`).
+        """
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+        feats: list[Tensor] = []
+        preds: list[Tensor] = []
+        tops: list[tuple[Tensor, Tensor]] = []
+        bad: dict[int, str] = {}  # index among the decoded images → why its features cannot be stored
+        seen = 0
+        for images in batches:
+            # Normalizing where the forward pass runs: a uint8 batch is a quarter of float32's bytes to move.
+            x = preprocess.normalize(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.layout)
+            with autocast:
+                F = self.backbone(x)
+            F = F.float()
+            F16 = F.to(torch.float16)
+            # One image with NaN or Inf features would turn its class's NMF into NaN: it is skipped
+            # (named, with why), and the other images and classes go on.
+            nonfinite = _nonfinite(F, F16)
+            if nonfinite:
+                bad.update({seen + i: why for i, why in nonfinite.items()})
+                keep = [i for i in range(F.shape[0]) if i not in nonfinite]
+                F, F16 = F[keep], F16[keep]
+            seen += len(images)
+            logits = self.backbone.head_logits(F)
+            top = logits.topk(self.top_k, dim=1)
+            preds.append(logits.argmax(1).cpu())
+            tops.append((top.indices.cpu(), top.values.float().cpu()))
+            feats.append(F16.cpu())
+            if on_batch is not None:
+                on_batch(len(images))
+        h, w = store.grid
+        F_all = torch.cat(feats) if feats else torch.zeros(0, h, w, store.dim, dtype=torch.float16)
+        pred = torch.cat(preds).tolist() if preds else []
+        top_classes = torch.cat([t[0] for t in tops]).tolist() if tops else []
+        top_logits = torch.cat([t[1] for t in tops]).tolist() if tops else []
+        rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+        used = decoded = 0
+        listed = entries()
+        for n, (image_id, uri, reason) in enumerate(listed):
+            if reason is None:  # a decoded image: skipped now if its features were not finite
+                reason = bad.get(decoded)
+                decoded += 1
+                if reason is not None:
+                    log.warning("class %d: image %s skipped: %s", k, uri, reason)
+                    listed[n] = (image_id, uri, reason)
+            rows["image_id"].append(image_id)
+            rows["uri"].append(uri)
+            rows["label"].append(k)
+            rows["skipped"].append(reason)
+            if reason is None:
+                for name, value in (("row", used), ("pred", pred[used]), ("top_classes", top_classes[used]),
+                                    ("top_logits", top_logits[used])):
+                    rows[name].append(value)
+                used += 1
+            else:
+                for name in ("row", "pred", "top_classes", "top_logits"):
+                    rows[name].append(None)
+        if used != F_all.shape[0]:
+            raise ValueError(f"class {k}: {F_all.shape[0]} images forwarded but {used} records marked as used")
+        _check_same_images(store, k, *(previous or (None, None)), used, listed)
+        store.write_class(k, F_all, pa.table(rows, schema=RECORD_SCHEMA))
+        return used, len(rows["image_id"]) - used, sum(p == k for p in pred)
+
+
+def extract_decoded(
+    backbone: FeatureBackbone,
+    decoded: DecodedClass,
+    preprocess: Preprocess,
+    store: FeatureStore,
+    *,
+    batch_size: int = 64,
+    top_k: int = 5,
+    device: torch.device | str | None = None,
+    precision: str = "float32",
+    channels_last: bool = False,
+) -> ClassExtraction:
+    """Forward a decoded class in batches of ``batch_size`` and write it to ``store`` (see
+    :func:`extract_classes` for the arguments). ``seconds`` counts decoding and the forward pass."""
+    start = time.perf_counter()
+    forward = _Forward(backbone, device, precision, channels_last, top_k)
+    previous = (store.read_marker(decoded.k), store.check_class(decoded.k)) if store.is_done(decoded.k) else None
+    used, skipped, correct = forward.write_class(
+        store, decoded.k, decoded.images.split(batch_size), preprocess, lambda: list(decoded.entries), previous=previous,
+    )
+    return ClassExtraction(decoded.k, used, skipped, correct, decoded.seconds + time.perf_counter() - start, resumed=False)
+
+
 def extract_classes(
     backbone: FeatureBackbone,
     source: ImageSource,
-    preprocess: Callable,
+    preprocess: Preprocess,
     store: FeatureStore,
     classes: Sequence[int],
     *,
@@ -72,7 +279,8 @@ def extract_classes(
     channels_last: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[ClassExtraction]:
-    """Extract and store the features of ``classes``; complete classes that are intact are skipped.
+    """Extract and store the features of ``classes`` in this process; complete classes that are
+    intact are skipped.
 
     A complete class that is damaged (see :meth:`FeatureStore.check_class`) is extracted again. If
     its images no longer give as many usable images as when it was extracted (they are gone or
@@ -81,91 +289,31 @@ def extract_classes(
 
     Parameters
     ----------
-    backbone : the black box, moved to ``device`` (default: where it is; :mod:`protonmf.devices`).
+    backbone : the black box, moved to ``device`` (default: CUDA if present, else CPU).
     source : image source whose labels index the store's classes.
-    preprocess : PIL image → (3, S, S) tensor.
+    preprocess : the :class:`~protonmf.data.preprocess.Preprocess` of the run.
     store : the :class:`~protonmf.data.store.FeatureStore` to write.
     classes : class indices to extract.
+    workers : decoding threads, which run while the forward pass does (see ``iter_batches``).
     top_k : how many of the black box's top logits each record keeps.
     precision : "float32", or "bfloat16" to run the forward pass under autocast (GPU workers);
         features are stored as float16 either way, logits are computed in float32 from them.
     channels_last : NHWC memory format for the network and its input (faster convolutions on GPUs).
     on_batch : called with the number of images after each batch (progress bars).
     """
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
-    device = torch.device(device) if device is not None else backbone.device
-    backbone = backbone.to(device).eval()
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-    top_k = min(top_k, backbone.num_classes)
+    forward = _Forward(backbone, device, precision, channels_last, top_k)
     results = []
     for k in classes:
         start = time.perf_counter()
-        damage = previous = None
-        if store.is_done(k):
-            damage = store.check_class(k)
-            if damage is None:
-                results.append(ClassExtraction(k, 0, 0, 0, 0.0, resumed=True))
-                continue
-            log.warning("class %d of the feature store at %s is damaged (%s): extracting it again", k, store.uri, damage)
-            previous = store.read_marker(k)
+        todo, marker, damage = damaged_or_missing(store, k)
+        if not todo:
+            results.append(ClassExtraction(k, 0, 0, 0, 0.0, resumed=True))
+            continue
         records = source.records_of(k)
-        feats: list[Tensor] = []
-        rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
-        n_correct = 0
-        for batch in iter_batches(source, preprocess, batch_size, workers=workers, records=records):
-            for skip in batch.skipped:
-                for name, value in zip(RECORD_SCHEMA.names, (skip.image_id, skip.uri, k, None, None, None, None, skip.reason)):
-                    rows[name].append(value)
-            if len(batch) == 0:
-                continue
-            with autocast:
-                F = backbone(batch.images.to(device, memory_format=layout, non_blocking=True))
-            F = F.float()
-            F16 = F.to(torch.float16)
-            # One image with NaN or Inf features would turn its class's NMF into NaN: it is skipped
-            # (named, with why), and the other images and classes go on.
-            bad = _nonfinite(F, F16)
-            ids, uris, labels = batch.image_ids, batch.uris, batch.labels
-            if bad:
-                for i, why in bad.items():
-                    log.warning("class %d: image %s skipped: %s", k, uris[i], why)
-                    for name, value in zip(RECORD_SCHEMA.names, (ids[i], uris[i], k, None, None, None, None, why)):
-                        rows[name].append(value)
-                keep = [i for i in range(len(batch)) if i not in bad]
-                F, F16 = F[keep], F16[keep]
-                ids, uris, labels = [ids[i] for i in keep], [uris[i] for i in keep], labels[keep]
-            if len(ids) == 0:
-                continue
-            logits = backbone.head_logits(F)
-            top = logits.topk(top_k, dim=1)
-            pred = logits.argmax(1).cpu()
-            n_correct += int((pred == labels).sum())
-            first = sum(f.shape[0] for f in feats)
-            feats.append(F16.cpu())
-            rows["image_id"] += ids
-            rows["uri"] += uris
-            rows["label"] += labels.tolist()
-            rows["row"] += list(range(first, first + len(ids)))
-            rows["pred"] += pred.tolist()
-            rows["top_classes"] += top.indices.cpu().tolist()
-            rows["top_logits"] += top.values.float().cpu().tolist()
-            rows["skipped"] += [None] * len(ids)
-            if on_batch is not None:
-                on_batch(len(batch))
-        h, w = store.grid
-        F_all = torch.cat(feats) if feats else torch.zeros(0, h, w, store.dim, dtype=torch.float16)
-        if previous is not None and F_all.shape[0] != previous.get("n_images", F_all.shape[0]):
-            skipped = [f"{uri}: {why}" for uri, why in zip(rows["uri"], rows["skipped"]) if why]
-            raise store.damaged(k, (
-                f"{damage}; it cannot be extracted again: {F_all.shape[0]} of its images can be used now, "
-                f"{previous['n_images']} when it was extracted (images gone or changed"
-                + (f"; e.g. {skipped[0]})" if skipped else ")")
-            ))
-        store.write_class(k, F_all, pa.table(rows, schema=RECORD_SCHEMA))
-        n_skipped = len(rows["image_id"]) - F_all.shape[0]
-        results.append(ClassExtraction(k, F_all.shape[0], n_skipped, n_correct, time.perf_counter() - start, resumed=False))
+        reasons: dict[str, str] = {}
+        batches = _uint8_batches(source, preprocess, records, batch_size, workers, reasons)
+        used, skipped, correct = forward.write_class(
+            store, k, batches, preprocess, lambda: _entries(records, reasons), on_batch, previous=(marker, damage),
+        )
+        results.append(ClassExtraction(k, used, skipped, correct, time.perf_counter() - start, resumed=False))
     return results

@@ -55,25 +55,38 @@ class Preprocess:
                 v2.Resize(self.resize, interpolation=InterpolationMode.BILINEAR, antialias=True),
                 v2.CenterCrop(self.crop),
                 v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(self.mean), std=list(self.std)),
             ]
         )
 
     @property
     def transform(self):
-        """The torchvision v2 pipeline (built once per instance)."""
+        """The torchvision v2 pipeline up to the uint8 crop (built once per instance)."""
         t = self.__dict__.get("_transform")
         if t is None:
             t = self._build()
             object.__setattr__(self, "_transform", t)  # a cache, not a field: not in eq/hash/repr
         return t
 
-    def __call__(self, img: Image.Image) -> Tensor:
+    def to_uint8(self, img: Image.Image) -> Tensor:
+        """Resize and crop: the (3, crop, crop) uint8 image, before scaling and normalizing.
+
+        Extraction ships images between processes in this form (a quarter of float32's bytes) and
+        normalizes them where the forward pass runs; ``normalize(to_uint8(img))`` is ``self(img)``
+        to the bit.
+        """
         if isinstance(img, Image.Image):
             img = to_rgb(img)
         out = self.transform(img)
         return out.as_subclass(Tensor) if isinstance(out, Tensor) else out
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 images (..., 3, S, S) → float32 scaled to [0, 1] and normalized with mean/std."""
+        from torchvision.transforms.v2 import functional as F
+
+        return F.normalize(F.to_dtype(images, torch.float32, scale=True), mean=list(self.mean), std=list(self.std))
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        return self.normalize(self.to_uint8(img))
 
     def map_points(self, points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Pixel positions in an image of ``size`` (width, height) → positions in its preprocessed

@@ -21,6 +21,9 @@ class Record:
         descriptive ``sklearn://`` or ``synthetic://`` name).
     label : int, index into the source's ``classes``.
     bbox : (x, y, width, height) in pixels or None; :class:`CUBSource` crops to it when loading.
+    index : int or None, row in an in-memory array (digits, synthetic) or in a Parquet shard.
+    offset, nbytes : int or None, the image's bytes in a tar shard (WebDataset): ``nbytes`` bytes
+        from byte ``offset``.
     index : int or None, row in an in-memory array (digits, synthetic).
     keypoints : ((x, y, visible), ...) or None, one per part of the source's ``keypoint_names``, in
         pixels of the image :meth:`ImageSource.load` returns (CUB: the cropped image).
@@ -34,6 +37,8 @@ class Record:
     index: int | None = None
     keypoints: tuple[tuple[float, float, bool], ...] | None = None
     size: tuple[int, int] | None = None
+    offset: int | None = None
+    nbytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,19 @@ def evaluate_published_model(
 ) -> dict[str, Any]:
     """:func:`evaluate_model` on ``source``, plus ``result["reconstruction"]`` when a ``store`` is given.
 
+    ``n_skipped_unknown_class`` and ``unknown_classes`` ({name: images}) count the held-out images
+    left out because the model does not know their class (a source from ``relabel_by_name`` with
+    ``unknown="skip"``; 0 and {} otherwise).
+
     The study refits the first ``study_classes`` classes of ``store`` with the model's own fit
     settings from a second seed; if the model was fitted on that very store, its prototypes serve
     as the first seed's fit (nothing is fitted twice).
     """
     result = evaluate_model(model, source, preprocess, batch_size=batch_size)
+    # held-out images of classes the model does not know, left out by data.unknown_val_classes: skip
+    unknown = dict(getattr(source, "unknown_classes", {}))
+    result["n_skipped_unknown_class"] = sum(unknown.values())
+    result["unknown_classes"] = unknown
     if store is not None and study_classes:
         s = model.settings
         seed = int(s.get("seed", 0))

@@ -3,8 +3,10 @@
 ``tasks/`` runs these on Ray and ``flows/`` orders them with Prefect; here they know neither, and
 a notebook can call them one after the other:
 
-1. :func:`prepare_store` opens (or resumes) the feature store of the run.
-2. :func:`extract_group` extracts the features of some classes into it.
+1. :func:`index_data` lists the data once into a dataset index; :func:`prepare_store` opens (or
+   resumes) the feature store of the run.
+2. :func:`extract_group` extracts the features of some classes into it (in one process; on Ray
+   :func:`decode_group` decodes on CPUs and :func:`forward_group` forwards and writes).
 3. :func:`fit_group` fits the prototypes of some classes (every p) into a staging file.
 4. :func:`publish_model` merges the staged groups into one model artifact, manifest last.
 5. :func:`evaluate_run` compares the published model with its black box on held-out images.
@@ -25,10 +27,12 @@ from safetensors.torch import save as save_safetensors
 from protonmf.artifact import attach_file
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone, weights_sha256
 from protonmf.config import Config
-from protonmf.data import ImageSource, Preprocess, make_source
+from protonmf.data import ImageSource, Preprocess
 from protonmf.devices import step_device
 from protonmf.evaluation.published import evaluate_published_model
-from protonmf.data.extract import ClassExtraction, extract_classes
+from protonmf.data.extract import ClassExtraction, DecodedClass, decode_class, extract_classes, extract_decoded
+from protonmf.data.sources.shards import shard_folder
+from protonmf.pipeline.datasets import index_data, make_split_source
 from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
 from protonmf.prototypes.fit import ClassPrototypes, fit_classes, fit_settings
 from protonmf.prototypes.model import PrototypeModel
@@ -38,11 +42,14 @@ from protonmf.data.store import FeatureStore
 __all__ = [
     "GroupFit",
     "class_groups",
+    "decode_group",
     "evaluate_run",
     "extract_group",
     "fit_group",
     "fit_key",
     "held_out_data",
+    "forward_group",
+    "index_data",
     "load_backbone",
     "make_preprocess",
     "make_split_source",
@@ -63,7 +70,7 @@ def preflight(config: Config) -> None:
     """
     opts = config.storage.storage_options or None
     checks = [("storage.features", config.storage.features, False), ("storage.model", config.storage.model, False)]
-    if config.data.source in ("imagefolder", "cub"):
+    if config.data.source not in ("synthetic", "digits"):
         if not config.data.train:
             raise ValueError(f"data.train: required for source {config.data.source!r}")
         checks.append(("data.train", config.data.train, True))
@@ -81,36 +88,13 @@ def preflight(config: Config) -> None:
                 raise ValueError(f"{key}: access to {uri!r} refused: {err}") from None
             except Exception as err:  # noqa: BLE001 - endpoint down, DNS, TLS: all "cannot reach"
                 raise ValueError(f"{key}: cannot reach {uri!r}: {type(err).__name__}: {err}") from None
-        if must_exist and not fs.exists(path):
+        if must_exist and not fs.exists(shard_folder(path)):  # a glob of shards: its folder
             raise ValueError(f"{key}: {uri!r} does not exist")
 
 
 def make_preprocess(config: Config) -> Preprocess:
     pp = config.data.preprocess
     return Preprocess(resize=pp.resize, crop=pp.crop, mean=tuple(pp.mean), std=tuple(pp.std))
-
-
-def make_split_source(config: Config, split: str) -> ImageSource:
-    """The training ("train") or held-out ("val") images of the run."""
-    data = config.data
-    limit = data.max_images_per_class if split == "train" else data.val_images_per_class
-    name = f"data.{split}"
-    if data.source == "synthetic":
-        return make_source(
-            "synthetic", name=name, n_classes=data.n_classes, n_per_class=limit or 60,
-            split=split, image_size=data.preprocess.crop, seed=data.seed,
-        )
-    if data.source == "digits":
-        return make_source("digits", name=name, split=split, image_size=data.preprocess.crop, seed=data.seed)
-    root = data.train if split == "train" else data.val
-    if root is None:
-        raise ValueError(f"{name}: no location given for source {data.source!r}")
-    opts = config.storage.storage_options or None
-    if data.source == "cub":
-        return make_source("cub", name=name, root=root, split="train" if split == "train" else "test", storage_options=opts)
-    return make_source(
-        "imagefolder", name=name, root=root, classes=data.classes, max_images_per_class=limit, storage_options=opts
-    )
 
 
 def resolve_backbone(config: Config) -> tuple[Config, FeatureBackbone]:
@@ -163,7 +147,7 @@ def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str])
     return run_key(
         backbone=backbone.spec_dict(),
         weights_sha256=weights_sha256(backbone.model),  # the network itself, not the name of its file
-        data=config.data.model_dump(exclude={"val", "val_images_per_class"}),
+        data=config.data.model_dump(exclude=set(config.data.NOT_IN_FEATURES_KEY)),
         classes=classes,
         **precision,  # bfloat16 features are other features (float32 keeps the keys of earlier stores)
     )
@@ -224,12 +208,39 @@ def prepare_store(config: Config, backbone: FeatureBackbone, source: ImageSource
 def extract_group(
     config: Config, backbone: FeatureBackbone, source: ImageSource, store: FeatureStore, classes: list[int], **kwargs: Any
 ) -> list[ClassExtraction]:
+    """Extract ``classes`` in this process (decoding threads beside the forward pass)."""
     c = config.compute
     kwargs.setdefault("device", step_device(c.extract_gpus, "compute.extract_gpus"))
     return extract_classes(
         backbone, source, make_preprocess(config), store, classes, batch_size=c.batch_size,
         precision=c.precision, channels_last=c.channels_last, **kwargs,
     )
+
+
+#: Reading threads of one decode task: object storage answers a GET in tens of milliseconds, so a
+#: few reads in flight keep the task's one core decoding instead of waiting.
+DECODE_THREADS = 4
+
+
+def decode_group(config: Config, classes: list[int]) -> list[DecodedClass]:
+    """Read, decode and crop the images of ``classes`` (the CPU half of extraction), reading only
+    their rows of the dataset index."""
+    source = make_split_source(config, "train", labels=classes)
+    pre = make_preprocess(config)
+    return [decode_class(source, pre, k, workers=DECODE_THREADS, batch_size=config.compute.batch_size) for k in classes]
+
+
+def forward_group(
+    config: Config, backbone: FeatureBackbone, store: FeatureStore, decoded: list[DecodedClass],
+) -> list[ClassExtraction]:
+    """Forward decoded classes and write each to the store (the GPU half of extraction)."""
+    c = config.compute
+    return [
+        extract_decoded(backbone, d, make_preprocess(config), store, batch_size=c.batch_size,
+                        device=step_device(c.extract_gpus, "compute.extract_gpus"),
+                        precision=c.precision, channels_last=c.channels_last)
+        for d in decoded
+    ]
 
 
 def fit_key(config: Config, store: FeatureStore) -> str:

@@ -474,6 +474,24 @@ def test_preprocess_shape_dtype_and_normalization_of_a_constant_image():
         Preprocess(crop=0)
 
 
+def test_uint8_crop_then_normalize_is_the_whole_transform_to_the_bit():
+    """Extraction ships uint8 crops between processes and normalizes a batch where the forward pass
+    runs: that must be torchvision's own transform, bit for bit."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    p = Preprocess(resize=70, crop=64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    torchvision_own = v2.Compose([
+        v2.Resize(70, interpolation=InterpolationMode.BILINEAR, antialias=True), v2.CenterCrop(64), v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(p.mean), std=list(p.std)),
+    ])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((80, 100), (91, 71), (64, 64))]
+    crops = torch.stack([p.to_uint8(im) for im in images])
+    assert crops.dtype == torch.uint8 and crops.shape == (3, 3, 64, 64)
+    want = torch.stack([torchvision_own(im) for im in images])
+    assert torch.equal(p.normalize(crops), want) and torch.equal(torch.stack([p(im) for im in images]), want)
+
+
 def test_iter_batches_workers_shards_all_bad_and_early_close(tree, tmp_path):
     src = ImageFolderSource(str(tree))
     serial = list(iter_batches(src, SMALL, batch_size=7, workers=0))
@@ -503,12 +521,12 @@ def test_iter_batches_workers_shards_all_bad_and_early_close(tree, tmp_path):
 
 
 def test_make_source_kinds_and_errors(tree):
-    assert set(SOURCE_KINDS) == {"imagefolder", "cub", "digits", "synthetic"}
+    assert set(SOURCE_KINDS) == {"imagefolder", "cub", "digits", "synthetic", "parquet", "webdataset"}
     assert isinstance(make_source("imagefolder", root=str(tree), max_images_per_class=1), ImageFolderSource)
     assert len(make_source("digits", split="val")) == 360
     syn = make_source("synthetic", n_classes=2, n_per_class=3, split="train", image_size=32)
     assert isinstance(syn, SyntheticSource) and len(syn) == 6
-    with pytest.raises(ValueError, match="unknown source kind 'folder'; valid kinds: imagefolder, cub, digits, synthetic"):
+    with pytest.raises(ValueError, match="unknown source kind 'folder'; valid kinds: imagefolder, cub, digits, synthetic, parquet, webdataset"):
         make_source("folder", root=str(tree))
     with pytest.raises(ValueError, match="data.val: unknown argument.*rotate"):
         make_source("imagefolder", root=str(tree), rotate=True, name="data.val")

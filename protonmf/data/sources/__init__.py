@@ -9,21 +9,29 @@ from protonmf.data.sources.base import ImageSource
 from protonmf.data.sources.cub import CUBSource
 from protonmf.data.sources.imagefolder import ImageFolderSource
 from protonmf.data.sources.in_memory import DigitsSource, SyntheticSource
+from protonmf.data.sources.parquet import ParquetSource
+from protonmf.data.sources.webdataset import WebDatasetSource
 
-__all__ = ["SOURCE_KINDS", "CUBSource", "DigitsSource", "ImageFolderSource", "ImageSource", "make_source"]
+__all__ = [
+    "SOURCE_KINDS", "CUBSource", "DigitsSource", "ImageFolderSource", "ImageSource", "ParquetSource", "WebDatasetSource",
+    "make_source",
+]
 
 SOURCE_KINDS: dict[str, type[ImageSource]] = {
     "imagefolder": ImageFolderSource,
     "cub": CUBSource,
     "digits": DigitsSource,
     "synthetic": SyntheticSource,
+    "parquet": ParquetSource,
+    "webdataset": WebDatasetSource,
 }
 
 
 def make_source(kind: str, *, name: str | None = None, **kwargs: Any) -> ImageSource:
-    """Build a source by kind: ``"imagefolder"``, ``"cub"``, ``"digits"`` or ``"synthetic"``.
+    """Build a source by kind: ``"imagefolder"``, ``"cub"``, ``"parquet"``, ``"webdataset"``,
+    ``"digits"`` or ``"synthetic"``.
 
-    ``kwargs`` go to the source's constructor (``root=...`` for imagefolder and cub). ``name``
+    ``kwargs`` go to the source's constructor (``root=...`` for the kinds that read storage). ``name``
     (e.g. ``"data.train"``) prefixes every error message. Unknown kinds, unknown or missing
     arguments and invalid data all raise ValueError.
     """

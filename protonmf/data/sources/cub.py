@@ -75,14 +75,7 @@ class CUBSource(ImageSource):
     ) -> None:
         if split not in _SPLITS_TRAIN_TEST:
             raise ValueError(f"CUB split must be one of {', '.join(_SPLITS_TRAIN_TEST)}, got {split!r}")
-        self.root = str(root).rstrip("/") or str(root)
-        self.split = split
-        self.crop = bool(crop)
-        self.storage_options = dict(storage_options or {})
-        self.fs, path = to_fs(self.root, self.storage_options)
-        self.path = path.rstrip("/") or path
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-        self._local = "file" in protocols
+        self._open(root, split, crop, storage_options)
 
         needed = _CUB_FILES if self.crop else _CUB_FILES[:4]
         tables = {name: self._read_table(name, required=name in needed) for name in _CUB_FILES}
@@ -140,6 +133,19 @@ class CUBSource(ImageSource):
             if k in out:
                 out[k][part - 1] = (x, y, visible == 1)
         return out
+
+    def _open(self, root: str, split: str, crop: bool, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = str(root).rstrip("/") or str(root)
+        self.split = split
+        self.crop = bool(crop)
+        self.storage_options = dict(storage_options or {})
+        self.fs, path = to_fs(self.root, self.storage_options)
+        self.path = path.rstrip("/") or path
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        self._local = "file" in protocols
+
+    def index_settings(self) -> dict[str, Any]:
+        return {"root": self.root, "split": self.split, "crop": self.crop}
 
     def _boxes(self, table: str | None) -> dict[int, tuple[float, float, float, float]]:
         """bounding_boxes.txt: image id → (x, y, width, height)."""

@@ -87,12 +87,7 @@ class ImageFolderSource(ImageSource):
         given = None if classes is None else _check_names(classes, "classes")
         subset = None if class_subset is None else _check_names(class_subset, "class_subset")
 
-        self.root = str(root).rstrip("/") or str(root)
-        self.storage_options = dict(storage_options or {})
-        self.fs, path = to_fs(self.root, self.storage_options)
-        self.path = path.rstrip("/") or path
-        self._local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol))
-
+        self._open(root, storage_options)
         by_class, n_other = self._list()
         self._check_found(by_class, n_other)
         self.empty_folders = self._empty_folders(by_class)
@@ -116,6 +111,16 @@ class ImageFolderSource(ImageSource):
             return []
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
         return sorted(n for n in names if n not in by_class and not n.startswith("."))
+
+    def _open(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = str(root).rstrip("/") or str(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, path = to_fs(self.root, self.storage_options)
+        self.path = path.rstrip("/") or path
+        self._local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol))
+
+    def index_settings(self) -> dict[str, Any]:
+        return {"root": self.root}
 
     def _check_found(self, by_class: dict[str, list[str]], n_other: int) -> None:
         """Nothing found under the root is an error that says what was looked for."""

@@ -1,0 +1,144 @@
+"""Extraction on Ray: the data listed once (by prepare), workers that never list it, an actor pool
+sized to the cluster, and features bit-identical to extraction in one process."""
+
+import os
+
+import pytest
+import torch
+
+from protonmf.config import parse_config
+from protonmf.data.store import FeatureStore
+from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
+from tests.conftest import S3_REQUESTS, s3_lists
+
+pytestmark = pytest.mark.slow
+
+N_CPUS = 2
+N_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    """A bucket on the moto server, with the AWS variables set for this process and Ray's workers."""
+    import s3fs
+
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update(AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("extract")
+    yield "extract"
+    for n, v in saved.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
+
+
+@pytest.fixture(scope="module")
+def cluster(bucket):
+    """A local Ray with N_CPUS CPUs and one logical GPU (no CUDA behind it: a GPU actor runs on the
+    CPU, but Ray Data plans the GPU pipeline), whose workers see the S3 variables."""
+    import ray
+
+    from tasks.runtime import worker_env
+
+    ray.init(num_cpus=N_CPUS, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env()})
+    # The pool starts at its full size; dispatch once every actor is up, so each one takes classes.
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
+    yield
+    ctx.wait_for_min_actors_s = saved
+    ray.shutdown()
+
+
+def test_pool_size_is_what_the_cluster_holds_or_the_cap(cluster):
+    from tasks.extract import cluster_capacity, extract_pool_size
+
+    assert cluster_capacity()["CPU"] == N_CPUS
+    assert extract_pool_size(cluster_capacity(), 0, 1000) == N_CPUS  # one actor per CPU
+    assert extract_pool_size(cluster_capacity(), 0, 1000, cap=1) == 1
+    assert extract_pool_size(cluster_capacity(), 0, 1) == 1  # never more actors than classes
+    assert extract_pool_size(cluster_capacity(), 1, 1000) == 1  # one GPU here
+    assert extract_pool_size(cluster_capacity(), 2, 1000) == 1  # not even one whole actor's GPUs: still one
+    assert extract_pool_size({"CPU": 64, "GPU": 8}, 1, 1000) == 8  # one per GPU
+    assert extract_pool_size({"CPU": 64, "GPU": 8}, 0.5, 1000) == 16
+    assert extract_pool_size({"CPU": 4, "GPU": 8}, 1, 1000) == 4  # each actor needs a CPU too
+    assert extract_pool_size({"CPU": 64, "GPU": 8}, 1, 1000, cap=3) == 3
+
+
+@pytest.fixture(scope="module")
+def prepared(cluster, bucket, tmp_path_factory):
+    """A synthetic ImageFolder on S3 and the config that reads it."""
+    import s3fs
+
+    tmp = tmp_path_factory.mktemp("ray")
+    write_image_folder(make_synthetic_parts(N_CLASSES, 5, image_size=64, seed=0), tmp / "train")
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(tmp / "train"), f"{bucket}/data/train", recursive=True)
+    return {
+        "data": {"source": "imagefolder", "train": f"s3://{bucket}/data/train",
+                 "preprocess": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.25] * 3}},
+        "backbone": {"arch": "torchvision:resnet18", "num_classes": N_CLASSES},
+        "compute": {"batch_size": 4},
+        "storage": {"features": f"s3://{bucket}/features", "model": f"s3://{bucket}/model"},
+    }
+
+
+def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster, bucket, prepared, tmp_path):
+    from protonmf.pipeline.prototype_run import extract_group, make_split_source, prepare_store, resolve_backbone
+    from tasks.extract import extract_on_ray
+    from tasks.prepare import prepare_on_ray
+
+    tree = prepared
+    start = len(S3_REQUESTS)
+    config, names, done = prepare_on_ray(parse_config(tree))
+    assert s3_lists(start, bucket, "data/train") == 1  # one LIST (a single page here) of the whole tree
+    assert config.data.train_index.startswith(f"s3://{bucket}/features/index/train-") and done == []
+
+    start = len(S3_REQUESTS)
+    rows = extract_on_ray(config, list(range(N_CLASSES)))
+    assert s3_lists(start, bucket, "data") == 0  # decode tasks read their classes' index rows, no listing
+    assert [r["n_images"] for r in rows] == [5] * N_CLASSES and not any(r["resumed"] for r in rows)
+    assert len({r["worker"] for r in rows}) == N_CPUS  # the pool grew to one actor per CPU, and both worked
+    assert all(r["decoder"] == r["worker"] for r in rows)  # on CPUs Ray Data fuses decoding into the actors
+
+    # the same features as one process extracting from a listing (one thread: the actors' own count)
+    local = parse_config({**tree, "storage": {"features": str(tmp_path / "features"), "model": str(tmp_path / "m")}})
+    local, backbone = resolve_backbone(local.model_copy(update={"backbone": config.backbone}))
+    source = make_split_source(local, "train")
+    store = prepare_store(local, backbone, source)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_group(local, backbone, source, store, list(range(N_CLASSES)), workers=0)
+    finally:
+        torch.set_num_threads(threads)
+    remote = FeatureStore.open(config.storage.features)
+    for k in range(N_CLASSES):
+        assert torch.equal(remote.read_class(k), store.read_class(k)), k
+    same = ["image_id", "label", "row", "pred", "top_classes", "top_logits", "skipped"]
+    assert remote.read_records().select(same).equals(store.read_records().select(same))
+
+    again = extract_on_ray(config, list(range(N_CLASSES)))  # a rerun: every class resumed, no worker started
+    assert all(r["resumed"] and r["worker"] is None for r in again)
+
+
+def test_gpu_actors_take_classes_decoded_by_separate_cpu_tasks(cluster, bucket, prepared):
+    """extract_gpus > 0: decode tasks (CPU) stream into the GPU actors, two Ray Data operators, and
+    the features are those of the CPU pipeline to the bit."""
+    from tasks.extract import extract_on_ray
+    from tasks.prepare import prepare_on_ray
+
+    tree = {**prepared, "compute": {"batch_size": 4, "extract_gpus": 1},
+            "storage": {"features": f"s3://{bucket}/gpu/features", "model": f"s3://{bucket}/gpu/model"}}
+    cpu = FeatureStore.open(f"s3://{bucket}/features")
+    config, _, _ = prepare_on_ray(parse_config(tree).model_copy(update={"backbone": parse_config(tree).backbone.model_copy(
+        update={"weights": f"s3://{bucket}/features/backbone.safetensors"})}))
+    rows = extract_on_ray(config, list(range(N_CLASSES)))
+    assert len({r["worker"] for r in rows}) == 1  # one GPU: one actor
+    assert not {r["decoder"] for r in rows} & {r["worker"] for r in rows}  # decoded in other processes
+    gpu = FeatureStore.open(config.storage.features)
+    for k in range(N_CLASSES):
+        assert torch.equal(gpu.read_class(k), cpu.read_class(k)), k
