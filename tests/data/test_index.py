@@ -71,7 +71,7 @@ def test_an_unchanged_dataset_finds_its_index_and_a_changed_one_is_listed_again(
 
 
 def test_unchanged_shards_are_not_read_again(tmp_path, monkeypatch):
-    from tests.test_shards import write_tars
+    from tests.data.test_shards import write_tars
 
     write_image_folder(make_synthetic_parts(3, 4, image_size=32, seed=0), tmp_path / "tree")
     write_tars(tmp_path / "tree", tmp_path / "wds")
