@@ -32,6 +32,7 @@ from protonmf.config import Config
 from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_missing
 from protonmf.data.store import FeatureStore
 from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
+from tasks.runtime import maybe_fail_for_test
 
 SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
 
@@ -111,6 +112,7 @@ class FeatureExtractor:
             if bool(batch["resumed"][0]):  # complete and intact: nothing to do
                 done = ClassExtraction(k, 0, 0, 0, 0.0, resumed=True)
             else:
+                maybe_fail_for_test("PROTONMF_FAULT_KILL_EXTRACT_ONCE")  # a class decoded, nothing of it written yet
                 decoded = DecodedClass(
                     k=k,
                     images=torch.from_numpy(np.array(batch["images"][0])),  # a writable copy of the object store's view

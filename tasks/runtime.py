@@ -26,7 +26,7 @@ from protonmf.config import Config
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "PROTONMF_CACHE", "PROTONMF_FAULT_KILL_ONCE",
-    "PROTONMF_ATTEMPT_LOG",
+    "PROTONMF_ATTEMPT_LOG", "PROTONMF_FAULT_KILL_EXTRACT_ONCE",
 )
 
 #: Ray's own failures that another attempt can get past: a lost worker, actor, node or object, a
@@ -87,15 +87,16 @@ def ray_session(config: Config):
         ray.shutdown()
 
 
-def maybe_fail_for_test() -> None:
-    """Fault injection for tests: if ``PROTONMF_FAULT_KILL_ONCE`` names a file that does not exist,
-    create it and kill this worker process (as a lost node or OOM kill would). If
+def maybe_fail_for_test(variable: str = "PROTONMF_FAULT_KILL_ONCE") -> None:
+    """Fault injection for tests: if ``variable`` (``PROTONMF_FAULT_KILL_ONCE`` for fit and CRAFT
+    tasks, ``PROTONMF_FAULT_KILL_EXTRACT_ONCE`` for extraction actors) names a file that does not
+    exist, create it and kill this worker process (as a lost node or OOM kill would). If
     ``PROTONMF_ATTEMPT_LOG`` names a file, append a line to it first: tests count attempts."""
-    log = os.environ.get("PROTONMF_ATTEMPT_LOG")
+    log = os.environ.get("PROTONMF_ATTEMPT_LOG") if variable == "PROTONMF_FAULT_KILL_ONCE" else None
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
-    marker = os.environ.get("PROTONMF_FAULT_KILL_ONCE")
+    marker = os.environ.get(variable)
     if marker and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
