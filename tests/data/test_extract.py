@@ -160,17 +160,31 @@ def test_a_damaged_class_whose_images_are_gone_fails_naming_it(backbone, tree, t
     assert store.check_class(1).startswith("chunk 0 (images 0–3) is missing")  # left as it was, still reported
 
 
-class _Poisoned:
+class _Poisoned(Preprocess):
     """The real preprocessing, but the 70-px-wide grey image comes out as NaN and the CMYK one
-    (64 × 80) scaled by 1e8: a real resnet18 then gives NaN features, and features beyond float16."""
+    (64 × 80) scaled by 1e8: a real resnet18 then gives NaN features, and features beyond float16.
 
-    def __call__(self, image):
-        x = PRE(image)
-        if image.size == (70, 64):
-            return x * float("nan")
-        if image.size == (64, 80):
-            return x * 1e8
+    Extraction decodes to uint8 on one side and normalizes on the other: ``to_uint8`` marks the two
+    images in their first pixels, ``normalize`` poisons what it finds marked."""
+
+    MARKS = {(70, 64): (1, 2, 3, 4), (64, 80): (5, 6, 7, 8)}
+
+    def to_uint8(self, image):
+        x = super().to_uint8(image)
+        if image.size in self.MARKS:
+            x = x.clone()
+            x[0, 0, :4] = torch.tensor(self.MARKS[image.size], dtype=torch.uint8)
         return x
+
+    def normalize(self, images):
+        out = super().normalize(images)
+        for i in range(images.shape[0]):
+            mark = tuple(images[i, 0, 0, :4].tolist())
+            if mark == self.MARKS[(70, 64)]:
+                out[i] = out[i] * float("nan")
+            elif mark == self.MARKS[(64, 80)]:
+                out[i] = out[i] * 1e8
+        return out
 
 
 def test_nan_and_inf_features_skip_the_image_naming_it_and_the_rest_goes_on(backbone, tree, tmp_path, caplog):
@@ -180,7 +194,7 @@ def test_nan_and_inf_features_skip_the_image_naming_it_and_the_rest_goes_on(back
         grid=(2, 2), dim=512, V=backbone.V, bias=backbone.bias, chunk_images=4,
     )
     with caplog.at_level("WARNING", logger="protonmf.data.extract"):
-        summary = extract_classes(backbone, source, _Poisoned(), store, range(3), batch_size=4, workers=2)
+        summary = extract_classes(backbone, source, _Poisoned(**PRE.to_dict()), store, range(3), batch_size=4, workers=2)
     assert [s.n_images for s in summary] == [6, 7, 6]  # 9 readable in class 1, 2 of them poisoned
     assert [s.n_skipped for s in summary] == [0, 5, 0]
     records = store.read_records([1]).to_pylist()
