@@ -32,7 +32,6 @@ from protonmf.config import Config
 from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_missing
 from protonmf.data.store import FeatureStore
 from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
-from tasks.runtime import maybe_fail_for_test
 
 SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
 
@@ -112,7 +111,6 @@ class FeatureExtractor:
             if bool(batch["resumed"][0]):  # complete and intact: nothing to do
                 done = ClassExtraction(k, 0, 0, 0, 0.0, resumed=True)
             else:
-                maybe_fail_for_test("PROTONMF_FAULT_KILL_EXTRACT_ONCE")  # a class decoded, nothing of it written yet
                 decoded = DecodedClass(
                     k=k,
                     images=torch.from_numpy(np.array(batch["images"][0])),  # a writable copy of the object store's view
@@ -159,8 +157,6 @@ def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict]
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
             num_gpus=compute.extract_gpus,
             num_cpus=1,
-            max_restarts=2,  # an actor that died (OOM, lost node) is started again
-            max_task_retries=2,
         )
         for row in ds.iter_rows():
             row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

@@ -26,7 +26,7 @@ from protonmf.config import Config
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "PROTONMF_CACHE", "PROTONMF_FAULT_KILL_ONCE",
-    "PROTONMF_ATTEMPT_LOG", "PROTONMF_FAULT_KILL_EXTRACT_ONCE",
+    "PROTONMF_ATTEMPT_LOG",
 )
 
 #: Ray's own failures that another attempt can get past: a lost worker, actor, node or object, a
@@ -88,11 +88,10 @@ def ray_session(config: Config):
 
 
 def maybe_fail_for_test(variable: str = "PROTONMF_FAULT_KILL_ONCE") -> None:
-    """Fault injection for tests: if ``variable`` (``PROTONMF_FAULT_KILL_ONCE`` for fit and CRAFT
-    tasks, ``PROTONMF_FAULT_KILL_EXTRACT_ONCE`` for extraction actors) names a file that does not
-    exist, create it and kill this worker process (as a lost node or OOM kill would). If
-    ``PROTONMF_ATTEMPT_LOG`` names a file, append a line to it first: tests count attempts."""
-    log = os.environ.get("PROTONMF_ATTEMPT_LOG") if variable == "PROTONMF_FAULT_KILL_ONCE" else None
+    """Fault injection for tests: if ``variable`` names a file that does not exist, create it and
+    kill this worker process (as a lost node or OOM kill would). If ``PROTONMF_ATTEMPT_LOG`` names
+    a file, append a line to it first: tests count attempts."""
+    log = os.environ.get("PROTONMF_ATTEMPT_LOG")
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")

@@ -309,31 +309,6 @@ def test_a_killed_worker_is_retried_and_the_result_is_the_same(runtime, bucket, 
             assert torch.equal(ours[p][name], expected[p][name]), (p, name)
 
 
-def test_a_killed_extraction_actor_is_restarted_and_its_class_written_whole(runtime, bucket, tmp_path, reference):
-    """Prefect's retries off: an extraction actor dies in the middle of a class (decoded, not yet
-    written); Ray starts the actor again and retries the class, which is then written whole."""
-    from protonmf.data.store import FeatureStore
-
-    marker = tmp_path / "extract-killed"
-    os.environ["PROTONMF_FAULT_KILL_EXTRACT_ONCE"] = str(marker)
-    try:
-        import ray
-
-        ray.shutdown()  # the workers' environment is set when Ray starts
-        from tasks.runtime import worker_env
-
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
-        result = run(tree(bucket, "actor-killed", compute__retries=0))
-    finally:
-        os.environ.pop("PROTONMF_FAULT_KILL_EXTRACT_ONCE", None)
-    killed = int(marker.read_text())
-    assert result["work"]["classes_extracted"] == N_CLASSES
-    store = FeatureStore.open(f"s3://{bucket}/actor-killed/features")
-    assert [store.check_class(k) for k in range(N_CLASSES)] == [None] * N_CLASSES  # every class whole and verified
-    assert_same_prototypes(result["model"], reference["model"])
-    assert killed > 0  # the pid of the extraction actor that died (only that hook writes this file)
-
-
 def test_bad_config_key_fails_at_once_naming_the_key(runtime, bucket):
     config = tree(bucket, "bad")
     config["prototypes"]["pp"] = [3]
