@@ -94,7 +94,8 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
     tree = prepared
     start = len(S3_REQUESTS)
     config, names, done = prepare_on_ray(parse_config(tree))
-    assert s3_lists(start, bucket, "data/train") == 1  # one LIST (a single page here) of the whole tree
+    # one LIST of the whole tree (a single page here) and one of its top level (empty class folders)
+    assert s3_lists(start, bucket, "data/train") == 2
     assert config.data.train_index.startswith(f"s3://{bucket}/features/index/train-") and done == []
 
     start = len(S3_REQUESTS)
