@@ -156,30 +156,21 @@ def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str])
 def check_data(config: Config, train: ImageSource, dim: int) -> None:
     """What can be found wrong before hours of extraction, each named with its config key: a
     prototype count above the feature dimension D, a class folder without images, held-out
-    classes that are not the model's (labels are indices into the class list, so they must match)."""
+    classes that are not the model's (named by :func:`make_split_source`, which maps them by name)."""
     too_many = [p for p in config.prototypes.p if p > dim]
     if too_many:
         raise ValueError(f"prototypes.p: {too_many} larger than the feature dimension D = {dim} of "
                          f"{config.backbone.arch}'s features (NMF needs p <= D)")
-    sources = [("data.train", train)]
+    _check_no_empty_folders("data.train", train)
     if config.data.source == "imagefolder" and config.data.val:
-        sources.append(("data.val", make_split_source(config, "val")))
-    for key, source in sources:
-        empty = getattr(source, "empty_folders", [])
-        if empty:
-            raise ValueError(f"{key}: {len(empty)} class folder(s) under {source.root} hold no image: "
-                             f"{', '.join(empty[:20])}")
-    if len(sources) == 2:
-        val, known = sources[1][1], set(train.classes)
-        unknown = [c for c in val.classes if c not in known]
-        if unknown:
-            raise ValueError(f"data.val: {len(unknown)} class(es) under {val.root} are not classes of the model "
-                             f"(not among the {len(known)} of data.train): {', '.join(unknown[:20])}")
-        if list(val.classes) != list(train.classes):
-            missing = [c for c in train.classes if c not in set(val.classes)]
-            raise ValueError(f"data.val: {len(missing)} class(es) of the model have no folder under {val.root}: "
-                             f"{', '.join(missing[:20])} (labels are positions in the class list; set data.classes "
-                             "to hold the list fixed)")
+        # held-out classes are mapped to the model's by name here: one the model does not know is named
+        _check_no_empty_folders("data.val", make_split_source(config, "val"))
+
+
+def _check_no_empty_folders(key: str, source: ImageSource) -> None:
+    empty = getattr(source, "empty_folders", [])
+    if empty:
+        raise ValueError(f"{key}: {len(empty)} class folder(s) under {source.root} hold no image: {', '.join(empty[:20])}")
 
 
 def prepare_store(config: Config, backbone: FeatureBackbone, source: ImageSource) -> FeatureStore:
