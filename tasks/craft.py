@@ -37,10 +37,10 @@ def _plan(config_json: str) -> str:
 def _craft_group(config_json: str, plan_json: str, classes: list[int]) -> dict:
     maybe_fail_for_test()
     config = Config.model_validate_json(config_json)
-    store, backbone, train, val = _open(config, config.compute.extract_gpus)  # as craft_all asks Ray
     plan = {int(k): v for k, v in json.loads(plan_json).items()}
-    # the images predicted as these classes carry their own (true) labels
-    store, backbone, train, val = _open(config, sorted({w["label"] for k in classes for w in plan.get(k, [])}), classes)
+    # the images predicted as these classes carry their own (true) labels; the GPUs are the ones craft_on_ray asks Ray for
+    labels = sorted({w["label"] for k in classes for w in plan.get(k, [])})
+    store, backbone, train, val = _open(config, config.compute.extract_gpus, labels, classes)
     return craft_group(config, backbone, store, plan, classes, train, val)
 
 
