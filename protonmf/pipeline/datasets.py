@@ -62,8 +62,12 @@ def list_split(config: Config, split: str, **kwargs: Any) -> ImageSource:
     if data.source == "cub":
         return make_source("cub", name=name, root=root, split="train" if split == "train" else "test", storage_options=opts)
     classes = data.classes if split == "train" or data.source in SHARDED else None
-    return make_source(data.source, name=name, root=root, classes=classes, max_images_per_class=limit,
-                       storage_options=opts, **kwargs)
+    source = make_source(data.source, name=name, root=root, classes=classes, max_images_per_class=limit,
+                         storage_options=opts, **kwargs)
+    empty = getattr(source, "empty_folders", [])  # checked where the data is listed: index-built sources cannot tell
+    if empty:
+        raise ValueError(f"{name}: {len(empty)} class folder(s) under {source.root} hold no image: {', '.join(empty[:20])}")
+    return source
 
 
 def index_data(config: Config) -> Config:

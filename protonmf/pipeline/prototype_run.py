@@ -156,21 +156,14 @@ def _features_key(config: Config, backbone: FeatureBackbone, classes: list[str])
 def check_data(config: Config, train: ImageSource, dim: int) -> None:
     """What can be found wrong before hours of extraction, each named with its config key: a
     prototype count above the feature dimension D, a class folder without images, held-out
-    classes that are not the model's (named by :func:`make_split_source`, which maps them by name)."""
+    classes that are not the model's (named by :func:`make_split_source`, which maps them by name).
+    Class folders without images are named where the data is listed (:func:`~protonmf.pipeline.datasets.list_split`)."""
     too_many = [p for p in config.prototypes.p if p > dim]
     if too_many:
         raise ValueError(f"prototypes.p: {too_many} larger than the feature dimension D = {dim} of "
                          f"{config.backbone.arch}'s features (NMF needs p <= D)")
-    _check_no_empty_folders("data.train", train)
-    if config.data.source == "imagefolder" and config.data.val:
-        # held-out classes are mapped to the model's by name here: one the model does not know is named
-        _check_no_empty_folders("data.val", make_split_source(config, "val"))
-
-
-def _check_no_empty_folders(key: str, source: ImageSource) -> None:
-    empty = getattr(source, "empty_folders", [])
-    if empty:
-        raise ValueError(f"{key}: {len(empty)} class folder(s) under {source.root} hold no image: {', '.join(empty[:20])}")
+    if config.data.val:  # held-out classes are mapped to the model's by name here: one it does not know is named
+        make_split_source(config, "val")
 
 
 def prepare_store(config: Config, backbone: FeatureBackbone, source: ImageSource) -> FeatureStore:

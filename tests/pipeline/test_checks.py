@@ -8,7 +8,7 @@ import torch
 from protonmf import BackboneSpec, build_backbone
 from protonmf.config import parse_config
 from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
-from protonmf.pipeline.prototype_run import make_split_source, prepare_store
+from protonmf.pipeline.prototype_run import index_data, make_split_source, prepare_store
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,16 @@ def config(tmp_path, **data):
 
 
 def prepare(cfg, backbone):
-    return prepare_store(cfg, backbone, make_split_source(cfg, "train"))
+    """As the run's prepare step does it: the data listed once into its index, then the store."""
+    cfg = index_data(cfg)
+    return prepare_store(cfg, backbone, make_split_source(cfg, "train", labels=[]))
 
 
 def test_p_above_the_feature_dimension(folders, backbone):
     with pytest.raises(ValueError, match=r"^prototypes.p: \[600, 1000\] larger than the feature dimension D = 512 of "
                                          r"protonmf:small_cnn's features \(NMF needs p <= D\)$"):
         prepare(config(folders), backbone)
-    assert not (folders / "features").exists()  # nothing written
+    assert not (folders / "features" / "zarr.json").exists()  # no store made
 
 
 def ok(cfg):
@@ -55,7 +57,7 @@ def test_a_class_folder_without_images(folders, backbone):
     (folders / "train" / ".cache").mkdir()  # hidden: not a class
     with pytest.raises(ValueError, match=rf"^data.train: 1 class folder\(s\) under {folders}/train hold no image: {names[1]}$"):
         prepare(ok(config(folders)), backbone)
-    assert not (folders / "features").exists()
+    assert not (folders / "features" / "zarr.json").exists()
 
 
 def test_held_out_classes_that_are_not_the_models(folders, backbone):
@@ -64,7 +66,7 @@ def test_held_out_classes_that_are_not_the_models(folders, backbone):
     with pytest.raises(ValueError, match=r"^data.val: 1 held-out class\(es\) are not classes of the model: c999_stranger; "
                                          r"set data.unknown_val_classes: skip"):
         prepare(ok(config(folders)), backbone)
-    assert not (folders / "features").exists()
+    assert not (folders / "features" / "zarr.json").exists()
     shutil.rmtree(folders / "val" / "c999_stranger")
     shutil.rmtree(folders / "val" / names[2])  # a model's class without held-out images: mapped by name, fine
     store = prepare(ok(config(folders)).model_copy(update={"data": ok(config(folders)).data.model_copy(update={"val": None})}), backbone)
