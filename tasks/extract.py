@@ -74,9 +74,10 @@ def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndar
     config = Config.model_validate_json(config_json)
     k = int(batch["k"][0])
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    todo, _, _ = damaged_or_missing(store, k)
+    todo, _, damage = damaged_or_missing(store, k)
     if todo:
         (decoded,) = decode_group(config, [k])
+        decoded.damage = damage  # the actor needs it, and must not read the class again to find it
     else:
         S = config.data.preprocess.crop
         decoded = DecodedClass(k, torch.zeros(0, 3, S, S, dtype=torch.uint8), [])
@@ -87,6 +88,7 @@ def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndar
         "decode_seconds": np.array([decoded.seconds]),
         "decoder": np.array([os.getpid()]),
         "resumed": np.array([not todo]),
+        "damage": np.array([damage or ""]),
     }
 
 
@@ -116,6 +118,7 @@ class FeatureExtractor:
                     images=torch.from_numpy(np.array(batch["images"][0])),  # a writable copy of the object store's view
                     entries=[tuple(e) for e in json.loads(str(batch["entries"][0]))],
                     seconds=float(batch["decode_seconds"][0]),
+                    damage=str(batch["damage"][0]) or None,
                 )
                 (done,) = forward_group(self.config, self.backbone, self.store, [decoded])
             row, error = done.to_dict(), b""

@@ -107,12 +107,14 @@ class DecodedClass:
     entries : every record of the class in record order, as (image_id, uri, reason): reason is
         None for an image in ``images``, else why the file was skipped.
     seconds : time spent reading and decoding.
+    damage : for a complete class found damaged (extracted again), what was wrong; else None.
     """
 
     k: int
     images: Tensor
     entries: list[tuple[str, str, str | None]]
     seconds: float = 0.0
+    damage: str | None = None
 
     @property
     def n_skipped(self) -> int:
@@ -257,7 +259,7 @@ def extract_decoded(
     :func:`extract_classes` for the arguments). ``seconds`` counts decoding and the forward pass."""
     start = time.perf_counter()
     forward = _Forward(backbone, device, precision, channels_last, top_k)
-    previous = (store.read_marker(decoded.k), store.check_class(decoded.k)) if store.is_done(decoded.k) else None
+    previous = (store.read_marker(decoded.k), decoded.damage) if decoded.damage else None
     used, skipped, correct = forward.write_class(
         store, decoded.k, decoded.images.split(batch_size), preprocess, lambda: list(decoded.entries), previous=previous,
     )
