@@ -18,7 +18,8 @@ def location(request, tmp_path):
     """A store location on a local disk or on moto's S3 (the AWS variables set for children too)."""
     if request.param == "local":
         return str(tmp_path / "store")
-    s3, bucket = request.getfixturevalue("s3"), request.getfixturevalue("s3_bucket")
+    request.getfixturevalue("s3")  # the moto endpoint, its bucket created
+    bucket = request.getfixturevalue("s3_bucket")
     return f"s3://{bucket}/store"
 
 

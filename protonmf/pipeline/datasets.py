@@ -21,7 +21,8 @@ from protonmf.config import Config
 from protonmf.data import ImageSource, make_source
 from protonmf.data.index import index_table, open_index, read_index, write_index
 from protonmf.data.sources.relabel import relabel_by_name
-from protonmf.data.sources.shards import fingerprint, list_shards, open_fs, read_classes_txt, shard_folder
+from protonmf.data.sources.base import open_fs
+from protonmf.data.sources.shards import fingerprint, list_shards, read_classes_txt, shard_folder
 from protonmf.storage import join, to_fs
 
 __all__ = ["index_data", "list_split", "make_split_source"]

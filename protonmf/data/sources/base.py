@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 
 from protonmf.data.records import Record
+from protonmf.storage import to_fs
 
 
 class ImageSource:
@@ -68,3 +69,17 @@ class ImageSource:
 
     def _describe(self) -> str:
         return ""
+
+    def _open_root(self, root: str, storage_options: dict[str, Any] | None) -> None:
+        """``root``, ``storage_options``, ``fs``, ``path`` (root inside fs) and ``_local`` of a
+        source that reads a folder of files (local or any fsspec URI)."""
+        self.root = str(root).rstrip("/") or str(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.path, self._local = open_fs(self.root, self.storage_options)
+
+
+def open_fs(root: str, storage_options: dict[str, Any] | None) -> tuple[Any, str, bool]:
+    """(filesystem, path of root in it, whether it is local)."""
+    fs, path = to_fs(root, storage_options)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return fs, path.rstrip("/") or path, "file" in protocols

@@ -9,7 +9,6 @@ from PIL import Image
 from protonmf.data.decode import load_image, describe_error
 from protonmf.data.records import Record
 from protonmf.data.sources.base import ImageSource
-from protonmf.storage import to_fs
 
 _CUB_FILES = ("images.txt", "image_class_labels.txt", "classes.txt", "train_test_split.txt", "bounding_boxes.txt")
 _SPLITS_TRAIN_TEST = ("train", "test", "all")
@@ -135,14 +134,9 @@ class CUBSource(ImageSource):
         return out
 
     def _open(self, root: str, split: str, crop: bool, storage_options: dict[str, Any] | None = None) -> None:
-        self.root = str(root).rstrip("/") or str(root)
+        self._open_root(root, storage_options)
         self.split = split
         self.crop = bool(crop)
-        self.storage_options = dict(storage_options or {})
-        self.fs, path = to_fs(self.root, self.storage_options)
-        self.path = path.rstrip("/") or path
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-        self._local = "file" in protocols
 
     def index_settings(self) -> dict[str, Any]:
         return {"root": self.root, "split": self.split, "crop": self.crop}

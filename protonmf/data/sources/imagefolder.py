@@ -12,7 +12,6 @@ from PIL import Image
 from protonmf.data.decode import load_image, describe_error
 from protonmf.data.records import Record
 from protonmf.data.sources.base import ImageSource
-from protonmf.storage import to_fs
 
 #: File name endings (compared in lower case) that :class:`ImageFolderSource` takes as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -113,11 +112,7 @@ class ImageFolderSource(ImageSource):
         return sorted(n for n in names if n not in by_class and not n.startswith("."))
 
     def _open(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.root = str(root).rstrip("/") or str(root)
-        self.storage_options = dict(storage_options or {})
-        self.fs, path = to_fs(self.root, self.storage_options)
-        self.path = path.rstrip("/") or path
-        self._local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol))
+        self._open_root(root, storage_options)
 
     def index_settings(self) -> dict[str, Any]:
         return {"root": self.root}

@@ -26,8 +26,7 @@ from protonmf.data.records import Record
 from protonmf.data.sources.base import ImageSource
 from protonmf.data.sources.imagefolder import _check_names
 from protonmf.data.sources.shards import (
-    Shard, check_labels, check_limit, full_uri, in_threads, keep_first, list_shards, no_class_names, open_fs,
-    read_classes_txt, shard_folder,
+    Shard, check_labels, check_limit, full_uri, in_threads, keep_first, list_shards, no_class_names, read_classes_txt, shard_folder,
 )
 
 IMAGE_COLUMN = "image"
@@ -110,9 +109,7 @@ class ParquetSource(ImageSource):
             raise ValueError(f"no images found in the shards under {self.root}")
 
     def _open(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.root = str(root).rstrip("/") or str(root)
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.path, self._local = open_fs(self.root, self.storage_options)
+        self._open_root(root, storage_options)
         self._lock = threading.Lock()
         self._footers: dict[str, np.ndarray] = {}
         self._groups: OrderedDict[tuple[str, int], Future] = OrderedDict()

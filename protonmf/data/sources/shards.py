@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from protonmf.data.decode import describe_error
-from protonmf.storage import to_fs
 
 T = TypeVar("T")
 
@@ -113,13 +112,6 @@ def in_threads(fn: Callable[[T], Any], items: Iterable[T]) -> list[Any]:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=min(LIST_THREADS, len(items)), thread_name_prefix="protonmf-list") as pool:
         return list(pool.map(fn, items))
-
-
-def open_fs(root: str, storage_options: dict[str, Any] | None) -> tuple[Any, str, bool]:
-    """(filesystem, path of root in it, whether it is local)."""
-    fs, path = to_fs(root, storage_options)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return fs, path.rstrip("/") or path, "file" in protocols
 
 
 def full_uri(fs: Any, path: str, local: bool) -> str:

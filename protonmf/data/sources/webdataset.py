@@ -19,8 +19,7 @@ from protonmf.data.records import Record
 from protonmf.data.sources.base import ImageSource
 from protonmf.data.sources.imagefolder import IMAGE_EXTENSIONS, _check_names
 from protonmf.data.sources.shards import (
-    Shard, check_labels, check_limit, full_uri, in_threads, keep_first, list_shards, no_class_names, open_fs,
-    read_classes_txt, shard_folder,
+    Shard, check_labels, check_limit, full_uri, in_threads, keep_first, list_shards, no_class_names, read_classes_txt, shard_folder,
 )
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -87,9 +86,7 @@ class WebDatasetSource(ImageSource):
             raise ValueError(f"no images found in the shards under {self.root}")
 
     def _open(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.root = str(root).rstrip("/") or str(root)
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.path, self._local = open_fs(self.root, self.storage_options)
+        self._open_root(root, storage_options)
 
     def index_settings(self) -> dict[str, Any]:
         return {"root": self.root}
