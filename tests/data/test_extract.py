@@ -1,17 +1,15 @@
 """Extraction: a real torchvision backbone over an ImageFolder on disk and on S3, into the feature store."""
 
-import io
 
 import pytest
 import torch
-from PIL import Image
 
 from protonmf import BackboneSpec, build_backbone
 from protonmf.data import Preprocess, make_source
 from protonmf.data.extract import extract_classes
 from protonmf.data.store import FeatureStore, StoreError
 from protonmf.pipeline.staging import run_key
-from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
+from tests.data.odd_tree import write_odd_tree
 
 PRE = Preprocess(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -25,17 +23,7 @@ def backbone():
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path / "train"
-    write_image_folder(make_synthetic_parts(3, 6, image_size=64, seed=0), root)
-    odd = root / sorted(p.name for p in root.iterdir())[1]
-    good = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(good, format="JPEG")
-    (odd / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
-    (odd / "notes.jpg").write_text("not an image")
-    (odd / "empty.png").write_bytes(b"")
-    Image.new("L", (70, 64), 128).save(odd / "gray.png")
-    Image.new("CMYK", (64, 80), (0, 50, 50, 0)).save(odd / "cmyk.jpg")
-    Image.new("RGBA", (64, 64), (0, 0, 255, 128)).save(odd / "rgba.png")
-    return root
+    return write_odd_tree(root)
 
 
 def extract(backbone, root, store_uri):

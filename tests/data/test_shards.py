@@ -10,15 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from protonmf import BackboneSpec, build_backbone
 from protonmf.data import Preprocess, make_source
 from protonmf.data.extract import extract_classes
 from protonmf.data.index import index_table, open_index, write_index
 from protonmf.data.store import FeatureStore
-from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
 from protonmf.pipeline.staging import run_key
+from tests.data.odd_tree import write_odd_tree
 
 PRE = Preprocess(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 SAME = ["label", "row", "pred", "top_classes", "top_logits"]
@@ -35,17 +34,7 @@ def tree(tmp_path_factory):
     """3 classes × 6 PNGs, plus odd files in the second class: 3 unusable (truncated, not an
     image, empty) and 3 in other modes (grey, CMYK, RGBA)."""
     root = tmp_path_factory.mktemp("shards") / "train"
-    write_image_folder(make_synthetic_parts(3, 6, image_size=64, seed=0), root)
-    odd = root / sorted(p.name for p in root.iterdir())[1]
-    good = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(good, format="JPEG")
-    (odd / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
-    (odd / "notes.jpg").write_text("not an image")
-    (odd / "empty.png").write_bytes(b"")
-    Image.new("L", (70, 64), 128).save(odd / "gray.png")
-    Image.new("CMYK", (64, 80), (0, 50, 50, 0)).save(odd / "cmyk.jpg")
-    Image.new("RGBA", (64, 64), (0, 0, 255, 128)).save(odd / "rgba.png")
-    return root
+    return write_odd_tree(root)
 
 
 def _samples(tree):
