@@ -35,3 +35,24 @@ def assert_gives_the_black_box_logits(model, black_box) -> None:
     ours = model(images)
     assert torch.equal(ours.argmax(1), theirs.argmax(1))
     assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+
+
+def module_bucket(s3_server: str, name: str):
+    """A generator for a module fixture: the bucket ``name`` on the moto server, with the AWS
+    variables set in this process (and so for the Ray workers it starts), restored afterwards."""
+    import os
+
+    import s3fs
+
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update(AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    yield name
+    for n, v in saved.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v

@@ -1,9 +1,10 @@
 """Extraction on Ray: the data listed once (by prepare), workers that never list it, an actor pool
 sized to the cluster, and features bit-identical to extraction in one process."""
 
-import os
 
 import pytest
+
+from tests.flows.small_run import module_bucket
 import torch
 
 from protonmf.config import parse_config
@@ -20,20 +21,7 @@ N_CLASSES = 4
 @pytest.fixture(scope="module")
 def bucket(s3_server):
     """A bucket on the moto server, with the AWS variables set for this process and Ray's workers."""
-    import s3fs
-
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {n: os.environ.get(n) for n in names}
-    os.environ.update(AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("extract")
-    yield "extract"
-    for n, v in saved.items():
-        if v is None:
-            os.environ.pop(n, None)
-        else:
-            os.environ[n] = v
+    yield from module_bucket(s3_server, "extract")
 
 
 @pytest.fixture(scope="module")

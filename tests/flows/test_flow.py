@@ -13,25 +13,13 @@ from protonmf.config import ConfigError, parse_config
 
 pytestmark = pytest.mark.slow
 
-from tests.flows.small_run import N_CLASSES, assert_gives_the_black_box_logits, tree
+from tests.flows.small_run import module_bucket, N_CLASSES, assert_gives_the_black_box_logits, tree
 
 
 @pytest.fixture(scope="module")
 def bucket(s3_server):
     """One bucket on the moto server, with the AWS variables set for this process and Ray's workers."""
-    import s3fs
-
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {n: os.environ.get(n) for n in names}
-    os.environ.update(AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("flows")
-    yield "flows"
-    for n, v in saved.items():
-        if v is None:
-            os.environ.pop(n, None)
-        else:
-            os.environ[n] = v
+    yield from module_bucket(s3_server, "flows")
 
 
 @pytest.fixture(scope="module")
