@@ -1,16 +1,14 @@
 """Extraction on Ray: the data listed once (by prepare), workers that never list it, an actor pool
 sized to the cluster, and features bit-identical to extraction in one process."""
 
-
 import pytest
-
-from tests.flows.small_run import module_bucket
 import torch
 
 from protonmf.config import parse_config
 from protonmf.data.store import FeatureStore
 from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
 from tests.conftest import S3_REQUESTS, s3_lists
+from tests.flows.small_run import module_bucket
 
 pytestmark = pytest.mark.slow
 
