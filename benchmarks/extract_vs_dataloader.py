@@ -1,6 +1,7 @@
-"""Benchmark 7: the extraction stage against the loop a user would write instead, whole processes.
+"""Benchmark 8: the extraction stage against the loop a user would write instead, whole processes.
 
-Both sides get the same 600 JPEGs (224 px, 6 classes × 100, written once by this script), the same
+Both sides get the same 600 JPEGs (224 px, 6 classes × 100, written once by this script; ``--classes``
+for more), the same
 checkpoint (a torchvision resnet18 at random init, saved once) and the same preprocessing (resize
 256, centre crop 224, ImageNet normalisation), and both produce one float16 array of layer4
 features per class:
@@ -34,16 +35,17 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-N_CLASSES, PER_CLASS, SIZE = 6, 100, 224
+PER_CLASS, SIZE = 100, 224
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, n_classes: int) -> None:
     """Write the JPEGs and the checkpoint once."""
     import numpy as np
     import torch
@@ -54,13 +56,13 @@ def prepare(work: Path) -> None:
 
     if (work / "resnet18.pt").exists():
         return
-    data = make_synthetic_parts(N_CLASSES, PER_CLASS, image_size=SIZE, seed=0)
+    data = make_synthetic_parts(n_classes, PER_CLASS, image_size=SIZE, seed=0)
     for i, (img, label) in enumerate(zip(data.images, data.labels)):
         folder = work / "train" / f"class{int(label)}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(img)).save(folder / f"{i:06d}.jpg", quality=90)
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(num_classes=N_CLASSES).state_dict(), work / "resnet18.pt")
+    torch.save(torchvision.models.resnet18(num_classes=n_classes).state_dict(), work / "resnet18.pt")
 
 
 def run_loop(work: Path, out: Path, autocast: bool) -> int:
@@ -97,7 +99,8 @@ def run_stage(work: Path, out: Path, overrides: list[str]) -> int:
 
     config = parse_config({
         "data": {"source": "imagefolder", "train": str(work / "train")},
-        "backbone": {"arch": "torchvision:resnet18", "weights": str(work / "resnet18.pt"), "num_classes": N_CLASSES},
+        "backbone": {"arch": "torchvision:resnet18", "weights": str(work / "resnet18.pt"),
+                     "num_classes": len(list((work / "train").iterdir()))},
         "compute": {"batch_size": 64},
         "storage": {"features": str(out / "features"), "model": str(out / "model")},
     }, overrides)
@@ -121,7 +124,8 @@ def _child(argv: list[str], work: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", choices=["loop", "stage"], help="run one side (what the benchmark times)")
-    parser.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "protonmf-extract-vs-loop"))
+    parser.add_argument("--classes", type=int, default=6, help="classes of 100 images each (default 6: 600 images)")
+    parser.add_argument("--work", help="where the images and the checkpoint are written once (default: a folder in /tmp)")
     parser.add_argument("--out")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a key of the stage's config")
@@ -129,21 +133,24 @@ def main() -> None:
     parser.add_argument("--join-ray", action="store_true", help="start Ray here once; stage processes join it")
     parser.add_argument("--name", default="extract_vs_dataloader", help="results/<name>.json")
     args = parser.parse_args()
-    work = Path(args.work)
-    if args.run == "loop":
-        n = run_loop(work, Path(args.out), args.loop_autocast)
-        print(f"loop: {n} images", file=sys.stderr)
-        return
-    if args.run == "stage":
-        n = run_stage(work, Path(args.out), args.set)
-        print(f"stage: {n} images", file=sys.stderr)
+    work = Path(args.work or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"protonmf-extract-vs-loop-{args.classes}"))
+    if args.run:
+        if not (work / "resnet18.pt").exists():
+            raise SystemExit(f"{work} has no images yet: run this script without --run once")
+        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="protonmf-evl-")) / "out"
+        try:
+            n = run_loop(work, out, args.loop_autocast) if args.run == "loop" else run_stage(work, out, args.set)
+        finally:
+            if not args.out:
+                shutil.rmtree(out.parent, ignore_errors=True)
+        print(f"{args.run}: {n} images", file=sys.stderr)
         return
 
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import save
 
     work.mkdir(parents=True, exist_ok=True)
-    prepare(work)
+    prepare(work, args.classes)
     settings = list(args.set)
     if args.join_ray:
         import ray
@@ -159,7 +166,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, argv in sides.items():
             times[name].append(_child(argv, work))
-    n = N_CLASSES * PER_CLASS
+    n = args.classes * PER_CLASS
     result: dict = {"images": n, "rounds": args.rounds, "stage_settings": args.set, "loop_autocast": args.loop_autocast,
                     "stage_joins_running_ray": args.join_ray}
     for name, runs in times.items():
