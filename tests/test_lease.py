@@ -4,6 +4,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+import traceback
 
 import pytest
 
@@ -55,6 +56,15 @@ def test_racing_runs_one_wins_the_others_name_it(location):
 
 def _count(uri, owner, n, log):
     """Under the lease: n read-modify-write increments of a counter object (lost without the lease)."""
+    try:
+        _count_under_lease(uri, owner, n, log)
+    except BaseException:
+        with open(f"{log}.{owner}.error", "w") as f:
+            f.write(traceback.format_exc())  # the child's stderr is not in pytest's report
+        raise
+
+
+def _count_under_lease(uri, owner, n, log):
     fs, root = to_fs(uri)
     path = join(root, "counter")
     lease = acquire_lease(uri, owner=owner, mode="wait", seconds=30, poll=0.05)
@@ -75,7 +85,8 @@ def test_second_run_waits_until_the_first_releases(location, tmp_path):
         p.start()
     for p in procs:
         p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
+    errors = {e.name: e.read_text() for e in tmp_path.glob("log.*.error")}
+    assert errors == {} and [p.exitcode for p in procs] == [0, 0, 0]
     fs, root = to_fs(location)
     assert int(fs.cat_file(join(root, "counter"))) == 3 * n  # no increment lost: never two at once
     events = [line.split() for line in log.read_text().splitlines()]
