@@ -32,6 +32,8 @@ from protonmf.config import Config
 from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_missing
 from protonmf.data.store import FeatureStore
 from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
+from protonmf.storage import class_stem
+from tasks.runtime import die_before_writing_for_test
 
 SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
 
@@ -120,12 +122,18 @@ class FeatureExtractor:
                     seconds=float(batch["decode_seconds"][0]),
                     damage=str(batch["damage"][0]) or None,
                 )
+                die_before_writing_for_test(self.store.fs, self.store.marker_path(k), lambda: self._written(k))
                 (done,) = forward_group(self.config, self.backbone, self.store, [decoded])
             row, error = done.to_dict(), b""
         except Exception as err:  # noqa: BLE001 - sent back whole (Ray Data's UserCodeException loses its type)
             row, error = {**dict.fromkeys(SUMMARY, 0), "k": k}, _as_data(err)
         return {**{name: np.array([row[name]]) for name in SUMMARY}, "worker": np.array([os.getpid()]),
                 "decoder": batch["decoder"], "error": np.array([error], dtype=object)}
+
+    def _written(self, k: int) -> list[str]:
+        """The store's objects of class k now (what a fault-injection test records; lists the store)."""
+        root = self.store.root
+        return sorted(p.removeprefix(root).lstrip("/") for p in self.store.fs.find(root) if class_stem(k) in p)
 
 
 WORKER_NOTE = "in the extraction worker:\n"

@@ -13,6 +13,7 @@ once, naming what is wrong.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from protonmf.config import Config
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "PROTONMF_CACHE", "PROTONMF_FAULT_KILL_ONCE",
-    "PROTONMF_ATTEMPT_LOG",
+    "PROTONMF_ATTEMPT_LOG", "PROTONMF_FAULT_KILL_EXTRACT_ONCE",
 )
 
 #: Ray's own failures that another attempt can get past: a lost worker, actor, node or object, a
@@ -100,6 +101,25 @@ def maybe_fail_for_test(variable: str = "PROTONMF_FAULT_KILL_ONCE") -> None:
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         os._exit(137)
+
+
+def die_before_writing_for_test(fs: Any, path: str, written: Callable[[], list[str]]) -> None:
+    """Fault injection for tests: if ``PROTONMF_FAULT_KILL_EXTRACT_ONCE`` names a file that does not
+    exist, this worker process dies when ``fs`` is about to write ``path`` (as a lost node or OOM
+    kill would), after writing into that file its pid and what ``written()`` lists then."""
+    marker = os.environ.get("PROTONMF_FAULT_KILL_EXTRACT_ONCE")
+    if not marker or os.path.exists(marker):
+        return
+    pipe_file = fs.pipe_file
+
+    def pipe_file_or_die(target, *args, **kwargs):
+        if str(target).startswith(path):  # the object itself, or the temporary file renamed to it
+            with open(marker, "w") as f:
+                json.dump({"pid": os.getpid(), "path": path, "written": written()}, f)
+            os._exit(137)
+        return pipe_file(target, *args, **kwargs)
+
+    fs.pipe_file = pipe_file_or_die
 
 
 def gather(refs: list, on_result: Callable[[Any], None] | None = None) -> list:

@@ -151,11 +151,12 @@ class FeatureStore:
         return cls(uri, group, storage_options)
 
     # ------------------------------------------------------------------ classes
-    def _marker(self, k: int) -> str:
+    def marker_path(self, k: int) -> str:
+        """Where class k's completion marker is (written last, see the module's docstring)."""
         return join(self.root, "done", f"{class_stem(k)}.json")
 
     def is_done(self, k: int) -> bool:
-        return self.fs.exists(self._marker(k))
+        return self.fs.exists(self.marker_path(k))
 
     def done_classes(self) -> list[int]:
         done_dir = join(self.root, "done")
@@ -190,7 +191,7 @@ class FeatureStore:
         marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
                   "n_skipped": records.num_rows - used, "key": self.key, "chunk_images": rows,
                   "features_sha256": _chunk_digests(data, rows), "records_sha256": sha256(table)}
-        write_bytes_atomic(self.fs, self._marker(k), json.dumps(marker).encode())
+        write_bytes_atomic(self.fs, self.marker_path(k), json.dumps(marker).encode())
 
     def read_class(self, k: int) -> torch.Tensor:
         """Class k's features, (n, h·w, D) float16, in one read of its chunks, checked against its marker.
@@ -213,7 +214,7 @@ class FeatureStore:
         if not self.is_done(k):
             return None
         try:
-            return json.loads(read_bytes(self.fs, self._marker(k)))
+            return json.loads(read_bytes(self.fs, self.marker_path(k)))
         except ValueError:
             return None
 

@@ -1,5 +1,6 @@
 """The workflow end to end: Prefect flow → Ray tasks → Zarr store → model artifact, on a local S3 endpoint."""
 
+import json
 import os
 import re
 import time
@@ -37,7 +38,16 @@ def attempt_log(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runtime(bucket, fault_marker, attempt_log):
+def extract_fault_marker(tmp_path_factory):
+    """While this file exists no extraction actor is killed; a test deletes it to have one killed
+    just before it writes a class's completion marker (tasks.runtime.die_before_writing_for_test)."""
+    marker = tmp_path_factory.mktemp("fault") / "extract-killed"
+    marker.write_text("")
+    return marker
+
+
+@pytest.fixture(scope="module")
+def runtime(bucket, fault_marker, attempt_log, extract_fault_marker):
     """One local Ray (workers see the S3 variables) and one Prefect test server for the module."""
     import ray
     from prefect.testing.utilities import prefect_test_harness
@@ -46,6 +56,7 @@ def runtime(bucket, fault_marker, attempt_log):
 
     os.environ["PROTONMF_FAULT_KILL_ONCE"] = str(fault_marker)
     os.environ["PROTONMF_ATTEMPT_LOG"] = str(attempt_log)
+    os.environ["PROTONMF_FAULT_KILL_EXTRACT_ONCE"] = str(extract_fault_marker)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     with prefect_test_harness():
         _first_flow()  # Prefect binds its console to the stdout of its first run: not a test's capsys
@@ -53,6 +64,7 @@ def runtime(bucket, fault_marker, attempt_log):
     ray.shutdown()
     os.environ.pop("PROTONMF_FAULT_KILL_ONCE", None)
     os.environ.pop("PROTONMF_ATTEMPT_LOG", None)
+    os.environ.pop("PROTONMF_FAULT_KILL_EXTRACT_ONCE", None)
 
 
 def _first_flow():
@@ -295,6 +307,30 @@ def test_a_killed_worker_is_retried_and_the_result_is_the_same(runtime, bucket, 
     for p in expected:
         for name in ("B", "C", "R", "B_aug"):
             assert torch.equal(ours[p][name], expected[p][name]), (p, name)
+
+
+def test_a_killed_extraction_actor_is_restarted_and_its_class_written_whole(runtime, bucket, extract_fault_marker, reference):
+    """Prefect's retries off: an extraction actor dies in the middle of a class (its features and
+    records written, its completion marker not); Ray Data starts the actor again and retries the
+    class, which is then written whole: verified, and bit for bit the uninterrupted run's."""
+    from protonmf.data.store import FeatureStore
+    from protonmf.storage import class_stem
+
+    extract_fault_marker.unlink()
+    result, attempts = run_counted(tree(bucket, "actor-killed", compute__retries=0))
+    killed = json.loads(extract_fault_marker.read_text())
+    stem = class_stem(int(killed["path"].rsplit("/", 1)[-1].removesuffix(".json")[1:]))
+    assert killed["path"].endswith(f"actor-killed/features/done/{stem}.json") and killed["pid"] > 0
+    assert f"{stem}/zarr.json" in killed["written"] and f"tables/{stem}.parquet" in killed["written"]
+    assert any(p.startswith(f"{stem}/c/") for p in killed["written"])  # its chunks were written...
+    assert f"done/{stem}.json" not in killed["written"]  # ...its marker was not: the class half done
+    assert attempts["extract_features"] == 1 and result["work"]["classes_extracted"] == N_CLASSES
+    store = FeatureStore.open(f"s3://{bucket}/actor-killed/features")
+    theirs = FeatureStore.open(f"s3://{bucket}/reference/features")
+    for k in range(N_CLASSES):
+        assert store.check_class(k) is None  # every class whole and verified against its checksums
+        assert torch.equal(store.read_class(k), theirs.read_class(k)), k
+    assert_same_prototypes(result["model"], reference["model"])
 
 
 def test_bad_config_key_fails_at_once_naming_the_key(runtime, bucket):
