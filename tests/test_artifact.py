@@ -2,6 +2,9 @@
 nothing, older versions can be opened by id and are pruned beyond ``keep``."""
 
 import json
+import multiprocessing as mp
+import os
+import signal
 import threading
 
 import pytest
@@ -37,23 +40,29 @@ def test_versions_are_kept_pruned_and_opened_by_id(tmp_path):
         _publish(uri, "v4", keep=0)
 
 
-@pytest.mark.parametrize("crash_at", [1, 3, 4, 5])  # a file, the last file, the manifest, the pointer
-def test_a_publish_that_dies_midway_leaves_the_previous_version(tmp_path, monkeypatch, crash_at):
-    uri = str(tmp_path / "a")
-    first = _publish(uri, "old")
+def _publish_and_die_at(uri, crash_at):
+    """In a child process: publish, SIGKILLed just before its ``crash_at``-th write (no cleanup runs)."""
     writes = []
     real = artifact.write_bytes_atomic
 
     def dying(fs, path, data):
         writes.append(path)
         if len(writes) == crash_at:
-            raise OSError("the machine went away")
+            os.kill(os.getpid(), signal.SIGKILL)
         real(fs, path, data)
 
-    monkeypatch.setattr(artifact, "write_bytes_atomic", dying)
-    with pytest.raises(OSError):
-        _publish(uri, "new")
-    monkeypatch.setattr(artifact, "write_bytes_atomic", real)
+    artifact.write_bytes_atomic = dying
+    _publish(uri, "new")
+
+
+@pytest.mark.parametrize("crash_at", [1, 3, 4, 5])  # a file, the last file, the manifest, the pointer
+def test_a_publish_that_dies_midway_leaves_the_previous_version(tmp_path, crash_at):
+    uri = str(tmp_path / "a")
+    first = _publish(uri, "old")
+    child = mp.get_context("fork").Process(target=_publish_and_die_at, args=(uri, crash_at))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL  # killed mid-publish, not finished
     assert _read(uri) == "old"
     assert json.loads((tmp_path / "a" / "current.json").read_text())["version"] == first
     third = _publish(uri, "newer")  # the next publish clears what the dead one left unfinished
