@@ -102,8 +102,9 @@ class ComputeConfig(_Section):
     extract_gpus: float = Field(0, ge=0)
     fit_gpus: float = Field(0, ge=0)
     batch_size: int = Field(256, ge=1)
-    # The extraction pool grows from 1 actor to as many as the cluster can hold (its GPUs divided
-    # by extract_gpus, or its CPUs when extract_gpus is 0); this caps it (null: no cap).
+    # The extraction pool grows from what the cluster holds to what it can hold (its GPUs divided
+    # by extract_gpus, or its CPUs when extract_gpus is 0); this caps it (null: no cap). Where Ray
+    # does not know the cluster's largest size (autoscaler v1) the pool grows up to this.
     max_extract_workers: int | None = Field(None, ge=1)
     precision: Literal["float32", "bfloat16"] = "float32"  # extraction forward pass (bfloat16: GPU workers)
     channels_last: bool = False  # NHWC convolutions in extraction (GPU workers)

@@ -10,7 +10,8 @@
   class, chunk-aligned), returning a few numbers.
 
 Ray Data streams one into the other, so every CPU of the cluster decodes while the GPUs forward.
-The actor pool grows from 1 to what the cluster can hold (:func:`extract_pool_size`). With
+The actor pool starts with what the cluster holds and grows to what it can hold
+(:func:`extract_pool_bounds`). With
 ``extract_gpus: 0`` both stages ask for the same resources and Ray Data fuses them: each CPU actor
 then decodes and forwards its own classes, one core each, which is what a CPU-only cluster wants.
 """
@@ -58,16 +59,42 @@ def extract_pool_size(capacity: Mapping[str, float], extract_gpus: float, n_clas
     return max(1, min(most, n_classes))
 
 
-def cluster_capacity() -> dict[str, float]:
-    """What the cluster can give: its autoscaler's largest configuration when it has one (Ray
-    Data sizes its own shuffles the same way), else the resources it has now."""
+def extract_pool_bounds(
+    now: Mapping[str, float], most: Mapping[str, float] | None, extract_gpus: float, n_classes: int,
+    cap: int | None = None,
+) -> tuple[int, int]:
+    """(initial, largest) size of the actor pool: it starts with what the cluster holds ``now`` and
+    grows, as Ray Data's autoscaling pool does, up to what the cluster can hold at ``most`` (its
+    autoscaler's largest configuration). Ray knows that only from autoscaler v2; without it
+    (autoscaler v1, a fixed cluster: ``most`` None) the pool may grow to ``cap``
+    (``compute.max_extract_workers``) if given, the actors it adds waiting for the nodes that Ray
+    Data asks the autoscaler for, else it keeps what the cluster holds now.
+
+    >>> extract_pool_bounds({"CPU": 16, "GPU": 1}, {"CPU": 256, "GPU": 16}, 1, 1000)
+    (1, 16)
+    >>> extract_pool_bounds({"CPU": 16, "GPU": 1}, None, 1, 1000, cap=16)
+    (1, 16)
+    >>> extract_pool_bounds({"CPU": 16, "GPU": 1}, None, 1, 1000)
+    (1, 1)
+    """
+    initial = extract_pool_size(now, extract_gpus, n_classes, cap)
+    if most is not None:
+        largest = extract_pool_size(most, extract_gpus, n_classes, cap)
+    else:
+        largest = min(cap, n_classes) if cap is not None else initial
+    return initial, max(initial, largest)
+
+
+def cluster_most() -> dict[str, float] | None:
+    """The resources of the cluster's largest configuration, if its autoscaler tells Ray (v2 does;
+    Ray Data sizes its own shuffles the same way), else None."""
     try:
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - a private API: without it, what the cluster has now
+    except Exception:  # noqa: BLE001 - a private API: without it, not known
         most = None
-    return dict(most or ray.cluster_resources())
+    return dict(most) if most else None
 
 
 def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndarray]:
@@ -158,14 +185,15 @@ def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict]
     todo = list(classes)  # complete classes too: the decode stage checks them where they are read
     if todo:
         config_json = config.model_dump_json()
-        size = extract_pool_size(cluster_capacity(), compute.extract_gpus, len(todo), compute.max_extract_workers)
+        initial, largest = extract_pool_bounds(ray.cluster_resources(), cluster_most(), compute.extract_gpus, len(todo),
+                                               compute.max_extract_workers)
         ds = ray.data.from_items([{"k": k} for k in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_decode, fn_kwargs={"config_json": config_json}, batch_size=1, num_cpus=1)
         ds = ds.map_batches(
             FeatureExtractor,
             fn_constructor_kwargs={"config_json": config_json},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=largest, initial_size=initial),
             num_gpus=compute.extract_gpus,
             num_cpus=1,
         )

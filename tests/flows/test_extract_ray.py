@@ -41,18 +41,30 @@ def cluster(bucket):
 
 
 def test_pool_size_is_what_the_cluster_holds_or_the_cap(cluster):
-    from tasks.extract import cluster_capacity, extract_pool_size
+    import ray
 
-    assert cluster_capacity()["CPU"] == N_CPUS
-    assert extract_pool_size(cluster_capacity(), 0, 1000) == N_CPUS  # one actor per CPU
-    assert extract_pool_size(cluster_capacity(), 0, 1000, cap=1) == 1
-    assert extract_pool_size(cluster_capacity(), 0, 1) == 1  # never more actors than classes
-    assert extract_pool_size(cluster_capacity(), 1, 1000) == 1  # one GPU here
-    assert extract_pool_size(cluster_capacity(), 2, 1000) == 1  # not even one whole actor's GPUs: still one
+    from tasks.extract import cluster_most, extract_pool_bounds, extract_pool_size
+
+    now = ray.cluster_resources()
+    assert now["CPU"] == N_CPUS
+    assert cluster_most() is None  # started by `ray start`, no autoscaler: Ray knows no largest size
+    assert extract_pool_size(now, 0, 1000) == N_CPUS  # one actor per CPU
+    assert extract_pool_size(now, 0, 1000, cap=1) == 1
+    assert extract_pool_size(now, 0, 1) == 1  # never more actors than classes
+    assert extract_pool_size(now, 1, 1000) == 1  # one GPU here
+    assert extract_pool_size(now, 2, 1000) == 1  # not even one whole actor's GPUs: still one
     assert extract_pool_size({"CPU": 64, "GPU": 8}, 1, 1000) == 8  # one per GPU
     assert extract_pool_size({"CPU": 64, "GPU": 8}, 0.5, 1000) == 16
     assert extract_pool_size({"CPU": 4, "GPU": 8}, 1, 1000) == 4  # each actor needs a CPU too
     assert extract_pool_size({"CPU": 64, "GPU": 8}, 1, 1000, cap=3) == 3
+    # An autoscaling cluster of 16 one-GPU nodes, one of them up: start with 1, grow to 16 when
+    # autoscaler v2 tells Ray its largest size, or to the cap when it does not (autoscaler v1).
+    assert extract_pool_bounds({"CPU": 16, "GPU": 1}, {"CPU": 256, "GPU": 16}, 1, 1000) == (1, 16)
+    assert extract_pool_bounds({"CPU": 16, "GPU": 1}, {"CPU": 256, "GPU": 16}, 1, 1000, cap=4) == (1, 4)
+    assert extract_pool_bounds({"CPU": 16, "GPU": 1}, None, 1, 1000, cap=16) == (1, 16)
+    assert extract_pool_bounds({"CPU": 16, "GPU": 1}, None, 1, 1000) == (1, 1)
+    assert extract_pool_bounds({"CPU": 16, "GPU": 1}, None, 1, 3, cap=16) == (1, 3)  # never more than classes
+    assert extract_pool_bounds(now, cluster_most(), 0, 1000) == (N_CPUS, N_CPUS)
 
 
 @pytest.fixture(scope="module")
