@@ -11,7 +11,10 @@ import pytest
 from protonmf.lease import LeaseHeld, LeaseLost, acquire_lease, read_lease
 from protonmf.storage import join, to_fs
 
-CTX = mp.get_context("fork")  # children inherit the AWS variables the fixture set
+# Fresh interpreters that inherit the environment (the AWS variables the fixture set). Not fork:
+# after a Prefect test harness has run in this process (tests/flows), a forked child exits with 1,
+# Prefect's at-exit drain of a service asserting in the copy (prefect 3.8.8).
+CTX = mp.get_context("spawn")
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -24,27 +27,28 @@ def location(request, tmp_path):
     return f"s3://{bucket}/store"
 
 
-def _race(uri, owner, start_at, results):
-    while time.time() < start_at:  # every process calls acquire within the same millisecond or so
-        pass
+def _race(uri, owner, barrier, results):
+    barrier.wait(120)  # every process calls acquire at the same moment, give or take a scheduler tick
     try:
         lease = acquire_lease(uri, owner=owner, mode="fail", seconds=30)
-        results.put((owner, "won", ""))
-        time.sleep(1.0)  # hold it while the others look
-        lease.release()
     except LeaseHeld as err:
+        lease = None
         results.put((owner, "lost", str(err)))
+    barrier.wait(120)  # the winner holds the lease until every process has tried
+    if lease is not None:
+        results.put((owner, "won", ""))
+        lease.release()
 
 
 def test_racing_runs_one_wins_the_others_name_it(location):
-    results = CTX.Queue()
-    start_at = time.time() + 1.5
-    procs = [CTX.Process(target=_race, args=(location, f"run-{i}", start_at, results)) for i in range(4)]
+    results, barrier = CTX.Queue(), CTX.Barrier(4)
+    procs = [CTX.Process(target=_race, args=(location, f"run-{i}", barrier, results)) for i in range(4)]
     for p in procs:
         p.start()
-    outcomes = [results.get(timeout=60) for _ in procs]
+    outcomes = [results.get(timeout=180) for _ in procs]
     for p in procs:
         p.join(30)
+    assert [p.exitcode for p in procs] == [0] * 4
     winners = [o for o, status, _ in outcomes if status == "won"]
     assert len(winners) == 1
     for owner, status, message in outcomes:
@@ -86,7 +90,8 @@ def test_second_run_waits_until_the_first_releases(location, tmp_path):
     for p in procs:
         p.join(120)
     errors = {e.name: e.read_text() for e in tmp_path.glob("log.*.error")}
-    assert errors == {} and [p.exitcode for p in procs] == [0, 0, 0]
+    assert not errors, "\n".join(errors.values())
+    assert [p.exitcode for p in procs] == [0, 0, 0]
     fs, root = to_fs(location)
     assert int(fs.cat_file(join(root, "counter"))) == 3 * n  # no increment lost: never two at once
     events = [line.split() for line in log.read_text().splitlines()]
