@@ -235,6 +235,12 @@ class FeatureStore:
         """What is wrong with complete class k, or None if it reads back as written (reads all of it)."""
         return self._read_checked(k)[1]
 
+    def verify_class(self, k: int) -> tuple[bool, str | None]:
+        """(whether class k is complete: it has a marker, what is wrong with it or None), reading
+        its marker once: :meth:`is_done` then :meth:`check_class` without the first's request."""
+        _, damage, done = self._read_checked(k)
+        return done, damage if done else None
+
     def read_marker(self, k: int) -> dict[str, Any] | None:
         """Class k's completion marker; None if there is none or it is not valid JSON."""
         return self._load_marker(k)[1]
