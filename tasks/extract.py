@@ -23,7 +23,7 @@ import math
 import os
 import pickle
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import ray
@@ -32,6 +32,7 @@ import torch
 from protonmf.config import Config
 from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_missing
 from protonmf.data.store import FeatureStore
+from protonmf.pipeline.datasets import images_per_class
 from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
 from protonmf.storage import class_stem
 from tasks.runtime import die_before_writing_for_test
@@ -98,32 +99,33 @@ def cluster_most() -> dict[str, float] | None:
 
 
 def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndarray]:
-    """Ray Data stage 1 (CPU): check the batch's one class if it is complete (read back against its
-    checksums: an intact class is passed on as resumed, undecoded), else decode it."""
+    """Ray Data stage 1 (CPU): check the classes of the batch's one bundle that are complete (read
+    back against their checksums: an intact class is passed on as resumed, undecoded) and decode
+    the others; the bundle goes on as one row, its images concatenated."""
     config = Config.model_validate_json(config_json)
-    k = int(batch["k"][0])
+    classes = [int(k) for k in json.loads(str(batch["classes"][0]))]
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    todo, _, damage = damaged_or_missing(store, k)
-    if todo:
-        (decoded,) = decode_group(config, [k])
-        decoded.damage = damage  # the actor needs it, and must not read the class again to find it
-    else:
-        S = config.data.preprocess.crop
-        decoded = DecodedClass(k, torch.zeros(0, 3, S, S, dtype=torch.uint8), [])
+    checks = {k: damaged_or_missing(store, k) for k in classes}
+    todo = [k for k in classes if checks[k][0]]
+    decoded = {d.k: d for d in decode_group(config, todo)} if todo else {}  # one read of the index for all
+    S = config.data.preprocess.crop
+    none = torch.zeros(0, 3, S, S, dtype=torch.uint8)
+    parts = [decoded[k] if k in decoded else DecodedClass(k, none, []) for k in classes]
     return {
-        "k": np.array([decoded.k]),
-        "images": decoded.images.numpy()[None],  # (1, n, 3, S, S) uint8
-        "entries": np.array([json.dumps(decoded.entries)]),
-        "decode_seconds": np.array([decoded.seconds]),
+        "classes": batch["classes"],
+        "images": torch.cat([d.images for d in parts]).numpy()[None],  # (1, N, 3, S, S) uint8
+        "counts": np.array([json.dumps([len(d.images) for d in parts])]),
+        "entries": np.array([json.dumps([d.entries for d in parts])]),
+        "decode_seconds": np.array([json.dumps([d.seconds for d in parts])]),
         "decoder": np.array([os.getpid()]),
-        "resumed": np.array([not todo]),
-        "damage": np.array([damage or ""]),
+        "resumed": np.array([json.dumps([not checks[k][0] for k in classes])]),
+        "damage": np.array([json.dumps([checks[k][2] for k in classes])]),
     }
 
 
 class FeatureExtractor:
     """Ray Data stage 2: ``__init__`` loads the black box and opens the store, ``__call__`` forwards
-    and writes the batch's one decoded class."""
+    and writes each class of the batch's one bundle (one row per class comes out)."""
 
     def __init__(self, config_json: str):
         self.failed: Exception | None = None
@@ -135,32 +137,61 @@ class FeatureExtractor:
             self.failed = err
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        k = int(batch["k"][0])
+        classes = [int(k) for k in json.loads(str(batch["classes"][0]))]
         try:
             if self.failed is not None:
                 raise self.failed
-            if bool(batch["resumed"][0]):  # complete and intact: nothing to do
-                done = ClassExtraction(k, 0, 0, 0, 0.0, resumed=True)
-            else:
-                decoded = DecodedClass(
-                    k=k,
-                    images=torch.from_numpy(np.array(batch["images"][0])),  # a writable copy of the object store's view
-                    entries=[tuple(e) for e in json.loads(str(batch["entries"][0]))],
-                    seconds=float(batch["decode_seconds"][0]),
-                    damage=str(batch["damage"][0]) or None,
-                )
-                die_before_writing_for_test(self.store.fs, self.store.marker_path(k), lambda: self._written(k))
-                (done,) = forward_group(self.config, self.backbone, self.store, [decoded])
-            row, error = done.to_dict(), b""
+            images = torch.from_numpy(np.array(batch["images"][0]))  # a writable copy of the object store's view
+            counts, resumed = json.loads(str(batch["counts"][0])), json.loads(str(batch["resumed"][0]))
+            entries, damage = json.loads(str(batch["entries"][0])), json.loads(str(batch["damage"][0]))
+            seconds = json.loads(str(batch["decode_seconds"][0]))
+            decoded = [
+                DecodedClass(k=k, images=x, entries=[tuple(e) for e in entries[i]], seconds=float(seconds[i]), damage=damage[i])
+                for i, (k, x) in enumerate(zip(classes, images.split(counts))) if not resumed[i]
+            ]
+            die_before_writing_for_test(self.store.fs, {self.store.marker_path(d.k): d.k for d in decoded}, self._written)
+            done = {d.k: d for d in forward_group(self.config, self.backbone, self.store, decoded)}
+            rows = [done[k].to_dict() if k in done else ClassExtraction(k, 0, 0, 0, 0.0, resumed=True).to_dict()
+                    for k in classes]
+            errors = [b""] * len(classes)
         except Exception as err:  # noqa: BLE001 - sent back whole (Ray Data's UserCodeException loses its type)
-            row, error = {**dict.fromkeys(SUMMARY, 0), "k": k}, _as_data(err)
-        return {**{name: np.array([row[name]]) for name in SUMMARY}, "worker": np.array([os.getpid()]),
-                "decoder": batch["decoder"], "error": np.array([error], dtype=object)}
+            rows, errors = [{**dict.fromkeys(SUMMARY, 0), "k": classes[0]}], [_as_data(err)]
+        n = len(rows)
+        return {**{name: np.array([r[name] for r in rows]) for name in SUMMARY}, "worker": np.array([os.getpid()] * n),
+                "decoder": np.repeat(batch["decoder"], n), "error": np.array(errors, dtype=object)}
+
 
     def _written(self, k: int) -> list[str]:
         """The store's objects of class k now (what a fault-injection test records; lists the store)."""
         root = self.store.root
         return sorted(p.removeprefix(root).lstrip("/") for p in self.store.fs.find(root) if class_stem(k) in p)
+
+
+def class_bundles(sizes: Sequence[int], classes: Sequence[int], images: int, workers: int) -> list[list[int]]:
+    """``classes`` in consecutive bundles of at least ``images`` images each (a class with more is
+    a bundle of its own), and at most 1/4 of a worker's share of the classes, so that each of
+    ``workers`` actors gets several bundles. ``sizes[k]``: the images of class k.
+
+    The unit of a Ray Data block: each block costs a task, a read of the store's metadata and of
+    the dataset index, so classes of a few images go together; ImageNet's (~1,300 images) go one
+    by one. Each class is still forwarded and written on its own.
+
+    >>> class_bundles([3] * 10, range(10), images=6, workers=1)
+    [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    >>> class_bundles([1300, 3, 3, 1300] + [3] * 8, range(12), images=256, workers=1)
+    [[0], [1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11]]
+    """
+    classes = list(classes)
+    most = max(1, math.ceil(len(classes) / (4 * max(1, workers))))
+    bundles: list[list[int]] = []
+    held = 0
+    for k in classes:
+        if not bundles or held >= images or len(bundles[-1]) >= most:
+            bundles.append([])
+            held = 0
+        bundles[-1].append(k)
+        held += sizes[k]
+    return bundles
 
 
 WORKER_NOTE = "in the extraction worker:\n"
@@ -176,6 +207,11 @@ def _as_data(err: Exception) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"))
 
 
+@ray.remote(max_retries=2)
+def _class_sizes(config_json: str) -> list[int]:
+    return images_per_class(Config.model_validate_json(config_json))
+
+
 def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None) -> list[dict]:
     """Extract ``classes``; returns one small dict per class (``worker`` and ``decoder``: the pids of
     the actor that forwarded it and of the process that decoded it; classes already complete come
@@ -187,7 +223,9 @@ def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict]
         config_json = config.model_dump_json()
         initial, largest = extract_pool_bounds(ray.cluster_resources(), cluster_most(), compute.extract_gpus, len(todo),
                                                compute.max_extract_workers)
-        ds = ray.data.from_items([{"k": k} for k in todo], override_num_blocks=len(todo))
+        sizes = ray.get(_class_sizes.remote(config_json))
+        bundles = class_bundles(sizes, todo, compute.batch_size, largest)
+        ds = ray.data.from_items([{"classes": json.dumps(b)} for b in bundles], override_num_blocks=len(bundles))
         ds = ds.map_batches(_decode, fn_kwargs={"config_json": config_json}, batch_size=1, num_cpus=1)
         ds = ds.map_batches(
             FeatureExtractor,

@@ -103,20 +103,22 @@ def maybe_fail_for_test(variable: str = "PROTONMF_FAULT_KILL_ONCE") -> None:
         os._exit(137)
 
 
-def die_before_writing_for_test(fs: Any, path: str, written: Callable[[], list[str]]) -> None:
+def die_before_writing_for_test(fs: Any, paths: dict[str, Any], written: Callable[[Any], list[str]]) -> None:
     """Fault injection for tests: if ``PROTONMF_FAULT_KILL_EXTRACT_ONCE`` names a file that does not
-    exist, this worker process dies when ``fs`` is about to write ``path`` (as a lost node or OOM
-    kill would), after writing into that file its pid and what ``written()`` lists then."""
+    exist, this worker process dies when ``fs`` is about to write one of ``paths`` (as a lost node
+    or OOM kill would), after writing into that file its pid, the path, and what
+    ``written(paths[path])`` lists then."""
     marker = os.environ.get("PROTONMF_FAULT_KILL_EXTRACT_ONCE")
-    if not marker or os.path.exists(marker):
+    if not marker or os.path.exists(marker) or not paths:
         return
     pipe_file = fs.pipe_file
 
     def pipe_file_or_die(target, *args, **kwargs):
-        if str(target).startswith(path):  # the object itself, or the temporary file renamed to it
-            with open(marker, "w") as f:
-                json.dump({"pid": os.getpid(), "path": path, "written": written()}, f)
-            os._exit(137)
+        for path, what in paths.items():
+            if str(target).startswith(path):  # the object itself, or the temporary file renamed to it
+                with open(marker, "w") as f:
+                    json.dump({"pid": os.getpid(), "path": path, "written": written(what)}, f)
+                os._exit(137)
         return pipe_file(target, *args, **kwargs)
 
     fs.pipe_file = pipe_file_or_die

@@ -72,9 +72,9 @@ def damaged_or_missing(store: FeatureStore, k: int) -> tuple[bool, dict | None, 
     A complete class is read back and checked against its marker's checksums; an intact one is
     not extracted again, a damaged one is (from the same images: see :func:`_check_same_images`).
     """
-    if not store.is_done(k):
+    done, damage = store.verify_class(k)
+    if not done:
         return True, None, None
-    damage = store.check_class(k)
     if damage is None:
         return False, None, None
     log.warning("class %d of the feature store at %s is damaged (%s): extracting it again", k, store.uri, damage)

@@ -38,7 +38,7 @@ from protonmf.data.records import Record
 from protonmf.data.sources import SOURCE_KINDS, ImageSource
 from protonmf.storage import join, to_fs, write_bytes_atomic
 
-__all__ = ["INDEX_SCHEMA", "ROW_GROUP_ROWS", "index_bytes", "index_table", "open_index", "read_index", "write_index"]
+__all__ = ["INDEX_SCHEMA", "ROW_GROUP_ROWS", "class_sizes", "index_bytes", "index_table", "open_index", "read_index", "write_index"]
 
 INDEX_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -147,6 +147,24 @@ def read_index(
             table = pf.read_row_groups(groups) if groups else INDEX_SCHEMA.empty_table()
             table = table.filter(pc.is_in(table["label"], pa.array(wanted, pa.int32())))
     return table, info
+
+
+def class_sizes(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[int]:
+    """The number of rows (images) of each class of the index at ``uri``, in label order: its
+    label column alone is read."""
+    fs, path = to_fs(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.schema_arrow.metadata or {}
+        if _META_KEY not in meta:
+            raise ValueError(f"{uri} is not a protonmf dataset index")
+        n_classes = len(json.loads(meta[_META_KEY])["classes"])
+        labels = pf.read(columns=["label"])["label"]
+    counts = pc.value_counts(labels) if len(labels) else []
+    sizes = [0] * n_classes
+    for item in counts:
+        sizes[item["values"].as_py()] = item["counts"].as_py()
+    return sizes
 
 
 def _records(table: pa.Table) -> list[Record]:

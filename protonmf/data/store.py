@@ -37,10 +37,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import zarr
+import zarr.errors
+from zarr.storage import FsspecStore, LocalStore, StorePath
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.storage import class_stem, join, read_bytes, sha256, to_fs, write_bytes_atomic
+from protonmf.storage import class_stem, fs_options, join, read_bytes, sha256, to_fs, write_bytes_atomic
 
 __all__ = ["FeatureStore", "RECORD_SCHEMA", "StoreError"]
 
@@ -72,6 +74,11 @@ def _marker_damage(k: int, marker: dict[str, Any] | None) -> str | None:
     if not {"features_sha256", "chunk_images", "records_sha256"} <= set(marker):
         return "its marker holds no checksums (written by an earlier protonmf), so it cannot be verified"
     return None
+
+
+def _zarr_options(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What Zarr opens the filesystem of a remote ``uri`` with: the project's (:func:`fs_options`)."""
+    return fs_options(uri, storage_options) if "://" in str(uri) and not str(uri).startswith("file://") else None
 
 
 def _chunk_digests(data: np.ndarray, rows: int) -> list[str]:
@@ -139,21 +146,41 @@ class FeatureStore:
         write_bytes_atomic(fs, join(root, "head.safetensors"), save_safetensors(
             {"V": V.detach().float().cpu().contiguous(), "bias": bias.detach().float().cpu().contiguous()}
         ))
-        group = zarr.open_group(str(uri), mode="a", storage_options=storage_options or None, attributes=attrs)
+        group = zarr.open_group(str(uri), mode="a", storage_options=_zarr_options(uri, storage_options), attributes=attrs)
         return cls(uri, group, storage_options)
 
     @classmethod
     def open(cls, uri: str, *, storage_options: dict[str, Any] | None = None) -> "FeatureStore":
-        fs, root = to_fs(uri, storage_options)
-        if not fs.exists(join(root, "zarr.json")):
-            raise StoreError(f"no feature store at {uri!r}")
-        group = zarr.open_group(str(uri), mode="r+", storage_options=storage_options or None)
+        # Zarr v3 named, with no consolidated metadata: opening reads the group's zarr.json alone
+        # (2 requests on S3), instead of probing for Zarr v2's files first (9): a worker opens the
+        # store once per task.
+        try:
+            group = zarr.open_group(str(uri), mode="r+", zarr_format=3, use_consolidated=False,
+                                    storage_options=_zarr_options(uri, storage_options))
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise StoreError(f"no feature store at {uri!r}") from None
         return cls(uri, group, storage_options)
 
     # ------------------------------------------------------------------ classes
     def marker_path(self, k: int) -> str:
         """Where class k's completion marker is (written last, see the module's docstring)."""
         return join(self.root, "done", f"{class_stem(k)}.json")
+
+    def _write_array(self, k: int, data: np.ndarray, chunks: tuple[int, int, int]) -> None:
+        """Class k's array, written at its own path: Zarr then neither reads the root group's
+        metadata nor lists the path to clear it (on S3, 4 requests instead of 10 for a new class).
+        An array already there (a class extracted again) is replaced whole, old chunks deleted."""
+        root, stem = self.group.store, class_stem(k)  # a store of the same filesystem, rooted at the class
+        if isinstance(root, FsspecStore):
+            at = FsspecStore(root.fs, path=f"{root.path.rstrip('/')}/{stem}", read_only=False)
+        elif isinstance(root, LocalStore):
+            at = LocalStore(root.root / stem)
+        else:
+            at = StorePath(root, stem)
+        try:
+            zarr.create_array(at, data=data, chunks=chunks, zarr_format=3)
+        except zarr.errors.ContainsArrayError:
+            zarr.create_array(at, data=data, chunks=chunks, zarr_format=3, overwrite=True)
 
     def is_done(self, k: int) -> bool:
         return self.fs.exists(self.marker_path(k))
@@ -183,7 +210,7 @@ class FeatureStore:
             raise ValueError(f"class {k}: {F.shape[0]} feature rows but {used} records with a row")
         data = F.to(torch.float16).cpu().numpy()
         rows = max(1, min(self.chunk_images, data.shape[0]))
-        zarr.create_array(self.group.store, name=class_stem(k), data=data, chunks=(rows, h * w, self.dim), overwrite=True)
+        self._write_array(k, data, (rows, h * w, self.dim))
         sink = pa.BufferOutputStream()
         pq.write_table(records, sink)
         table = sink.getvalue().to_pybytes()
@@ -198,9 +225,9 @@ class FeatureStore:
 
         Raises :class:`StoreError` if the class is not complete or is damaged.
         """
-        if not self.is_done(k):
+        features, damage, done = self._read_checked(k)
+        if not done:
             raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
-        features, damage = self._read_checked(k)
         if damage is not None:
             raise self.damaged(k, damage)
         return torch.from_numpy(features)
@@ -209,14 +236,27 @@ class FeatureStore:
         """What is wrong with complete class k, or None if it reads back as written (reads all of it)."""
         return self._read_checked(k)[1]
 
+    def verify_class(self, k: int) -> tuple[bool, str | None]:
+        """(whether class k is complete: it has a marker, what is wrong with it or None), reading
+        its marker once: :meth:`is_done` then :meth:`check_class` without the first's request."""
+        _, damage, done = self._read_checked(k)
+        return done, damage if done else None
+
     def read_marker(self, k: int) -> dict[str, Any] | None:
         """Class k's completion marker; None if there is none or it is not valid JSON."""
-        if not self.is_done(k):
-            return None
+        return self._load_marker(k)[1]
+
+    def _load_marker(self, k: int) -> tuple[bool, dict[str, Any] | None]:
+        """(whether class k has a marker, the marker or None if it is not valid JSON), in one read:
+        the marker is read where it is checked, not looked up first (a request each on S3)."""
         try:
-            return json.loads(read_bytes(self.fs, self.marker_path(k)))
+            data = read_bytes(self.fs, self.marker_path(k))
+        except FileNotFoundError:
+            return False, None
+        try:
+            return True, json.loads(data)
         except ValueError:
-            return None
+            return True, None
 
     def damaged(self, k: int, damage: str) -> StoreError:
         """The error that reports class k as damaged (``damage`` says what is wrong)."""
@@ -225,30 +265,30 @@ class FeatureStore:
     def _table(self, k: int) -> str:
         return join(self.root, "tables", f"{class_stem(k)}.parquet")
 
-    def _read_checked(self, k: int) -> tuple[np.ndarray | None, str | None]:
-        """Class k's features and what is wrong with the class (None if nothing).
+    def _read_checked(self, k: int) -> tuple[np.ndarray | None, str | None, bool]:
+        """Class k's features, what is wrong with the class (None if nothing), and whether it has a marker.
 
         I/O errors propagate (the network may heal, and the class is not damaged by them); what
         does not decode or does not match the marker is damage.
         """
-        if not self.is_done(k):
-            return None, f"it has no completion marker done/{class_stem(k)}.json"
-        marker = self.read_marker(k)
+        done, marker = self._load_marker(k)
+        if not done:
+            return None, f"it has no completion marker done/{class_stem(k)}.json", False
         damage = _marker_damage(k, marker)
         if damage is not None:
-            return None, damage
+            return None, damage, True
         try:
             array = self.group[class_stem(k)]
         except OSError:
             raise
         except Exception as err:  # noqa: BLE001 - KeyError (gone) or unreadable metadata: both damage
-            return None, f"its array {class_stem(k)}/ cannot be opened ({type(err).__name__}: {err})"
+            return None, f"its array {class_stem(k)}/ cannot be opened ({type(err).__name__}: {err})", True
         h, w = self.grid
         n, rows, digests = int(marker["n_images"]), int(marker["chunk_images"]), marker["features_sha256"]
         if tuple(array.shape) != (n, h * w, self.dim):
-            return None, f"its array has shape {tuple(array.shape)}, its marker says {(n, h * w, self.dim)}"
+            return None, f"its array has shape {tuple(array.shape)}, its marker says {(n, h * w, self.dim)}", True
         if len(digests) != math.ceil(n / rows):
-            return None, f"its marker lists {len(digests)} chunk checksums for {n} images in chunks of {rows}"
+            return None, f"its marker lists {len(digests)} chunk checksums for {n} images in chunks of {rows}", True
         try:
             data = np.asarray(array[...])
         except OSError:
@@ -269,16 +309,16 @@ class FeatureStore:
                 lost = not self.fs.exists(join(self.root, class_stem(k), array.metadata.encode_chunk_key((i, 0, 0))))
                 problems.append(f"{what} is missing (Zarr reads it as zeros)" if lost else f"{what} does not match its sha256")
         if problems:
-            return None, "; ".join(problems)
+            return None, "; ".join(problems), True
         damage = self._read_table(k, marker)[1]
-        return (data, None) if damage is None else (None, damage)
+        return (data, None, True) if damage is None else (None, damage, True)
 
     def _read_table(self, k: int, marker: dict[str, Any]) -> tuple[bytes | None, str | None]:
         """Class k's record table (Parquet bytes) and what is wrong with it (None if nothing)."""
-        path = self._table(k)
-        if not self.fs.exists(path):
+        try:
+            data = read_bytes(self.fs, self._table(k))
+        except FileNotFoundError:
             return None, f"its record table tables/{class_stem(k)}.parquet is missing"
-        data = read_bytes(self.fs, path)
         if sha256(data) != marker["records_sha256"]:
             return None, f"its record table tables/{class_stem(k)}.parquet does not match its sha256"
         return data, None
@@ -288,9 +328,9 @@ class FeatureStore:
         ks = self.done_classes() if classes is None else list(classes)
         tables = []
         for k in ks:
-            if not self.is_done(k):
+            done, marker = self._load_marker(k)
+            if not done:
                 raise StoreError(f"class {k} is not complete in the store at {self.uri!r}")
-            marker = self.read_marker(k)
             damage = _marker_damage(k, marker)
             data, damage = (None, damage) if damage is not None else self._read_table(k, marker)
             if damage is not None:

@@ -19,13 +19,13 @@ from typing import Any
 
 from protonmf.config import Config
 from protonmf.data import ImageSource, make_source
-from protonmf.data.index import index_table, open_index, read_index, write_index
+from protonmf.data.index import class_sizes, index_table, open_index, read_index, write_index
 from protonmf.data.sources.relabel import relabel_by_name
 from protonmf.data.sources.base import open_fs
 from protonmf.data.sources.shards import fingerprint, list_shards, read_classes_txt, shard_folder
 from protonmf.storage import join, to_fs
 
-__all__ = ["index_data", "list_split", "make_split_source"]
+__all__ = ["images_per_class", "index_data", "list_split", "make_split_source"]
 
 IN_MEMORY = ("synthetic", "digits")
 SHARDED = {"parquet": ".parquet", "webdataset": ".tar"}
@@ -145,3 +145,15 @@ def _only(source: ImageSource, labels: Sequence[int]) -> ImageSource:
     source.records = [r for r in source.records if r.label in wanted]
     source.__dict__.pop("_by_label", None)
     return source
+
+
+def images_per_class(config: Config) -> list[int]:
+    """How many training images each class has, in label order: from the dataset index when the
+    run's prepare step wrote one (its label column alone), else from the source's records."""
+    if config.data.train_index:
+        return class_sizes(config.data.train_index, storage_options=config.storage.storage_options or None)
+    source = make_split_source(config, "train")
+    sizes = [0] * len(source.classes)
+    for r in source.records:
+        sizes[r.label] += 1
+    return sizes
