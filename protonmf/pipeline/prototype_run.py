@@ -301,7 +301,8 @@ def _group_gallery(config: Config, store: FeatureStore, classes: list[int], code
         record = by_id.get(image_id)
         return (None, "no longer in the training data") if record is None else source.load(record)
 
-    return gallery_table(codes, classes, store.read_records(classes), load, make_preprocess(config), store.grid)
+    records = [store.read_records([k]) for k in classes]
+    return gallery_table(codes, classes, records, load, make_preprocess(config), store.grid)
 
 
 def _group_fit(classes: list[int], by_p: dict[int, ClassPrototypes], resumed: bool) -> GroupFit:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from protonmf.data.preprocess import Preprocess
 
-__all__ = ["GALLERY_SCHEMA", "PATCH_MAX_SIDE", "TopCodes", "cell_box", "gallery_table", "patch_picture",
+__all__ = ["GALLERY_SCHEMA", "PATCH_MAX_SIDE", "TopCodes", "cell_box", "class_patches", "gallery_table", "patch_picture",
            "read_gallery", "top_codes", "write_gallery"]
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def _patch(crop_pixels: np.ndarray, box: tuple[float, float, float, float]) -> t
 def gallery_table(
     codes: dict[int, TopCodes],
     classes: Sequence[int],
-    records: pa.Table,
+    records: Sequence[pa.Table],
     load: Callable[[str], tuple[Image.Image | None, str | None]],
     preprocess: Preprocess,
     grid: tuple[int, int],
@@ -162,13 +163,12 @@ def gallery_table(
     Parameters
     ----------
     codes : p → :class:`TopCodes` of ``classes``, in their order.
-    records : the feature store's record table of these classes (``label``, ``row``, ``image_id``, ``uri``).
+    records : the feature store's record table of each class (``row``, ``image_id``, ``uri``), in the order of ``classes``.
     load : image_id → (PIL image, None) or (None, reason), as the source loads it.
     preprocess : the run's preprocessing; ``grid`` : the feature grid (h, w).
     """
-    where = {(lab, row): (iid, uri) for lab, row, iid, uri in zip(
-        records["label"].to_pylist(), records["row"].to_pylist(), records["image_id"].to_pylist(), records["uri"].to_pylist())
-        if row is not None}
+    where = {(pos, row): (iid, uri) for pos, table in enumerate(records) for row, iid, uri in zip(
+        table["row"].to_pylist(), table["image_id"].to_pylist(), table["uri"].to_pylist()) if row is not None}
     cache: dict[str, tuple[tuple[int, int], np.ndarray] | None] = {}
 
     def image(iid: str) -> tuple[tuple[int, int], np.ndarray] | None:
@@ -189,7 +189,7 @@ def gallery_table(
                     if r < 0:
                         break
                     img_row, box = cell_box(r, grid, preprocess.crop)
-                    iid, uri = where[(c, img_row)]
+                    iid, uri = where[(pos, img_row)]
                     loaded = image(iid)
                     if loaded is None:
                         orig, jpeg, cell = (None,) * 4, None, (None,) * 4
@@ -219,3 +219,14 @@ def read_gallery(data: bytes) -> pa.Table:
 def patch_picture(jpeg: bytes | None) -> np.ndarray | None:
     """A stored patch as an (h, w, 3) uint8 array (None for a patch whose image was unreadable)."""
     return None if jpeg is None else np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+def class_patches(table: pa.Table, c: int, p: int) -> list[list[tuple[np.ndarray | None, tuple[float, float, float, float], float]]]:
+    """Class ``c``'s gallery from ``table`` (one p's rows, e.g. ``model.gallery()``), per prototype
+    0..p−1 in rank order: (picture, cell box in the picture, E entry) for drawing."""
+    out: list[list] = [[] for _ in range(p)]
+    cols = table.filter(pc.equal(table["class_idx"], c)).sort_by([("prototype", "ascending"), ("rank", "ascending")]).to_pydict()
+    for i, jpeg, x0, y0, x1, y1, score in zip(cols["prototype"], cols["patch_jpeg"], cols["cell_x0"], cols["cell_y0"],
+                                               cols["cell_x1"], cols["cell_y1"], cols["score"]):
+        out[i].append((patch_picture(jpeg), (x0, y0, x1, y1), score))
+    return out

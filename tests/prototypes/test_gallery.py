@@ -79,9 +79,9 @@ def test_a_cell_maps_back_through_resize_and_centre_crop_by_hand():
                           torch.tensor([3 * 49]), 2)}
     import pyarrow as pa
 
-    records = pa.table({"label": [0, 0, 0], "row": [0, 1, 2], "image_id": ["a", "b", "c"], "uri": ["u/a", "u/b", "u/c"]})
+    records = pa.table({"row": [0, 1, 2], "image_id": ["a", "b", "c"], "uri": ["u/a", "u/b", "u/c"]})
     pixels = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
-    table = gallery_table(codes, [0], records, lambda iid: (Image.fromarray(pixels), None), pre, (7, 7)).to_pylist()
+    table = gallery_table(codes, [7], [records], lambda iid: (Image.fromarray(pixels), None), pre, (7, 7)).to_pylist()
     assert len(table) == 1  # the other entries of E are 0: no gallery from them
     r = table[0]
     assert (r["image_id"], r["uri"], r["row"], r["score"]) == ("c", "u/c", 2 * 49 + 8, 1.0)
@@ -133,3 +133,30 @@ def test_the_gallery_goes_with_derived_and_saved_models_and_is_absent_from_in_me
         again.gallery(1)
     with pytest.raises(ValueError, match="this model has no gallery"):
         resnet_model.gallery()
+
+
+def test_explain_draws_each_prototype_beside_its_gallery(run, tmp_path):
+    """protonmf explain on a training image of class 0: its picture shows every prototype's colour
+    and, per prototype, the gallery the artifact holds; the JSON gives the gallery's numbers."""
+    import json
+
+    from flows.cli import main
+    from protonmf.pipeline.prototype_run import make_split_source
+    from protonmf.viz.prototype_figures import PROTOTYPE_COLORS
+
+    config, _, _, uri = run
+    source = make_split_source(config, "train", labels=[0])
+    img, _ = source.load(source.records_of(0)[0])
+    img.save(tmp_path / "bird.png")
+    assert main(["explain", uri, str(tmp_path / "bird.png"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "out" / "explanations.json").read_text())[0]["model"]
+    c = result["predicted_class"]
+    table = PrototypeModel.load(uri).gallery().to_pylist()
+    assert [[g["image_id"] for g in proto] for proto in result["gallery"]] == [
+        [r["image_id"] for r in table if r["class_idx"] == c and r["prototype"] == i] for i in range(3)]
+    assert result["gallery"][0][0]["box"] == [next(r[x] for r in table if (r["class_idx"], r["prototype"], r["rank"]) == (c, 0, 0))
+                                             for x in ("x0", "y0", "x1", "y1")]
+    pixels = np.asarray(Image.open(result["picture"]).convert("RGB")).astype(float)
+    for i in range(3):
+        near = (np.linalg.norm(pixels - PROTOTYPE_COLORS[i] * 255, axis=-1) < 30).sum()
+        assert near > 300, (i, near)  # its label, heatmap frame and the outlines of its 5 patches
