@@ -85,6 +85,9 @@ class PrototypesConfig(_Section):
     # prototype's heatmap (Tan et al. 2024). Only "distributed" enters the fit key.
     residual: Literal["equal", "distributed"] = "equal"
     classes_per_task: int = Field(16, ge=1)
+    # Training patches kept per prototype of every fitted p (the largest entries of E; 0: none).
+    # Enters the fit key: the gallery is staged and published with the fit it is read from.
+    gallery: int = Field(5, ge=0)
 
     @field_validator("p")
     @classmethod

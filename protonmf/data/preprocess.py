@@ -88,28 +88,45 @@ class Preprocess:
     def __call__(self, img: Image.Image) -> Tensor:
         return self.normalize(self.to_uint8(img))
 
+    def _placement(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(resized width, resized height, crop left, crop top) for an image of ``size`` (width,
+        height), in torchvision's arithmetic: the shorter side becomes ``resize`` and the longer
+        one ``int(resize · long / short)``, then a centre crop starting at ``round((side − crop) / 2)``."""
+        W, H = int(size[0]), int(size[1])
+        if W < 1 or H < 1:
+            raise ValueError(f"image size must be positive, got {size!r}")
+        short, long = min(W, H), max(W, H)
+        new_long = int(self.resize * long / short)
+        new_W, new_H = (self.resize, new_long) if W <= H else (new_long, self.resize)
+        return new_W, new_H, int(round((new_W - self.crop) / 2.0)), int(round((new_H - self.crop) / 2.0))
+
     def map_points(self, points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Pixel positions in an image of ``size`` (width, height) → positions in its preprocessed
-        (crop × crop) version, and whether they are inside it.
-
-        Follows torchvision's arithmetic: the shorter side becomes ``resize`` and the longer one
-        ``int(resize · long / short)``, then a centre crop starting at ``round((side − crop) / 2)``.
+        (crop × crop) version, and whether they are inside it (see :meth:`_placement`).
 
         Parameters
         ----------
         points : (..., 2) array of (x, y). size : the original image's (width, height).
         """
         W, H = int(size[0]), int(size[1])
-        if W < 1 or H < 1:
-            raise ValueError(f"map_points: image size must be positive, got {size!r}")
-        short, long = min(W, H), max(W, H)
-        new_long = int(self.resize * long / short)
-        new_W, new_H = (self.resize, new_long) if W <= H else (new_long, self.resize)
-        left, top = int(round((new_W - self.crop) / 2.0)), int(round((new_H - self.crop) / 2.0))
+        new_W, new_H, left, top = self._placement(size)
         pts = np.asarray(points, dtype=np.float64)
         out = np.stack([pts[..., 0] * new_W / W - left, pts[..., 1] * new_H / H - top], -1)
         inside = (out[..., 0] >= 0) & (out[..., 0] < self.crop) & (out[..., 1] >= 0) & (out[..., 1] < self.crop)
         return out, inside
+
+    def unmap_points(self, points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Positions in the preprocessed (crop × crop) image → pixel positions in the original image
+        of ``size`` (width, height): the inverse of :meth:`map_points`.
+
+        Parameters
+        ----------
+        points : (..., 2) array of (x, y) in the crop. size : the original image's (width, height).
+        """
+        W, H = int(size[0]), int(size[1])
+        new_W, new_H, left, top = self._placement(size)
+        pts = np.asarray(points, dtype=np.float64)
+        return np.stack([(pts[..., 0] + left) * W / new_W, (pts[..., 1] + top) * H / new_H], -1)
 
     def undo(self, images: Tensor) -> np.ndarray:
         """Normalized images (N, 3, H, W) back to displayable (N, H, W, 3) floats in [0, 1]."""

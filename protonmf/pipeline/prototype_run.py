@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -34,7 +35,8 @@ from protonmf.data.extract import ClassExtraction, DecodedClass, decode_class, e
 from protonmf.data.sources.shards import shard_folder
 from protonmf.pipeline.datasets import index_data, make_split_source
 from protonmf.pipeline.staging import class_groups, group_stem, published_key, run_key, staging_dir
-from protonmf.prototypes.fit import ClassPrototypes, fit_classes, fit_settings
+from protonmf.prototypes.fit import ClassPrototypes, fit_classes_and_codes, fit_settings
+from protonmf.prototypes.gallery import GALLERY_SCHEMA, TopCodes, gallery_table, read_gallery, write_gallery
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
 from protonmf.data.store import FeatureStore
@@ -229,7 +231,7 @@ def forward_group(
 
 def fit_key(config: Config, store: FeatureStore) -> str:
     pr = config.prototypes
-    return run_key(features=store.key, p=pr.p, settings=_settings(config))
+    return run_key(features=store.key, p=pr.p, settings=_settings(config), gallery=pr.gallery)
 
 
 def _settings(config: Config) -> dict[str, Any]:
@@ -270,15 +272,37 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         features = [store.read_class(k).reshape(-1, store.dim) for k in classes]  # (n_k·h·w, D) float16
         V, bias = store.head()
         pr = config.prototypes
-        by_p = fit_classes(  # every p in one pass over A per NMF update
-            features, V[classes], bias[classes], pr.p, max_iter=pr.max_iter, tol=pr.tol,
+        by_p, codes = fit_classes_and_codes(  # every p in one pass over A per NMF update
+            features, V[classes], bias[classes], pr.p, top_k=pr.gallery, max_iter=pr.max_iter, tol=pr.tol,
             seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, residual=pr.residual,
             device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
+        # The gallery goes in first: a staged fit (the resume marker) always has its gallery beside it.
+        write_bytes_atomic(fs, _gallery_path(staging, classes), write_gallery(_group_gallery(config, store, classes, codes)))
         tensors = {f"p{p}.{name}": t for p, fit in by_p.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
         resumed = False
     return _group_fit(classes, _split_by_p(tensors), resumed)
+
+
+def _gallery_path(staging: str, classes: list[int]) -> str:
+    return join(staging, group_stem(classes) + ".gallery.parquet")
+
+
+def _group_gallery(config: Config, store: FeatureStore, classes: list[int], codes: dict[int, TopCodes]) -> pa.Table:
+    """The gallery rows of ``classes`` (:mod:`protonmf.prototypes.gallery`): the images the largest
+    E entries name are read again (only those), for their size and the patches' pixels."""
+    if config.prototypes.gallery == 0:
+        return GALLERY_SCHEMA.empty_table()
+    source = make_split_source(config, "train", labels=classes)
+    by_id = {r.image_id: r for r in source.records}
+
+    def load(image_id: str):
+        record = by_id.get(image_id)
+        return (None, "no longer in the training data") if record is None else source.load(record)
+
+    records = [store.read_records([k]) for k in classes]
+    return gallery_table(codes, classes, records, load, make_preprocess(config), store.grid)
 
 
 def _group_fit(classes: list[int], by_p: dict[int, ClassPrototypes], resumed: bool) -> GroupFit:
@@ -342,13 +366,16 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         for p, fit in _split_by_p(load_safetensors(read_bytes(fs, path))).items():
             by_p[p].append(fit)
     fits = [ClassPrototypes.concat(by_p[p]) for p in config.prototypes.p]
+    gallery = pa.concat_tables([read_gallery(read_bytes(fs, _gallery_path(staging, g))) for g in groups])
     model = PrototypeModel.from_prototypes(
         backbone.cpu(),
         fits,
         store.class_names,
         preprocess=make_preprocess(config).to_dict(),
         settings={**_settings(config), "p": list(config.prototypes.p), "fit_key": key, "features": store.uri,
-                  "weights_sha256": weights_sha256(backbone.model), "data": held_out_data(config)},
+                  "weights_sha256": weights_sha256(backbone.model), "data": held_out_data(config),
+                  "gallery": config.prototypes.gallery},
+        gallery=gallery,
     )
     model.save(uri, keep_versions=config.storage.keep_versions, storage_options=opts)  # a new version, then the pointer
     fs.rm(staging, recursive=True)

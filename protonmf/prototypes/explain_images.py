@@ -1,7 +1,9 @@
 """Explain single images with a prototype model: numbers as JSON, pictures as PNG (Figure 3 / 9).
 
 For each image: the predicted class, each prototype's contribution to that logit, the residual's
-share, the bias, and a picture with each prototype's area in its own colour. With interventions
+share, the bias, and a picture with, per prototype, its heatmap in its own colour, its
+contribution and coefficient, and its gallery (the training patches where it is most present, when
+the model has one: :mod:`protonmf.prototypes.gallery`). With interventions
 (paper A.4), the same again for the edited model, so the two can be compared.
 """
 
@@ -11,9 +13,11 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
 
 from protonmf.data import Preprocess, load_image
+from protonmf.prototypes.gallery import class_patches
 from protonmf.viz.prototype_figures import explanation_figure
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.viz.png import figure_png
@@ -59,6 +63,17 @@ def _describe(model: PrototypeModel, images: torch.Tensor) -> tuple[list[dict[st
     return rows, exp
 
 
+def _gallery_entries(gallery, c: int, p: int) -> list[list[dict[str, Any]]]:
+    """Class c's gallery as numbers, per prototype: image id, URI, box (x0, y0, x1, y1) in the image's pixels, E."""
+    rows = gallery.filter(pc.equal(gallery["class_idx"], c)).select(
+        ["prototype", "image_id", "uri", "x0", "y0", "x1", "y1", "score"]).to_pylist()
+    out: list[list[dict[str, Any]]] = [[] for _ in range(p)]
+    for r in rows:
+        out[r.pop("prototype")].append({"image_id": r["image_id"], "uri": r["uri"], "score": r["score"],
+                                        "box": [r["x0"], r["y0"], r["x1"], r["y1"]]})
+    return out
+
+
 def explain_images(
     model: PrototypeModel,
     uris: Sequence[str],
@@ -74,6 +89,7 @@ def explain_images(
     pre = Preprocess(**model.preprocess) if model.preprocess else Preprocess()
     fs, root = to_fs(out, storage_options)
     edited = model.intervene({_class_key(model, k): list(v) for k, v in interventions.items()}) if interventions else None
+    gallery = model.gallery() if model.has_gallery else None  # the same p for the intervened model
     results = []
     for i, uri in enumerate(uris):
         img, reason = load_image(uri)
@@ -89,14 +105,19 @@ def explain_images(
             rows, exp = _describe(m, x)
             row = rows[0]
             stem = f"{i:03d}_{name}"
+            c = row["predicted_class"]
             fig = explanation_figure(
                 display, exp.heatmaps[0].numpy(), exp.residual_heatmap[0].numpy(), row["contributions"],
                 title=f"{'intervened: ' if name == 'intervened' else ''}{row['predicted_name']} "
                       f"(logit {row['logit']:.3f}, p {row['probability']:.2f})",
                 residual=None if row["residual_spread_over_prototypes"] else row["residual"],
+                coefficients=row["coefficients"],
+                patches=class_patches(gallery, c, m.p) if gallery is not None else None,
             )
             write_bytes_atomic(fs, join(root, f"{stem}.png"), figure_png(fig, dpi=100))
             entry[name] = {**row, "picture": join(out, f"{stem}.png")}
+            if gallery is not None:
+                entry[name]["gallery"] = _gallery_entries(gallery, c, m.p)
         results.append(entry)
     write_bytes_atomic(fs, join(root, "explanations.json"), json.dumps(results, indent=2).encode())
     return results

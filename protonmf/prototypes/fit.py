@@ -30,9 +30,10 @@ from protonmf.head import (
     reconstruct_head,
 )
 from protonmf.nmf import NMFResult, nmf, nmf_sweep
+from protonmf.prototypes.gallery import TopCodes, top_codes
 
 __all__ = [
-    "ClassPrototypes", "fit_classes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings", "residual_only",
+    "ClassPrototypes", "fit_classes", "fit_classes_and_codes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings", "residual_only",
     "stack_classes",
 ]
 
@@ -314,18 +315,35 @@ def fit_classes(
     -------
     dict mapping each p to the :class:`ClassPrototypes` of the K classes, in their order.
     """
+    return fit_classes_and_codes(features, V, bias, ps, top_k=0, **fit_kwargs)[0]
+
+
+def fit_classes_and_codes(
+    features: Sequence[Tensor], V: Tensor, bias: Tensor | None, ps: Sequence[int], *, top_k: int, **fit_kwargs: Any
+) -> tuple[dict[int, ClassPrototypes], dict[int, TopCodes]]:
+    """:func:`fit_classes`, and the ``top_k`` largest E entries of every prototype
+    (:func:`~protonmf.prototypes.gallery.top_codes`: the gallery, read off this very NMF).
+
+    Returns
+    -------
+    (p → :class:`ClassPrototypes`, p → :class:`~protonmf.prototypes.gallery.TopCodes`), classes in their order.
+    """
     rows = [int(F.reshape(-1, F.shape[-1]).shape[0]) for F in features]
     full = [k for k, n in enumerate(rows) if n > 0]
     empty = [k for k, n in enumerate(rows) if n == 0]
     bias_of = (lambda idx: None) if bias is None else (lambda idx: bias[idx])
     parts: dict[int, list[ClassPrototypes]] = {p: [] for p in ps}
+    codes: dict[int, list[TopCodes]] = {p: [] for p in ps}
     if full:
         A, n_rows = stack_classes([features[k] for k in full])
-        for p, (fit, _) in fit_prototypes_sweep(A, V[full], bias_of(full), ps, n_rows=n_rows, **fit_kwargs).items():
+        for p, (fit, res) in fit_prototypes_sweep(A, V[full], bias_of(full), ps, n_rows=n_rows, **fit_kwargs).items():
             parts[p].append(fit)
+            codes[p].append(top_codes(res.E, n_rows, top_k))
     for p in ps:
         if empty:
             parts[p].append(residual_only(V[empty], bias_of(empty), p))
+            codes[p].append(TopCodes.empty(len(empty), p, top_k))
     order = torch.argsort(torch.tensor(full + empty))  # back to the classes' own order (concat is on the CPU)
-    return {p: ClassPrototypes(**{f.name: getattr(ClassPrototypes.concat(parts[p]), f.name)[order] for f in fields(ClassPrototypes)})
+    fits = {p: ClassPrototypes(**{f.name: getattr(ClassPrototypes.concat(parts[p]), f.name)[order] for f in fields(ClassPrototypes)})
             for p in ps}
+    return fits, {p: TopCodes.concat(codes[p]).take(order) for p in ps}

@@ -17,6 +17,8 @@ The artifact is a folder (any fsspec URI):
   written last, so a folder without it is not an artifact.
 - ``backbone.safetensors``: the backbone's state dict.
 - ``prototypes_p{p}.safetensors``: :class:`~protonmf.fit.ClassPrototypes` for each p.
+- ``gallery.parquet`` (a run's fit): the training patches where each prototype is most present,
+  every p (:mod:`protonmf.prototypes.gallery`); read when :meth:`PrototypeModel.gallery` is first called.
 
 Devices and dtypes follow :mod:`protonmf.devices`: the prototypes live where the backbone is, a
 model derived from this one (``with_p``, ``with_mode``, ``intervene``) where this one is, inputs
@@ -25,10 +27,12 @@ are moved to the model and results come back where the inputs were.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as nnf
 from safetensors.torch import load as load_safetensors
@@ -39,6 +43,7 @@ from protonmf.artifact import ArtifactError, open_artifact, write_artifact
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
 from protonmf.devices import back_to, output_dtype, to_model
 from protonmf.head import residual_heatmap
+from protonmf.prototypes.gallery import read_gallery, write_gallery
 from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes, fit_prototypes_sweep, fit_settings, stack_classes
 from protonmf.nnls import nnls
 
@@ -48,6 +53,7 @@ Mode = Literal["augmented", "nmf_only", "residual_only"]
 MODES: tuple[str, ...] = ("augmented", "nmf_only", "residual_only")
 FORMAT = "protonmf.prototype_model"
 FORMAT_VERSION = 1
+GALLERY_FILE = "gallery.parquet"
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ class PrototypeModel(nn.Module):
         settings: Mapping[str, Any] | None = None,
         interventions: Mapping[int, Sequence[int]] | None = None,
         extra_prototypes: Mapping[int, ClassPrototypes] | None = None,
+        gallery: pa.Table | Callable[[], pa.Table] | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -118,6 +125,9 @@ class PrototypeModel(nn.Module):
         # Other prototype counts of the same fit, kept so that save() writes them all back; they
         # stay where they were given (with_p moves the chosen one to this model).
         self.extra_prototypes = dict(extra_prototypes or {})
+        # The gallery of every fitted p (protonmf.prototypes.gallery), or a function that reads it
+        # from the artifact when first asked for; None: the model has none (fitted in memory).
+        self._gallery = gallery
         for f in fields(prototypes):  # copies: the model owns its buffers
             self.register_buffer(f.name, getattr(prototypes, f.name).detach().to(backbone.device, copy=True))
 
@@ -212,7 +222,8 @@ class PrototypeModel(nn.Module):
         """
         kwargs = {
             "mode": self.mode, "preprocess": self.preprocess, "settings": self.settings,
-            "interventions": self.interventions, "extra_prototypes": self.extra_prototypes, **changes,
+            "interventions": self.interventions, "extra_prototypes": self.extra_prototypes,
+            "gallery": self._gallery, **changes,
         }
         model = PrototypeModel(self.backbone, prototypes, self.class_names, **kwargs)
         for name, buffer in self.named_buffers(recurse=False):
@@ -232,6 +243,27 @@ class PrototypeModel(nn.Module):
     def with_mode(self, mode: Mode) -> "PrototypeModel":
         """The same prototypes read in another mode of Table 3."""
         return self._derive(self.prototypes, mode=mode)
+
+    @property
+    def has_gallery(self) -> bool:
+        return self._gallery is not None
+
+    def gallery(self, p: int | None = None) -> pa.Table:
+        """The training patches where each prototype is most present (:mod:`protonmf.prototypes.gallery`),
+        of this model's p (or of the fitted ``p``), ordered by class, prototype and rank.
+
+        Raises ValueError if the model has none (fitted in memory, or published before galleries).
+        """
+        if self._gallery is None:
+            raise ValueError("this model has no gallery: galleries are made by the run's fit "
+                             "(prototypes.gallery > 0); a model fitted in memory or published before them has none")
+        if callable(self._gallery):
+            self._gallery = self._gallery()  # read once, then kept
+        q = self.p if p is None else int(p)
+        if q not in self.available_p:
+            raise ValueError(f"p = {q} was not fitted; available: {self.available_p}")
+        table = self._gallery.filter(pc.equal(self._gallery["p"], q))
+        return table.sort_by([("class_idx", "ascending"), ("prototype", "ascending"), ("rank", "ascending")])
 
     # ----------------------------------------------------------------- inference
     def _class_vectors(self) -> tuple[Tensor, Tensor]:
@@ -392,6 +424,11 @@ class PrototypeModel(nn.Module):
         fits = {self.p: self.prototypes, **self.extra_prototypes}
         for p, fit in sorted(fits.items()):
             files[f"prototypes_p{p}.safetensors"] = save_safetensors(fit.to_tensors())
+        if self._gallery is not None:
+            if callable(self._gallery):
+                self._gallery = self._gallery()
+            table = self._gallery.filter(pc.is_in(self._gallery["p"], pa.array(sorted(fits), pa.int32())))
+            files[GALLERY_FILE] = write_gallery(table)
         meta = {
             "backbone": self.backbone.spec_dict(),
             "preprocess": self.preprocess,
@@ -450,6 +487,7 @@ class PrototypeModel(nn.Module):
             settings=manifest.get("settings"),
             interventions={int(k): v for k, v in manifest.get("interventions", {}).items()},
             extra_prototypes=fits,
+            gallery=(lambda: read_gallery(blob(GALLERY_FILE))) if GALLERY_FILE in manifest["files"] else None,
         )
         model.version = reader.version
         return model.to(map_location).eval()

@@ -3,23 +3,30 @@
 - :func:`prototype_overlay`: each prototype's area in its own colour (ProtoNMF Figures 2–4): a
   pixel takes the colour of the prototype with the largest heatmap there (each heatmap scaled to
   its own maximum), drawn where that prototype is at least ``threshold`` of its maximum.
-- :func:`explanation_figure`: one image, its overlay, the residual heatmap, and a bar per
-  prototype contribution (Figure 3 / Figure 9).
+- :func:`presence_overlay`: one prototype's heatmap in its own colour over a grey copy of the image;
+  :func:`presence_strip` for n images with its contribution to each, :func:`patch_strip` its
+  gallery (the training patches where it is most present, its cell outlined in its colour).
+- :func:`explanation_figure`: one image, the residual heatmap, a bar per prototype contribution,
+  and per prototype a row: its heatmap, contribution and gallery (Figure 3 / Figure 9).
 - :func:`error_curves`: feature and head reconstruction errors against p (Figure 5).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
+import matplotlib.colors
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-__all__ = ["PROTOTYPE_COLORS", "error_curves", "explanation_figure", "prototype_overlay"]
+__all__ = ["PROTOTYPE_COLORS", "colour_hex", "draw_patches", "error_curves", "explanation_figure", "patch_strip",
+           "presence_overlay", "presence_strip", "prototype_colour", "prototype_overlay"]
 
 PROTOTYPE_COLORS = np.array(plt.get_cmap("tab10").colors)  # prototype i has colour i % 10
 
@@ -44,6 +51,80 @@ def prototype_overlay(image: np.ndarray, heatmaps: np.ndarray, *, threshold: flo
     return np.clip((1 - weight) * image + weight * colour, 0, 1)
 
 
+def prototype_colour(i: int) -> np.ndarray:
+    """Prototype i's colour (RGB in [0, 1]): its bar, its heatmap, its legend entry, its patches."""
+    return PROTOTYPE_COLORS[i % len(PROTOTYPE_COLORS)]
+
+
+def colour_hex(i: int) -> str:
+    return matplotlib.colors.to_hex(prototype_colour(i))
+
+
+def presence_overlay(image: np.ndarray, heatmap: np.ndarray, colour: Sequence[float], *, vmax: float,
+                     alpha: float = 0.85) -> np.ndarray:
+    """One prototype's heatmap in its own colour over a dimmed grey copy of the image.
+
+    A pixel is ``(1 − t) · grey + t · colour`` with t = ``alpha`` · clip(heatmap / vmax, 0, 1):
+    where the prototype is at ``vmax`` it is (nearly) its colour, where it is absent the image shows
+    in grey, so the colour is never confused with the image's own.
+
+    Parameters
+    ----------
+    image : (H, W, 3) float in [0, 1]. heatmap : (H, W) non-negative. vmax : the heatmap value drawn at full strength.
+    """
+    grey = 0.35 + 0.5 * image.mean(-1, keepdims=True)  # dimmed, so that a colour at full strength stands out
+    t = (alpha * np.clip(heatmap / max(float(vmax), 1e-12), 0, 1))[..., None]
+    return np.clip((1 - t) * grey + t * np.asarray(colour)[None, None, :3], 0, 1)
+
+
+def draw_patches(axes: Sequence[Any], patches: Sequence[tuple[np.ndarray | None, tuple[float, float, float, float], float]],
+                 colour: Sequence[float]) -> None:
+    """A prototype's gallery (:mod:`protonmf.prototypes.gallery`) on ``axes``, one patch each: the
+    picture with its cell outlined in the prototype's colour, E above it; spare axes are blanked."""
+    for j, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if j >= len(patches) or patches[j][0] is None:
+            ax.axis("off")
+            continue
+        picture, (x0, y0, x1, y1), score = patches[j]
+        ax.imshow(picture, interpolation="nearest")
+        ax.add_patch(matplotlib.patches.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                                  edgecolor=colour, linewidth=2))
+        ax.set_title(f"E = {score:.3g}", fontsize=7)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(2)
+
+
+def presence_strip(images: np.ndarray, heatmaps: np.ndarray, colour: Sequence[float], contributions: Sequence[float]) -> Figure:
+    """One prototype in n images: its heatmap in its colour (scaled to its largest value over these
+    images, so strengths compare), and its contribution to each image's logit above it.
+
+    Parameters
+    ----------
+    images : (n, H, W, 3) in [0, 1]. heatmaps : (n, H, W). contributions : n values.
+    """
+    n = len(images)
+    vmax = float(heatmaps.max()) if heatmaps.size else 1.0
+    fig, axes = plt.subplots(1, n, figsize=(1.25 * n, 1.45), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        ax.imshow(presence_overlay(images[j], heatmaps[j], colour, vmax=vmax))
+        ax.set_title(f"{contributions[j]:+.3g}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def patch_strip(patches: Sequence[tuple[np.ndarray | None, tuple[float, float, float, float], float]], colour: Sequence[float],
+                k: int) -> Figure:
+    """A prototype's ``k`` gallery patches in a row (see :func:`draw_patches`)."""
+    fig, axes = plt.subplots(1, max(k, 1), figsize=(1.1 * max(k, 1), 1.45), squeeze=False)
+    draw_patches(axes[0], patches, colour)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
 def explanation_figure(
     image: np.ndarray,
     heatmaps: np.ndarray,
@@ -52,28 +133,69 @@ def explanation_figure(
     *,
     title: str,
     residual: float | None = None,
+    coefficients: Sequence[float] | None = None,
+    patches: Sequence[Sequence[tuple[np.ndarray | None, tuple[float, float, float, float], float]]] | None = None,
 ) -> Figure:
-    """Image, prototype areas, residual heatmap, and the contribution of each prototype to the logit."""
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 1.3]})
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    axes[1].imshow(prototype_overlay(image, heatmaps))
-    axes[1].set_title("prototype areas")
-    axes[2].imshow(image)
-    axes[2].imshow(residual_heatmap, cmap="magma", alpha=0.6)
-    axes[2].set_title("residual prototype")
-    for ax in axes[:3]:
-        ax.axis("off")
+    """One explained image (Figure 3 / 9): the image, the residual prototype's heatmap and each
+    prototype's contribution to the logit as a bar in its colour; then one row per prototype: its
+    heatmap in its colour, its contribution (and coefficient a_i), and its gallery patches.
+
+    Parameters
+    ----------
+    image : (H, W, 3) in [0, 1]. heatmaps : (p, H, W). residual_heatmap : (H, W).
+    contributions : p values. residual : the residual's own share of the logit (None: spread over the prototypes).
+    coefficients : p values a_i, or None. patches : per prototype, its gallery as (picture, cell box, E), or None.
+    """
     p = len(contributions)
-    labels = [f"proto {i}" for i in range(p)] + (["residual"] if residual is not None else [])
+    k = max((len(g) for g in patches), default=0) if patches else 0
+    cols = 2 + max(k, 3)
+    fig = plt.figure(figsize=(1.45 * cols, 1.75 * (1 + p) + 0.6), layout="constrained")
+    grid = fig.add_gridspec(1 + p, cols)
+    top = grid[0, :].subgridspec(1, 3, width_ratios=[1, 1, cols - 2.4])  # its own margins: the bar labels widen no column below
+    ax = fig.add_subplot(top[0, 0])
+    ax.imshow(image)
+    ax.set_title("image", fontsize=9)
+    ax.axis("off")
+    ax = fig.add_subplot(top[0, 1])
+    ax.imshow(image)
+    ax.imshow(residual_heatmap, cmap="magma", alpha=0.6)
+    ax.set_title("residual prototype", fontsize=9)
+    ax.axis("off")
+    ax = fig.add_subplot(top[0, 2])
+    labels = [f"prototype {i}" for i in range(p)] + (["residual"] if residual is not None else [])
     values = list(contributions) + ([residual] if residual is not None else [])
-    colours = [PROTOTYPE_COLORS[i % 10] for i in range(p)] + ([(0.5, 0.5, 0.5)] if residual is not None else [])
-    axes[3].barh(labels, values, color=colours)
-    axes[3].invert_yaxis()
-    axes[3].axvline(0, color="black", linewidth=0.8)
-    axes[3].set_title("contribution to the logit")
-    fig.suptitle(title)
-    fig.tight_layout()
+    colours = [prototype_colour(i) for i in range(p)] + ([(0.5, 0.5, 0.5)] if residual is not None else [])
+    ax.barh(labels, values, color=colours)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.tick_params(labelsize=8)
+    ax.set_title("contribution to the logit", fontsize=9)
+    vmax = float(heatmaps.max()) if heatmaps.size else 1.0  # one scale for all: strengths compare across prototypes
+    for i in range(p):
+        colour = prototype_colour(i)
+        ax = fig.add_subplot(grid[1 + i, 0])
+        ax.imshow(presence_overlay(image, heatmaps[i], colour, vmax=vmax))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(3)
+        coef = "" if coefficients is None else f"\na = {coefficients[i]:.3g}"
+        ax.set_ylabel(f"prototype {i}\n{contributions[i]:+.3g}{coef}", fontsize=9, color=colour, fontweight="bold")
+        if i == 0:
+            ax.set_title("where it is here", fontsize=9)
+            first = ax
+        if patches:
+            axes = [fig.add_subplot(grid[1 + i, 1 + j]) for j in range(k)]
+            draw_patches(axes, patches[i], colour)
+            if i == 0 and axes:
+                gallery_ax = axes[0]
+    fig.suptitle(title, fontsize=11)
+    if patches and p and k:  # placed after the layout, above the first row's patch titles
+        fig.draw_without_rendering()
+        fig.set_layout_engine("none")  # keep the positions the layout found
+        fig.text(gallery_ax.get_position().x0, first.get_position().y1 + 0.22 / fig.get_figheight(),
+                 "where it is most present in training (largest E entries of its class's NMF)", fontsize=9)
     return fig
 
 

@@ -8,8 +8,11 @@ object storage in a browser:
 - part localization against ground-truth masks, when the data has them;
 - Table 1 / Figure 5 (reconstruction errors against p, NMF vs real patches) and seed stability,
   when a reconstruction study was run;
-- for a few classes, Figures 2–3: images with each prototype's area in its own colour, the
-  residual prototype's heatmaps, the coefficients; Figure 4: the same image at every p.
+- for a few classes, Figures 2–3: a legend, the coefficients and mean contributions, and one
+  panel per prototype in its own colour: its heatmap in held-out images with its contribution to
+  each logit, and its gallery (the training patches where it is most present,
+  :mod:`protonmf.prototypes.gallery`); the residual prototype's heatmaps; Figure 4: the same
+  image at every p, with a legend.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import torch
 
 from protonmf.data import ImageSource, Preprocess, load_images
-from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, error_curves, prototype_overlay
+from protonmf.prototypes.gallery import class_patches
+from protonmf.viz.prototype_figures import (
+    PROTOTYPE_COLORS, colour_hex, error_curves, patch_strip, presence_strip, prototype_overlay,
+)
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import class_of_stem
 from protonmf.viz.png import figure_png, png_data_uri
@@ -34,11 +41,15 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#22
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
 h2{border-bottom:1px solid #ddd;padding-bottom:4px}.note{color:#666;font-size:90%}
+.legend{margin:.4em 0}.legend .entry{margin-right:1.4em;white-space:nowrap}
+.swatch{display:inline-block;width:.9em;height:.9em;margin-right:.35em;vertical-align:-.1em;border-radius:2px}
+.prototype-panel{margin:.6em 0;padding:.3em .6em;background:#fafafa}.prototype-panel.residual{border-left:8px solid #555}
+.panel-head{font-weight:600;margin-bottom:.2em}.panel-body{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-end}
 """
 
 
-def _png(fig) -> str:
-    return png_data_uri(figure_png(fig))
+def _png(fig, tight: bool = False) -> str:
+    return png_data_uri(figure_png(fig, tight=tight))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -55,33 +66,64 @@ def _class_images(source: ImageSource, pre: Preprocess, k: int, n: int) -> torch
 
 
 def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess, k: int) -> str:
+    """Figures 2–3 of class k: a legend, the coefficients, and one panel per prototype (its heatmap
+    in n held-out images in its colour with its contribution to each logit, and its gallery), then
+    the residual prototype's heatmaps."""
     exp = model.explain(images, target=[k] * len(images))
     shown = pre.undo(images)
-    n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
-    for i in range(n):
-        axes[0, i].imshow(prototype_overlay(shown[i], exp.heatmaps[i].numpy()))
-        axes[1, i].imshow(shown[i])
-        axes[1, i].imshow(exp.residual_heatmap[i].numpy(), cmap="magma", alpha=0.6)
-        axes[0, i].axis("off")
-        axes[1, i].axis("off")
-    axes[0, 0].set_title("prototype areas", fontsize=8, loc="left")
-    axes[1, 0].set_title("residual prototype", fontsize=8, loc="left")
-    fig.tight_layout()
-    areas = _png(fig)
-    fig, ax = plt.subplots(figsize=(3.2, 0.4 + 0.35 * model.p))
+    heat, contrib = exp.heatmaps.numpy(), exp.contributions.numpy()
     coef = model.C[k].cpu().numpy()
-    ax.barh([f"proto {i}" for i in range(model.p)], coef, color=[PROTOTYPE_COLORS[i % 10] for i in range(model.p)])
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_title("coefficients a_i", fontsize=9)
+    patches = class_patches(model.gallery(), k, model.p) if model.has_gallery else None
+    name = html.escape(model.class_names[k])
+    legend = "".join(
+        f"<span class='entry'><span class='swatch' style='background:{colour_hex(i)}'></span>prototype {i}: "
+        f"a = {coef[i]:.3g}, contribution {contrib[:, i].mean():+.3g}</span>" for i in range(model.p))
+    parts = [f"<h3>{name}</h3>",
+             f"<div class='legend' data-class='{k}'>{legend}</div>",
+             f'<img alt="coefficients of class {k}" src="{_png(_coefficients(model, k, contrib))}">']
+    for i in range(model.p):
+        colour = colour_hex(i)
+        gallery = (f'<img alt="prototype {i} of class {k}: top training patches" '
+                   f'src="{_png(patch_strip(patches[i], PROTOTYPE_COLORS[i % 10], len(patches[i])), tight=True)}">'
+                   if patches and patches[i] else "<span class='note'>no gallery</span>")
+        parts.append(
+            f"<div class='prototype-panel' data-prototype='{i}' style='border-left:8px solid {colour}'>"
+            f"<div class='panel-head' style='color:{colour}'><span class='swatch' style='background:{colour}'></span>"
+            f"prototype {i} · coefficient a = {coef[i]:.3g} · mean contribution to the logit {contrib[:, i].mean():+.3g}</div>"
+            f"<div class='panel-body'><div><div class='note'>where it is, in {len(images)} held-out images "
+            f"(contribution to each logit above)</div>"
+            f'<img alt="prototype {i} of class {k}: presence" '
+            f'src="{_png(presence_strip(shown, heat[:, i], PROTOTYPE_COLORS[i % 10], contrib[:, i]), tight=True)}"></div>'
+            f"<div><div class='note'>where it is most present in training (largest E entries)</div>{gallery}</div></div></div>")
+    fig, axes = plt.subplots(1, len(images), figsize=(1.25 * len(images), 1.45), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        ax.imshow(shown[j])
+        ax.imshow(exp.residual_heatmap[j].numpy(), cmap="magma", alpha=0.6)
+        if not bool(model.spread[k]):
+            ax.set_title(f"{float(exp.residual[j]):+.3g}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout(pad=0.3)
+    spread = ("spread over the prototypes (its share is inside their contributions)" if bool(model.spread[k])
+              else "its own term of the logit (contribution above each image)")
+    parts.append(f"<div class='prototype-panel residual'><div class='panel-head'>residual prototype: {spread}</div>"
+                 f'<img alt="residual prototype of class {k}" src="{_png(fig, tight=True)}"></div>')
+    return "".join(parts)
+
+
+def _coefficients(model: PrototypeModel, k: int, contributions) -> Any:
+    """Class k's coefficients a_i and mean contributions, one bar each in the prototype's colour."""
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 0.6 + 0.35 * model.p), sharey=True)
+    labels = [f"prototype {i}" for i in range(model.p)]
+    colours = [PROTOTYPE_COLORS[i % 10] for i in range(model.p)]
+    for ax, values, what in ((axes[0], model.C[k].cpu().numpy(), "coefficients a_i"),
+                             (axes[1], contributions.mean(0), "mean contribution to the logit")):
+        ax.barh(labels, values, color=colours)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(what, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].invert_yaxis()
     fig.tight_layout()
-    coefficients = _png(fig)
-    return (
-        f"<h3>{html.escape(model.class_names[k])}</h3>"
-        f'<img alt="prototype areas of class {k}" src="{areas}"><br>'
-        f'<img alt="coefficients of class {k}" src="{coefficients}">'
-    )
+    return fig
 
 
 def _figure4(model: PrototypeModel, images: torch.Tensor, labels: Sequence[int], pre: Preprocess) -> str:
@@ -91,11 +133,13 @@ def _figure4(model: PrototypeModel, images: torch.Tensor, labels: Sequence[int],
     for j, p in enumerate(ps):
         exp = model.with_p(p).explain(images, target=list(labels))
         for i in range(len(images)):
-            axes[i, j].imshow(prototype_overlay(shown[i], exp.heatmaps[i].numpy()))
+            axes[i, j].imshow(prototype_overlay(shown[i], exp.heatmaps[i].numpy(), alpha=0.75))
             axes[i, j].axis("off")
         axes[0, j].set_title(f"p = {p}", fontsize=9)
+    handles = [matplotlib.patches.Patch(color=PROTOTYPE_COLORS[i % 10], label=f"prototype {i}") for i in range(min(max(ps), 10))]
     fig.tight_layout()
-    return f'<img alt="figure 4: prototype areas for p in {ps}" src="{_png(fig)}">'
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    return f'<img alt="figure 4: prototype areas for p in {ps}" src="{_png(fig, tight=True)}">'
 
 
 @torch.no_grad()

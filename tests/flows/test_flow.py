@@ -361,8 +361,9 @@ def test_missing_dataset_and_unreachable_storage_fail_clearly(runtime, bucket):
 EVERY_FIGURE = {
     "figure 5: reconstruction errors against p",  # Table 1 / Figure 5
     "figure 4: prototype areas for p in [1, 3, 5, 10]",
-    *(f"prototype areas of class {k}" for k in range(3)),  # Figures 2–3, with residual heatmaps
-    *(f"coefficients of class {k}" for k in range(3)),
+    *(f"coefficients of class {k}" for k in range(3)),  # Figures 2–3: per class, per prototype (p = 3)
+    *(f"prototype {i} of class {k}: {what}" for k in range(3) for i in range(3) for what in ("presence", "top training patches")),
+    *(f"residual prototype of class {k}" for k in range(3)),
 }
 
 
@@ -440,6 +441,16 @@ def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
     model = PrototypeModel.load(str(tmp_path / "demo" / "model"))
     assert model.available_p == [1, 3, 5, 10] and len(model.class_names) == 10
     assert report_figures(_report_of(tmp_path / "demo" / "model")) == EVERY_FIGURE
+    # The gallery of every p, read off the fit: 5 patches per prototype, each the 8-pixel cell of its row
+    # (64 × 64 images, resize and crop 64: the crop is the image; an 8 × 8 grid)
+    assert model.gallery().num_rows == 10 * 3 * 5 and model.settings["gallery"] == 5
+    for p in model.available_p:
+        rows = model.gallery(p).to_pylist()
+        assert {(r["class_idx"], r["prototype"]) for r in rows} == {(c, i) for c in range(10) for i in range(p)}
+        for r in rows:
+            cell = r["row"] % 64
+            assert (r["x0"], r["y0"], r["x1"], r["y1"]) == (8 * (cell % 8), 8 * (cell // 8), 8 * (cell % 8) + 8, 8 * (cell // 8) + 8)
+            assert r["uri"].startswith("synthetic://") and r["score"] > 0 and r["patch_jpeg"]
 
     config = tree(bucket, "e2e")
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(config))

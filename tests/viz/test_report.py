@@ -1,29 +1,41 @@
 """The HTML report, rendered in headless Chromium: tables and images present, no image broken."""
 
+import io
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from protonmf.data import make_source
+from protonmf import PrototypeModel
+from protonmf.data import Preprocess, make_source
 from protonmf.evaluation.held_out import evaluate_model
+from protonmf.viz.prototype_figures import PROTOTYPE_COLORS
 from protonmf.viz.report import render_report
+from tests.prototypes.small_published import N_CLASSES, published_run
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def page(resnet_model, tmp_path_factory):
-    model = resnet_model.with_mode("augmented")
-    model.preprocess = {"resize": 64, "crop": 64, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-    source = make_source("synthetic", n_classes=5, n_per_class=4, split="val", image_size=64)
-    from protonmf.data import Preprocess
-
+def page(tmp_path_factory):
+    """The report of a model published by a run's steps (so it has a gallery), 3 synthetic classes."""
+    root = tmp_path_factory.mktemp("report")
+    _, _, _, uri = published_run(root)
+    model = PrototypeModel.load(uri)
+    source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=4, split="val", image_size=64)
     evaluation = evaluate_model(model, source, Preprocess(**model.preprocess))
     recon = {p: {k: {"mean": 0.1 / p, "std": 0.01} for k in ("feature_error", "baseline_feature_error", "head_error", "baseline_head_error", "stability")} for p in (1, 3, 5)}
     html = render_report(model, evaluation, source, reconstruction=recon, classes=[0, 1], images_per_class=4)
-    path = tmp_path_factory.mktemp("report") / "index.html"
+    path = root / "index.html"
     path.write_text(html)
     return path, evaluation
+
+
+def _near(png: bytes, colour, tol: float = 40.0) -> int:
+    """Pixels of a screenshot within ``tol`` (RGB, 0–255) of ``colour`` (RGB in [0, 1])."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(float)
+    return int((np.linalg.norm(pixels - np.asarray(colour[:3]) * 255, axis=-1) < tol).sum())
 
 
 def test_report_renders_in_headless_chromium(page):
@@ -53,10 +65,31 @@ def test_report_renders_in_headless_chromium(page):
         first = tables[0].find_elements("tag name", "td")
         assert first[1].text == f"{evaluation['top1_black_box']:.4f}"
         images = driver.find_elements("tag name", "img")
-        assert len(images) == 1 + 2 * 2 + 1  # Figure 5, two classes × (areas, coefficients), Figure 4
+        # Figure 5; per class: coefficients, per prototype its heatmaps and its gallery, the residual; Figure 4
+        assert len(images) == 1 + 2 * (1 + 3 * 2 + 1) + 1
         broken = driver.execute_script(
-            "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)"
+            "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0 || i.naturalHeight === 0).map(i => i.alt)"
         )
         assert broken == []
+        legends = [e.text for e in driver.find_elements("css selector", ".legend")]
+        assert len(legends) == 2 and all(f"prototype {i}: a = " in t for t in legends for i in range(3)), legends
+        panels = driver.find_elements("css selector", ".prototype-panel[data-prototype]")
+        assert len(panels) == 2 * 3
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1200, height + 100)
+        shot = path.parent / "screenshot.png"
+        driver.save_screenshot(str(shot))
+        for i in range(3):  # the whole page too: every prototype's colour is on the screen
+            assert _near(shot.read_bytes(), PROTOTYPE_COLORS[i]) > 500
+        driver.set_window_size(1200, 900)
+        for n, panel in enumerate(panels):
+            i = n % 3
+            assert panel.find_element("css selector", ".panel-head").text.startswith(f"prototype {i} · coefficient a = ")
+            for what in ("presence", "top training patches"):
+                img = panel.find_element("css selector", f"img[alt$='prototype {i} of class {n // 3}: {what}']")
+                driver.execute_script("arguments[0].scrollIntoView()", img)
+                shot = img.screenshot_as_png  # what Chromium drew, not the PNG we embedded
+                own, others = _near(shot, PROTOTYPE_COLORS[i]), [_near(shot, PROTOTYPE_COLORS[j]) for j in range(3) if j != i]
+                assert own >= 10 and own > 5 * max(others), (n, what, own, others)  # drawn in its own colour, not another's
     finally:
         driver.quit()
