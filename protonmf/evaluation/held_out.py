@@ -4,6 +4,11 @@ One backbone pass per image serves every comparison: the features F give the bla
 (mean_hw(F) Vᵀ + bias) and the prototype model's logits for every fitted p and mode (Table 3).
 Everything runs where the model is, in its dtype (:mod:`protonmf.devices`): move the model first
 (``PrototypeModel.load(uri, map_location="cuda")``) to evaluate on a GPU.
+
+A large held-out set is evaluated in shards, anywhere: :func:`held_out_shards` cuts the records,
+:func:`accumulate_held_out` measures one shard into :class:`HeldOutStats`, :func:`merge_held_out`
+joins the shards' statistics and :func:`summarize_held_out` turns them into the JSON.
+:func:`evaluate_model` is the three over every record in one process; the numbers are the same.
 """
 
 from __future__ import annotations
