@@ -93,7 +93,13 @@ def test_reconstruction_study_reuses_a_given_fit(tmp_path):
 
 def test_shards_evaluated_apart_and_merged_give_the_whole_evaluation_exactly(resnet_model):
     from protonmf.data import Preprocess, make_source
-    from protonmf.evaluation.held_out import accumulate_held_out, evaluate_model, held_out_shards, merge_held_out, summarize_held_out
+    from protonmf.evaluation.held_out import (
+        accumulate_held_out,
+        evaluate_model,
+        held_out_shards,
+        merge_held_out,
+        summarize_held_out,
+    )
 
     # the demo's part set: part masks (localization) and keypoints (consistency, stability)
     source = make_source("synthetic", n_classes=5, n_per_class=4, split="val", image_size=64)

@@ -17,9 +17,9 @@ from protonmf.evaluation.held_out import evaluate_model
 from protonmf.evaluation.interpretability import (
     box_half_size,
     consistency,
+    noise_seeds,
     part_vectors,
     peak_locations,
-    noise_seeds,
     perturb,
     stability,
 )
