@@ -37,7 +37,7 @@ def publish_prototype_model(config: Config) -> str:
 
 
 @step
-def evaluate_prototype_model(config: Config) -> dict:
+def evaluate_prototype_model(config: Config) -> tuple[dict, list[dict]]:
     return evaluate_on_ray(config)
 
 
@@ -141,10 +141,10 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
         with run.timed("publish"):
             uri = retrying(publish_prototype_model, cfg)(cfg)
         with run.timed("evaluate"):
-            evaluation = retrying(evaluate_prototype_model, cfg)(cfg)
+            evaluation, shards = retrying(evaluate_prototype_model, cfg)(cfg)
     summary = _report(cfg, class_names, run.extraction, fits, evaluation, uri, run.timings)
     get_run_logger().info(summary)
     work = {"classes_extracted": sum(not r["resumed"] for r in run.extraction), "groups_fitted": sum(not g["resumed"] for g in fits)}
     no_images = [class_names[k] for g in fits for k in g["no_images"]]
-    return {"model": uri, "evaluation": evaluation, "timings": run.timings, "classes": len(class_names), "work": work,
-            "classes_without_images": no_images, "summary": summary}
+    return {"model": uri, "evaluation": evaluation, "evaluation_shards": shards, "timings": run.timings,
+            "classes": len(class_names), "work": work, "classes_without_images": no_images, "summary": summary}

@@ -142,6 +142,9 @@ class EvaluationConfig(_Section):
     report: bool = True  # write an HTML report beside the model (<storage.model>/report/index.html)
     report_classes: int = Field(3, ge=0)  # classes shown with their prototype figures
     reconstruction_classes: int = Field(20, ge=0)  # classes of the Table 1 / Figure 5 study (0: skip)
+    # Held-out images per evaluation shard (rounded up to a multiple of compute.batch_size): the
+    # shards are spread over as many workers as the extraction would start (tasks/publish_and_evaluate.py).
+    shard_images: int = Field(1024, ge=1)
 
 
 class CraftConfig(CraftSettings):

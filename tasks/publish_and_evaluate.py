@@ -1,12 +1,39 @@
-"""Merge and publish, and evaluate, as Ray tasks: they run where the storage and GPUs are."""
+"""Merge and publish, and evaluate, as Ray tasks: they run where the storage and GPUs are.
+
+Evaluation is spread over the cluster like the extraction:
+
+    held-out records ──▶ shards ──▶ HeldOutEvaluator actors (a pool) ──▶ merged statistics ──▶ finish task
+
+- the held-out records (read from the run's dataset index, never listed) are cut into contiguous
+  shards of ``evaluation.shard_images`` records (:func:`~protonmf.pipeline.prototype_run.evaluation_shards`);
+- a pool of **HeldOutEvaluator** actors, each loading the published model and the held-out source
+  once (``num_gpus=compute.extract_gpus``), as many as the cluster holds now
+  (:func:`tasks.extract.extract_pool_size`), measures the shards, a free actor taking the next one;
+- the driver merges their statistics exactly (:func:`~protonmf.evaluation.held_out.merge_held_out`),
+  and one task computes the JSON from them, the reconstruction study and the report.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import ray
+from ray.util import ActorPool
 
 from protonmf.config import Config
 from protonmf.data.store import FeatureStore
-from protonmf.pipeline.prototype_run import evaluate_run, load_backbone, make_split_source, publish_model
+from protonmf.evaluation.held_out import HeldOutStats, merge_held_out
+from protonmf.pipeline.prototype_run import (
+    evaluate_run,
+    evaluate_shard,
+    evaluation_shards,
+    load_backbone,
+    load_published_model,
+    make_split_source,
+    publish_model,
+)
+from tasks.extract import extract_pool_size
 
 
 @ray.remote(max_retries=2)
@@ -16,10 +43,31 @@ def _publish(config_json: str) -> str:
     return publish_model(config, load_backbone(config), store)
 
 
+class HeldOutEvaluator:
+    """An actor: ``__init__`` loads the published model and the held-out source (its index rows)
+    once, :meth:`evaluate` measures one shard of the records."""
+
+    def __init__(self, config_json: str):
+        self.failed: Exception | None = None
+        try:
+            self.config = Config.model_validate_json(config_json)
+            self.model = load_published_model(self.config)
+            self.source = make_split_source(self.config, "val")
+        except Exception as err:  # noqa: BLE001 - raised by evaluate, where it keeps its type (a dead actor would not)
+            self.failed = err
+
+    def evaluate(self, start: int, stop: int) -> tuple[HeldOutStats, dict]:
+        if self.failed is not None:
+            raise self.failed
+        stats = evaluate_shard(self.config, self.model, self.source, start, stop)
+        return stats, {"start": start, "stop": stop, "n_images": stats.n_images, "n_skipped": stats.n_skipped,
+                       "worker": os.getpid()}
+
+
 @ray.remote(max_retries=2)
-def _evaluate(config_json: str) -> dict:
+def _finish(config_json: str, stats: HeldOutStats) -> dict:
     config = Config.model_validate_json(config_json)
-    return evaluate_run(config, make_split_source(config, "val"))
+    return evaluate_run(config, make_split_source(config, "val"), stats)
 
 
 def publish_on_ray(config: Config) -> str:
@@ -27,9 +75,37 @@ def publish_on_ray(config: Config) -> str:
     return ray.get(_publish.remote(config.model_dump_json()))
 
 
-def evaluate_on_ray(config: Config) -> dict:
-    """Evaluate the published model (and write its report); the evaluation's JSON.
+def evaluate_on_ray(config: Config, on_shard: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+    """Evaluate the published model on the held-out images, shard by shard on a pool of actors,
+    and write its report.
 
-    A forward pass over images like the extraction: it asks Ray for ``compute.extract_gpus``."""
-    task = _evaluate.options(num_gpus=config.compute.extract_gpus)
-    return ray.get(task.remote(config.model_dump_json()))
+    Returns the evaluation's JSON (as :func:`~protonmf.evaluation.held_out.evaluate_model` and
+    ``protonmf evaluate`` give it) and one row per shard, in record order: ``start``, ``stop``,
+    ``n_images``, ``n_skipped`` and ``worker`` (the pid of the actor that measured it);
+    ``on_shard`` is called with each row as it comes (progress).
+    """
+    compute = config.compute
+    config_json = config.model_dump_json()
+    source = make_split_source(config, "val")  # from the index: the records' count, nothing listed
+    shards = evaluation_shards(config, len(source.records))
+    if not shards:
+        raise ValueError(f"evaluation: no held-out images in {source!r}")
+    # A fixed pool, so only the actors the cluster holds now: one that could never be placed would
+    # keep the shards handed to it waiting forever.
+    size = extract_pool_size(ray.cluster_resources(), compute.extract_gpus, len(shards), compute.max_extract_workers)
+    # A lost actor is restarted and its shard measured again, as Ray retries a task (max_retries).
+    actor = ray.remote(HeldOutEvaluator).options(num_gpus=compute.extract_gpus, num_cpus=1, max_restarts=2,
+                                                 max_task_retries=2)
+    actors = [actor.remote(config_json) for _ in range(size)]
+    parts, rows = [], []
+    try:
+        for stats, row in ActorPool(actors).map(lambda a, bounds: a.evaluate.remote(*bounds), shards):
+            parts.append(stats)
+            rows.append(row)
+            if on_shard is not None:
+                on_shard(row)
+    finally:
+        for a in actors:  # their GPUs go back before the finishing task asks for one
+            ray.kill(a)
+    finish = _finish.options(num_gpus=compute.extract_gpus)
+    return ray.get(finish.remote(config_json, merge_held_out(parts))), rows

@@ -49,6 +49,7 @@ def test_issue_example_and_overrides():
         ({"compute": {"workers": 4}}, [], "compute.workers was removed: the extraction pool sizes itself to the cluster; "
                                           "cap it with compute.max_extract_workers"),
         ({}, ["data.unknown_val_classes=ignore"], "data.unknown_val_classes: Input should be 'error' or 'skip'"),
+        ({}, ["evaluation.shard_images=0"], "evaluation.shard_images: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_config_names_the_key(tree, overrides, message):

@@ -46,6 +46,7 @@ def iter_batches(
     *,
     workers: int | None = None,
     records: Sequence[Record] | None = None,
+    by_records: bool = False,
 ) -> Iterator[Batch]:
     """Decode, preprocess and batch the images of ``source``, in record order.
 
@@ -57,6 +58,10 @@ def iter_batches(
     workers : threads that read, decode and preprocess (default min(8, CPUs)); 0 does all in
         the calling thread. At most ``4 × workers`` images are in flight.
     records : the records to go through (default ``source.records``), e.g. a shard of them.
+    by_records : cut a batch after every ``batch_size`` *records* instead of every ``batch_size``
+        usable images: a skipped file leaves its batch one image short (a batch can be empty, with
+        only skipped files), and the batches of ``records[i:]`` for i a multiple of ``batch_size``
+        are those of the whole list from there on (so shards of a list are batched as the whole is).
 
     Yields
     ------
@@ -77,7 +82,7 @@ def iter_batches(
             stacklevel=2,
         )
     todo = list(source.records if records is None else records)
-    return _batches(source, preprocess, int(batch_size), workers, todo)
+    return _batches(source, preprocess, int(batch_size), workers, todo, by_records)
 
 
 def load_images(
@@ -109,7 +114,7 @@ def _batch(items: list[tuple[Record, Tensor]], skipped: list[Skipped], crop: Any
     )
 
 
-def _batches(source, preprocess, batch_size: int, workers: int, todo: list[Record]) -> Iterator[Batch]:
+def _batches(source, preprocess, batch_size: int, workers: int, todo: list[Record], by_records: bool = False) -> Iterator[Batch]:
     crop = getattr(preprocess, "crop", None)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="protonmf-decode") if workers else None
     window = 4 * workers if workers else 1
@@ -137,6 +142,15 @@ def _batches(source, preprocess, batch_size: int, workers: int, todo: list[Recor
             rec, fut = pending.popleft()
             submit_more()
             x, reason = fut.result()
+            if by_records:
+                if x is None:
+                    skipped.append(Skipped(rec.image_id, rec.uri, reason or "unknown"))
+                else:
+                    items.append((rec, x))
+                if len(items) + len(skipped) == batch_size:
+                    yield _batch(items, skipped, crop)
+                    items, skipped = [], []
+                continue
             if x is None:
                 s = Skipped(rec.image_id, rec.uri, reason or "unknown")
                 (held.skipped if held is not None else skipped).append(s)

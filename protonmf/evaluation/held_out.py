@@ -4,33 +4,252 @@ One backbone pass per image serves every comparison: the features F give the bla
 (mean_hw(F) Vᵀ + bias) and the prototype model's logits for every fitted p and mode (Table 3).
 Everything runs where the model is, in its dtype (:mod:`protonmf.devices`): move the model first
 (``PrototypeModel.load(uri, map_location="cuda")``) to evaluate on a GPU.
+
+A large held-out set is evaluated in shards, anywhere: :func:`held_out_shards` cuts the records,
+:func:`accumulate_held_out` measures one shard into :class:`HeldOutStats`, :func:`merge_held_out`
+joins the shards' statistics and :func:`summarize_held_out` turns them into the JSON.
+:func:`evaluate_model` is the three over every record in one process; the numbers are the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from protonmf.data import ImageSource, iter_batches
+from protonmf.data.records import Record
 from protonmf.devices import to_model
 from protonmf.evaluation.interpretability import (
     box_half_size,
     consistency,
     keypoints_of,
+    noise_seeds,
     part_vectors,
     peak_locations,
     perturb,
     stability,
 )
-from protonmf.evaluation.localization import part_localization
+from protonmf.evaluation.localization import (
+    localization_rows,
+    part_localization_of_rows,
+)
 from protonmf.prototypes.model import MODES, PrototypeModel
 
-__all__ = ["evaluate_model"]
+__all__ = ["HeldOutStats", "accumulate_held_out", "evaluate_model", "held_out_shards", "merge_held_out", "summarize_held_out"]
+
+MAP_KINDS = ("presence", "activation")
+
+
+@dataclass
+class HeldOutStats:
+    """What :func:`summarize_held_out` needs of some held-out images: counts, maxima, and per-image rows.
+
+    Everything merges exactly (:func:`merge_held_out`): counts add, maxima take the max, and the
+    per-image rows of the part metrics are concatenated in record order, so the per-class means
+    are computed once, over every image, as one pass would.
+
+    Attributes
+    ----------
+    model_p, mode, available_p : the model's own p and mode, and its fitted p.
+    n_images, n_skipped : images used, files skipped (unreadable).
+    correct_black_box : images the black box gets right. correct : {(p, mode): images right} (Table 3).
+    fixed : {p: wrong predictions set right by one intervention} (Table 4).
+    max_abs_logit_diff, max_abs_logit : augmented model vs black box, over every p.
+    n_parts : parts of the part masks (0: the source has none, no localization).
+    mask_labels : (M,) int64 true classes of the images measured against masks.
+    peaks, ious : {p: (M, p) int64 and (M, p, n_parts) float32} (:func:`~protonmf.evaluation.localization.localization_rows`).
+    keypoint_labels : (N_k,) int64 true classes of the images with keypoints. visible : (N_k, P) bool.
+    part_vectors : {(p, map kind, "clean" | "noisy"): (N_k, p, P) bool} (Huang et al.).
+    """
+
+    model_p: int
+    mode: str
+    available_p: list[int]
+    n_images: int = 0
+    n_skipped: int = 0
+    correct_black_box: int = 0
+    correct: dict[tuple[int, str], int] = field(default_factory=dict)
+    fixed: dict[int, int] = field(default_factory=dict)
+    max_abs_logit_diff: float = 0.0
+    max_abs_logit: float = 0.0
+    n_parts: int = 0
+    mask_labels: Tensor | None = None
+    peaks: dict[int, Tensor] = field(default_factory=dict)
+    ious: dict[int, Tensor] = field(default_factory=dict)
+    keypoint_labels: Tensor | None = None
+    visible: Tensor | None = None
+    part_vectors: dict[tuple[int, str, str], Tensor] = field(default_factory=dict)
+
+
+def held_out_shards(n_records: int, shard_images: int, batch_size: int) -> list[tuple[int, int]]:
+    """Cut ``n_records`` records into contiguous shards ``[start, stop)`` of ``shard_images`` records,
+    rounded up to a multiple of ``batch_size``, so that each shard's batches are those of one pass
+    over every record (:func:`accumulate_held_out` batches by records) and merged shards give its
+    numbers to the bit.
+
+    >>> held_out_shards(20, 8, 8)
+    [(0, 8), (8, 16), (16, 20)]
+    >>> held_out_shards(20, 5, 4)
+    [(0, 8), (8, 16), (16, 20)]
+    """
+    if shard_images < 1 or batch_size < 1:
+        raise ValueError(f"shard_images and batch_size must be >= 1, got {shard_images} and {batch_size}")
+    size = math.ceil(shard_images / batch_size) * batch_size
+    return [(start, min(start + size, n_records)) for start in range(0, n_records, size)]
 
 
 @torch.no_grad()
+def accumulate_held_out(
+    model: PrototypeModel,
+    source: ImageSource,
+    preprocess: Callable,
+    *,
+    records: Sequence[Record] | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    noise_seed: int = 0,
+) -> HeldOutStats:
+    """The :class:`HeldOutStats` of ``records`` (default: every record of ``source``).
+
+    One backbone pass per image serves every comparison. Batches are cut every ``batch_size``
+    records (``iter_batches(by_records=True)``), and each image's noisy copy is seeded by
+    ``noise_seed`` and its id, so a shard starting at a multiple of ``batch_size`` computes what
+    one pass over everything computes for its images, bit for bit.
+    """
+    model = model.eval()
+    variants = {(p, mode): model.with_p(p).with_mode(mode) for p in model.available_p for mode in MODES}
+    stats = HeldOutStats(model_p=model.p, mode=model.mode, available_p=list(model.available_p),
+                         correct={key: 0 for key in variants}, fixed={p: 0 for p in model.available_p})
+    masks = getattr(source, "masks", None)  # ground-truth parts (the synthetic set)
+    with_keypoints = getattr(source, "keypoint_names", None) is not None and hasattr(preprocess, "map_points")
+    todo = list(source.records if records is None else records)
+    by_id = {r.image_id: r for r in todo} if masks is not None or with_keypoints else {}
+    rows: dict[str, list[Tensor]] = {}  # per-image rows of the part metrics, batch after batch
+    parts: dict[tuple[int, str, str], list[Tensor]] = {}  # (p, map kind, clean|noisy) -> (B, p, P) part vectors
+    for batch in iter_batches(source, preprocess, batch_size, workers=workers, records=todo, by_records=True):
+        stats.n_skipped += len(batch.skipped)
+        if len(batch) == 0:
+            continue
+        images = to_model(batch.images, model.backbone.V)  # once per batch, not once per variant
+        F = model.features(images)
+        labels = batch.labels.to(F.device)
+        black_box = model.backbone.head_logits(F)
+        stats.correct_black_box += int((black_box.argmax(1) == labels).sum())
+        stats.max_abs_logit = max(stats.max_abs_logit, float(black_box.abs().max()))
+        for key, variant in variants.items():
+            logits = variant.logits_from_features(F)
+            stats.correct[key] += int((logits.argmax(1) == labels).sum())
+            if key[1] == "augmented":
+                stats.max_abs_logit_diff = max(stats.max_abs_logit_diff, float((logits - black_box).abs().max()))
+                stats.fixed[key[0]] += _fixed_by_intervention(variant, F, logits, labels)
+        if masks is not None and masks.shape[1:] == batch.images.shape[2:]:
+            stats.n_parts = len(source.part_names) - 1
+            batch_masks = torch.from_numpy(masks[[by_id[i].index for i in batch.image_ids]])
+            rows.setdefault("mask_labels", []).append(batch.labels)
+            for p in model.available_p:  # where each prototype of the true class is (eq. 9)
+                heat = variants[(p, model.mode)].explain(images, target=labels).heatmaps.cpu()
+                peak, iou = localization_rows(heat, batch_masks, stats.n_parts)
+                rows.setdefault(f"peak{p}", []).append(peak)
+                rows.setdefault(f"iou{p}", []).append(iou)
+        if with_keypoints:
+            _part_vectors_of_batch(variants, model, images, F, labels, [by_id[i] for i in batch.image_ids],
+                                   preprocess, noise_seeds(noise_seed, batch.image_ids), parts, rows)
+            rows.setdefault("keypoint_labels", []).append(batch.labels)
+        stats.n_images += len(batch)
+    if "mask_labels" in rows:
+        stats.mask_labels = torch.cat(rows["mask_labels"])
+        stats.peaks = {p: torch.cat(rows[f"peak{p}"]) for p in model.available_p}
+        stats.ious = {p: torch.cat(rows[f"iou{p}"]) for p in model.available_p}
+    if "keypoint_labels" in rows:
+        stats.keypoint_labels, stats.visible = torch.cat(rows["keypoint_labels"]), torch.cat(rows["visible"])
+        stats.part_vectors = {key: torch.cat(o) for key, o in parts.items()}
+    return stats
+
+
+def merge_held_out(parts: Sequence[HeldOutStats]) -> HeldOutStats:
+    """The :class:`HeldOutStats` of the union of ``parts``' images, given in record order (shards of
+    one source, each from :func:`accumulate_held_out` with the same model)."""
+    if not parts:
+        raise ValueError("merge_held_out: no statistics to merge")
+    first = parts[0]
+    for other in parts[1:]:
+        if (other.model_p, other.mode, other.available_p) != (first.model_p, first.mode, first.available_p):
+            raise ValueError("merge_held_out: statistics of different models "
+                             f"(p {first.model_p}/{other.model_p}, mode {first.mode}/{other.mode}, "
+                             f"fitted p {first.available_p}/{other.available_p})")
+
+    def cat(tensors: list[Tensor | None]) -> Tensor | None:
+        tensors = [t for t in tensors if t is not None]
+        return torch.cat(tensors) if tensors else None
+
+    def cat_each(dicts: list[dict]) -> dict:
+        return {key: torch.cat([d[key] for d in dicts if key in d]) for key in dict.fromkeys(k for d in dicts for k in d)}
+
+    return HeldOutStats(
+        model_p=first.model_p, mode=first.mode, available_p=list(first.available_p),
+        n_images=sum(s.n_images for s in parts),
+        n_skipped=sum(s.n_skipped for s in parts),
+        correct_black_box=sum(s.correct_black_box for s in parts),
+        correct={key: sum(s.correct[key] for s in parts) for key in first.correct},
+        fixed={p: sum(s.fixed[p] for s in parts) for p in first.fixed},
+        max_abs_logit_diff=max(s.max_abs_logit_diff for s in parts),
+        max_abs_logit=max(s.max_abs_logit for s in parts),
+        n_parts=max(s.n_parts for s in parts),
+        mask_labels=cat([s.mask_labels for s in parts]),
+        peaks=cat_each([s.peaks for s in parts]),
+        ious=cat_each([s.ious for s in parts]),
+        keypoint_labels=cat([s.keypoint_labels for s in parts]),
+        visible=cat([s.visible for s in parts]),
+        part_vectors=cat_each([s.part_vectors for s in parts]),
+    )
+
+
+def summarize_held_out(stats: HeldOutStats, what: str = "the held-out images") -> dict[str, Any]:
+    """The evaluation's JSON (see :func:`evaluate_model`) from the statistics of every image."""
+    n = stats.n_images
+    if n == 0:
+        raise ValueError(f"evaluation: no usable images in {what}")
+    table3: dict[int, dict[str, float]] = {}
+    for (p, mode), hits in stats.correct.items():
+        table3.setdefault(p, {})[mode] = hits / n
+    localization = {}
+    if stats.mask_labels is not None:
+        for p in stats.available_p:
+            result = part_localization_of_rows(stats.peaks[p], stats.ious[p], stats.mask_labels, stats.n_parts)
+            localization[p] = {k: v for k, v in result.items() if k != "per_class"}
+    intervention = {
+        p: {"top1_before": table3[p]["augmented"], "top1_after": table3[p]["augmented"] + stats.fixed[p] / n,
+            "fixed": stats.fixed[p]}
+        for p in stats.available_p
+    }
+    interpretability = {}
+    if stats.keypoint_labels is not None:
+        labels, visible, o = stats.keypoint_labels, stats.visible, stats.part_vectors
+        interpretability = {"consistency": {}, "stability": {}}
+        for p in stats.available_p:
+            for kind in MAP_KINDS:
+                clean, noisy = o[(p, kind, "clean")], o[(p, kind, "noisy")]
+                interpretability["consistency"].setdefault(p, {})[kind] = consistency(clean, visible, labels)["score"]
+                interpretability["stability"].setdefault(p, {})[kind] = stability(clean, noisy, labels)["score"]
+    return {
+        "n_images": n,
+        "n_skipped": stats.n_skipped,
+        "top1_black_box": stats.correct_black_box / n,
+        "top1_prototype": table3[stats.model_p][stats.mode],
+        "max_abs_logit_diff": stats.max_abs_logit_diff,
+        "max_abs_logit": stats.max_abs_logit,
+        "table3": table3,
+        "localization": localization,
+        "intervention": intervention,
+        **interpretability,
+    }
+
+
 def evaluate_model(
     model: PrototypeModel,
     source: ImageSource,
@@ -41,6 +260,10 @@ def evaluate_model(
     noise_seed: int = 0,
 ) -> dict[str, Any]:
     """Top-1 of the black box and of the prototype model (each p, each mode) on ``source``.
+
+    ``summarize_held_out(accumulate_held_out(...))`` over every record: the same numbers as
+    evaluating shards of the records (:func:`held_out_shards`) apart and merging them
+    (:func:`merge_held_out`), which is how a run spreads the evaluation over a cluster.
 
     Returns
     -------
@@ -53,94 +276,17 @@ def evaluate_model(
     important prototype. For sources with keypoints (CUB with ``parts/``, the synthetic set) and a
     :class:`~protonmf.data.Preprocess`, ``consistency`` and ``stability``: {p: {"presence": %,
     "activation": %}} (Huang et al. 2023, :mod:`protonmf.evaluation.interpretability`), from the
-    presence maps (eq. 9) and from F p̃_iᵀ, the noise drawn from ``noise_seed``.
+    presence maps (eq. 9) and from F p̃_iᵀ, each image's noise drawn from ``noise_seed`` and its id.
     """
-    model = model.eval()
-    variants = {(p, mode): model.with_p(p).with_mode(mode) for p in model.available_p for mode in MODES}
-    correct = {key: 0 for key in variants}
-    fixed = {p: 0 for p in model.available_p}  # Table 4: wrong predictions set right by one intervention
-    correct_bb = n = n_skipped = 0
-    max_diff = max_logit = 0.0
-    masks = getattr(source, "masks", None)  # ground-truth parts (the synthetic set)
-    with_keypoints = getattr(source, "keypoint_names", None) is not None and hasattr(preprocess, "map_points")
-    by_id = {r.image_id: r for r in source.records} if masks is not None or with_keypoints else {}
-    noise = torch.Generator().manual_seed(noise_seed)
-    parts: dict[tuple[int, str, str], list[torch.Tensor]] = {}  # (p, map kind, clean|noisy) -> (B, p, P) part vectors
-    part_labels: list[torch.Tensor] = []
-    part_visible: list[torch.Tensor] = []
-    heat: dict[int, list[torch.Tensor]] = {p: [] for p in model.available_p}
-    mask_rows: list[torch.Tensor] = []
-    label_rows: list[torch.Tensor] = []
-    for batch in iter_batches(source, preprocess, batch_size, workers=workers):
-        n_skipped += len(batch.skipped)
-        if len(batch) == 0:
-            continue
-        images = to_model(batch.images, model.backbone.V)  # once per batch, not once per variant
-        F = model.features(images)
-        labels = batch.labels.to(F.device)
-        black_box = model.backbone.head_logits(F)
-        correct_bb += int((black_box.argmax(1) == labels).sum())
-        max_logit = max(max_logit, float(black_box.abs().max()))
-        for key, variant in variants.items():
-            logits = variant.logits_from_features(F)
-            correct[key] += int((logits.argmax(1) == labels).sum())
-            if key[1] == "augmented":
-                max_diff = max(max_diff, float((logits - black_box).abs().max()))
-                fixed[key[0]] += _fixed_by_intervention(variant, F, logits, labels)
-        if masks is not None and masks.shape[1:] == batch.images.shape[2:]:
-            mask_rows.append(torch.from_numpy(masks[[by_id[i].index for i in batch.image_ids]]))
-            label_rows.append(batch.labels)
-            for p in model.available_p:  # where each prototype of the true class is (eq. 9)
-                heat[p].append(variants[(p, model.mode)].explain(images, target=labels).heatmaps.cpu())
-        if with_keypoints:
-            _part_vectors_of_batch(variants, model, images, F, labels, [by_id[i] for i in batch.image_ids],
-                                   preprocess, noise, parts, part_visible)
-            part_labels.append(batch.labels)
-        n += len(batch)
-    if n == 0:
-        raise ValueError(f"evaluation: no usable images in {source!r}")
-    table3: dict[int, dict[str, float]] = {}
-    for (p, mode), hits in correct.items():
-        table3.setdefault(p, {})[mode] = hits / n
-    localization = {}
-    if mask_rows:
-        all_masks, all_labels = torch.cat(mask_rows), torch.cat(label_rows)
-        n_parts = len(source.part_names) - 1
-        for p, maps in heat.items():
-            result = part_localization(torch.cat(maps), all_masks, all_labels, n_parts)
-            localization[p] = {k: v for k, v in result.items() if k != "per_class"}
-    intervention = {
-        p: {"top1_before": table3[p]["augmented"], "top1_after": table3[p]["augmented"] + fixed[p] / n, "fixed": fixed[p]}
-        for p in model.available_p
-    }
-    interpretability = {}
-    if part_labels:
-        all_labels, visible = torch.cat(part_labels), torch.cat(part_visible)
-        interpretability = {"consistency": {}, "stability": {}}
-        for p in model.available_p:
-            for kind in ("presence", "activation"):
-                o, o_noisy = torch.cat(parts[(p, kind, "clean")]), torch.cat(parts[(p, kind, "noisy")])
-                interpretability["consistency"].setdefault(p, {})[kind] = consistency(o, visible, all_labels)["score"]
-                interpretability["stability"].setdefault(p, {})[kind] = stability(o, o_noisy, all_labels)["score"]
-    return {
-        "n_images": n,
-        "n_skipped": n_skipped,
-        "top1_black_box": correct_bb / n,
-        "top1_prototype": table3[model.p][model.mode],
-        "max_abs_logit_diff": max_diff,
-        "max_abs_logit": max_logit,
-        "table3": table3,
-        "localization": localization,
-        "intervention": intervention,
-        **interpretability,
-    }
+    stats = accumulate_held_out(model, source, preprocess, batch_size=batch_size, workers=workers, noise_seed=noise_seed)
+    return summarize_held_out(stats, repr(source))
 
 
-def _part_vectors_of_batch(variants, model, images, F, labels, records, preprocess, noise, parts, visible_rows) -> None:
+def _part_vectors_of_batch(variants, model, images, F, labels, records, preprocess, seeds, parts, rows) -> None:
     """Part vectors (Huang et al.) of one batch for every p, map kind, clean and noisy images."""
     keypoints, visible = keypoints_of(records, preprocess)
-    visible_rows.append(visible)
-    F_noisy = model.features(perturb(images, noise))
+    rows.setdefault("visible", []).append(visible)
+    F_noisy = model.features(perturb(images, seeds))
     size = tuple(images.shape[-2:])
     half = box_half_size(images.shape[-1])
     for p in model.available_p:

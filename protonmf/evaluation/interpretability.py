@@ -15,12 +15,15 @@ per image, with a visibility flag; S the side of the network's input (224 in the
   part is visible; consistent if some part reaches ``threshold`` (0.8). Score: share of
   consistent prototypes, in %.
 - stability of a prototype: the share of its class's images whose part vector is unchanged on a
-  noisy copy of the image (N(0, 0.2²) clipped to ±0.25, added in normalised input space, seeded).
-  Score: the mean over prototypes, in %.
+  noisy copy of the image (N(0, 0.2²) clipped to ±0.25, added in normalised input space, seeded
+  per image by the evaluation's seed and the image's id, so a copy does not depend on which batch
+  or which process evaluated it). Score: the mean over prototypes, in %.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +36,7 @@ __all__ = [
     "NOISE_STD",
     "box_half_size",
     "consistency",
+    "noise_seeds",
     "part_vectors",
     "peak_locations",
     "perturb",
@@ -138,13 +142,25 @@ def stability(o: Tensor, o_noisy: Tensor, labels: Tensor) -> dict[str, Any]:
     return {"score": 100.0 * sum(shares) / len(shares), "n_prototypes": len(shares), "per_class": per_class}
 
 
-def perturb(images: Tensor, generator: torch.Generator) -> Tensor:
+def noise_seeds(seed: int, image_ids: Sequence[str]) -> list[int]:
+    """The seed of each image's noise: a hash of the evaluation's ``seed`` and the image's id."""
+    return [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "little") >> 1 for i in image_ids]
+
+
+def perturb(images: Tensor, seeds: Sequence[int]) -> Tensor:
     """images + noise, noise ~ N(0, 0.2²) clipped to ±0.25, in normalised input space.
 
-    The noise is drawn on the CPU from ``generator`` (so a seed gives the same noise on any device)
-    and moved to the images.
+    Parameters
+    ----------
+    images : (B, 3, H, W). seeds : B seeds (:func:`noise_seeds`), one per image: image i's noise is
+        drawn from a generator seeded with ``seeds[i]`` alone, so it does not depend on the batch.
+
+    The noise is drawn on the CPU (so a seed gives the same noise on any device) and moved to the images.
     """
-    noise = torch.randn(images.shape, generator=generator, dtype=torch.float32) * NOISE_STD
+    if len(seeds) != images.shape[0]:
+        raise ValueError(f"{len(seeds)} noise seeds for {images.shape[0]} images")
+    draws = [torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
+    noise = (torch.stack(draws) if draws else torch.zeros(images.shape)) * NOISE_STD
     return images + noise.clamp(-NOISE_CLIP, NOISE_CLIP).to(device=images.device, dtype=images.dtype)
 
 

@@ -1,7 +1,8 @@
 """A published model measured as a whole: held-out accuracy and exactness (Tables 3–4, part
 localization) and, from the feature store, the reconstruction study (Table 1 / Figure 5).
 
-Both ``protonmf evaluate`` and the flow's evaluation step call :func:`evaluate_published_model`.
+``protonmf evaluate`` calls :func:`evaluate_published_model`; the flow's evaluation step measures
+shards of the held-out images apart, merges them, and calls :func:`finish_evaluation` on the result.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from protonmf.evaluation.held_out import evaluate_model
 from protonmf.evaluation.reconstruction import reconstruction_study
 from protonmf.prototypes.model import PrototypeModel
 
-__all__ = ["evaluate_published_model"]
+__all__ = ["evaluate_published_model", "finish_evaluation"]
 
 
 def evaluate_published_model(
@@ -38,6 +39,15 @@ def evaluate_published_model(
     as the first seed's fit (nothing is fitted twice).
     """
     result = evaluate_model(model, source, preprocess, batch_size=batch_size)
+    return finish_evaluation(model, result, source, store=store, study_classes=study_classes)
+
+
+def finish_evaluation(
+    model: PrototypeModel, result: dict[str, Any], source: ImageSource, *, store: FeatureStore | None = None,
+    study_classes: int = 50,
+) -> dict[str, Any]:
+    """``result`` (the held-out evaluation of ``model`` on ``source``) with the unknown classes'
+    counts and, when a ``store`` is given, the reconstruction study (see :func:`evaluate_published_model`)."""
     # held-out images of classes the model does not know, left out by data.unknown_val_classes: skip
     unknown = dict(getattr(source, "unknown_classes", {}))
     result["n_skipped_unknown_class"] = sum(unknown.values())

@@ -9,7 +9,9 @@ a notebook can call them one after the other:
    :func:`decode_group` decodes on CPUs and :func:`forward_group` forwards and writes).
 3. :func:`fit_group` fits the prototypes of some classes (every p) into a staging file.
 4. :func:`publish_model` merges the staged groups into one model artifact, manifest last.
-5. :func:`evaluate_run` compares the published model with its black box on held-out images.
+5. :func:`evaluate_run` compares the published model with its black box on held-out images (on
+   Ray, :func:`evaluate_shard` measures shards of them apart, :func:`evaluation_shards`, and
+   :func:`evaluate_run` finishes from their merged statistics).
 
 Everything a step writes is keyed by a hash of the settings it depends on, so a rerun resumes:
 complete classes and groups are read, not recomputed.
@@ -30,7 +32,8 @@ from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, b
 from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess
 from protonmf.devices import step_device
-from protonmf.evaluation.published import evaluate_published_model
+from protonmf.evaluation.held_out import HeldOutStats, accumulate_held_out, held_out_shards, summarize_held_out
+from protonmf.evaluation.published import finish_evaluation
 from protonmf.data.extract import ClassExtraction, DecodedClass, decode_class, extract_classes, extract_decoded
 from protonmf.data.sources.shards import shard_folder
 from protonmf.pipeline.datasets import index_data, make_split_source
@@ -46,6 +49,8 @@ __all__ = [
     "class_groups",
     "decode_group",
     "evaluate_run",
+    "evaluate_shard",
+    "evaluation_shards",
     "extract_group",
     "fit_group",
     "fit_key",
@@ -53,6 +58,7 @@ __all__ = [
     "forward_group",
     "index_data",
     "load_backbone",
+    "load_published_model",
     "make_preprocess",
     "make_split_source",
     "check_data",
@@ -382,21 +388,44 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
     return uri
 
 
-def evaluate_run(config: Config, source: ImageSource) -> dict[str, Any]:
+def load_published_model(config: Config) -> PrototypeModel:
+    """The run's published model, where the run's forward passes over images go (like the
+    extraction): CUDA if ``compute.extract_gpus`` > 0 (the Ray task asks for as many), else the CPU."""
+    device = step_device(config.compute.extract_gpus, "compute.extract_gpus")
+    return PrototypeModel.load(config.storage.model, storage_options=config.storage.storage_options or None,
+                               map_location=device)
+
+
+def evaluation_shards(config: Config, n_records: int) -> list[tuple[int, int]]:
+    """The held-out records ``[start, stop)`` of each evaluation shard: ``evaluation.shard_images``
+    records, rounded up to a multiple of ``compute.batch_size`` (so merged shards give one pass's numbers)."""
+    return held_out_shards(n_records, config.evaluation.shard_images, config.compute.batch_size)
+
+
+def evaluate_shard(config: Config, model: PrototypeModel, source: ImageSource, start: int, stop: int) -> HeldOutStats:
+    """The held-out statistics of ``source.records[start:stop]`` (merge them with
+    :func:`~protonmf.evaluation.held_out.merge_held_out`)."""
+    return accumulate_held_out(model, source, make_preprocess(config), records=source.records[start:stop],
+                               batch_size=config.compute.batch_size)
+
+
+def evaluate_run(config: Config, source: ImageSource, stats: HeldOutStats | None = None) -> dict[str, Any]:
     """Evaluate the run's published model on held-out images; write the HTML report beside it.
 
-    A forward pass over images like the extraction, so it runs where the extraction does: CUDA if
-    ``compute.extract_gpus`` > 0 (the Ray task asks for as many), else the CPU.
+    ``stats``: the merged statistics of every held-out image when shards of them were measured
+    elsewhere (:func:`evaluate_shard`); without them every image is measured here. Then the
+    reconstruction study and the report, on the device of :func:`load_published_model`.
     """
     from protonmf.viz.report import render_report
 
     opts = config.storage.storage_options or None
-    device = step_device(config.compute.extract_gpus, "compute.extract_gpus")
-    model = PrototypeModel.load(config.storage.model, storage_options=opts, map_location=device)
+    model = load_published_model(config)
+    if stats is None:
+        stats = evaluate_shard(config, model, source, 0, len(source.records))
     ev = config.evaluation
     store = FeatureStore.open(config.storage.features, storage_options=opts) if ev.reconstruction_classes else None
-    result = evaluate_published_model(model, source, make_preprocess(config), batch_size=config.compute.batch_size,
-                                      store=store, study_classes=ev.reconstruction_classes)
+    result = finish_evaluation(model, summarize_held_out(stats, repr(source)), source, store=store,
+                               study_classes=ev.reconstruction_classes)
     if ev.report:
         page = render_report(model, result, source, reconstruction=result.get("reconstruction"),
                              classes=list(range(min(ev.report_classes, model.num_classes))),

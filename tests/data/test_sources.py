@@ -492,6 +492,23 @@ def test_uint8_crop_then_normalize_is_the_whole_transform_to_the_bit():
     assert torch.equal(p.normalize(crops), want) and torch.equal(torch.stack([p(im) for im in images]), want)
 
 
+def test_iter_batches_by_records_cuts_every_batch_size_records_so_shards_batch_as_the_whole(tree):
+    src = ImageFolderSource(str(tree))
+    ids = [r.image_id for r in src.records]
+    whole = list(iter_batches(src, SMALL, batch_size=5, workers=2, by_records=True))
+    # each batch covers the next 5 records, the skipped ones included (the bad files are in the first class)
+    for k, b in zip(range(0, len(ids), 5), whole):
+        skipped = {s.image_id for s in b.skipped}
+        assert sorted(b.image_ids + list(skipped)) == sorted(ids[k:k + 5])
+        assert b.image_ids == [i for i in ids[k:k + 5] if i not in skipped]
+    assert len(whole) == -(-len(ids) // 5) and sum(len(b.skipped) for b in whole) == 3
+    assert any(0 < len(b) < 5 for b in whole[:-1])  # a batch short of its skipped files
+    # a shard starting at a multiple of batch_size is batched as the whole is from there
+    by_records = list(iter_batches(src, SMALL, batch_size=5, workers=0, records=src.records[10:], by_records=True))
+    assert [b.image_ids for b in by_records] == [b.image_ids for b in whole[2:]]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(by_records, whole[2:]))
+
+
 def test_iter_batches_workers_shards_all_bad_and_early_close(tree, tmp_path):
     src = ImageFolderSource(str(tree))
     serial = list(iter_batches(src, SMALL, batch_size=7, workers=0))

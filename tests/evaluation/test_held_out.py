@@ -89,3 +89,34 @@ def test_reconstruction_study_reuses_a_given_fit(tmp_path):
     for p in reused:
         for metric, value in reused[p].items():
             assert value == pytest.approx(refitted[p][metric], rel=1e-5, abs=1e-7), (p, metric)
+
+
+def test_shards_evaluated_apart_and_merged_give_the_whole_evaluation_exactly(resnet_model):
+    from protonmf.data import Preprocess, make_source
+    from protonmf.evaluation.held_out import (
+        accumulate_held_out,
+        evaluate_model,
+        held_out_shards,
+        merge_held_out,
+        summarize_held_out,
+    )
+
+    # the demo's part set: part masks (localization) and keypoints (consistency, stability)
+    source = make_source("synthetic", n_classes=5, n_per_class=4, split="val", image_size=64)
+    pre = Preprocess(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    whole = evaluate_model(resnet_model, source, pre, batch_size=3, workers=0)
+    assert whole["n_images"] == 20 and set(whole["localization"]) == set(whole["consistency"]) == set(whole["stability"]) == {1, 3, 5}
+    assert any(v["fixed"] for v in whole["intervention"].values()), "the random network gets some images wrong"
+
+    shards = held_out_shards(len(source.records), 5, 3)  # rounded up to 6 records: 6, 6, 6, 2
+    assert shards == [(0, 6), (6, 12), (12, 18), (18, 20)]
+    labels = [r.label for r in source.records]
+    assert labels == sorted(labels) and any(labels[b - 1] == labels[b] for _, b in shards[:-1]), "a class is split between shards"
+    stats = [accumulate_held_out(resnet_model, source, pre, records=source.records[a:b], batch_size=3, workers=0)
+             for a, b in shards]
+    assert [s.n_images for s in stats] == [6, 6, 6, 2]
+    assert summarize_held_out(merge_held_out(stats)) == whole  # every number, to the bit
+    with pytest.raises(ValueError, match="no statistics"):
+        merge_held_out([])
+    with pytest.raises(ValueError, match="statistics of different models"):
+        merge_held_out([stats[0], accumulate_held_out(resnet_model.with_p(1), source, pre, records=source.records[:3], workers=0)])

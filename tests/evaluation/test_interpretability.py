@@ -17,6 +17,7 @@ from protonmf.evaluation.held_out import evaluate_model
 from protonmf.evaluation.interpretability import (
     box_half_size,
     consistency,
+    noise_seeds,
     part_vectors,
     peak_locations,
     perturb,
@@ -73,14 +74,17 @@ def test_stability_is_the_mean_share_of_unchanged_vectors():
     assert res["score"] == 75.0
 
 
-def test_noise_is_seeded_gaussian_clipped_to_a_quarter():
+def test_noise_is_seeded_per_image_gaussian_clipped_to_a_quarter():
     x = torch.zeros(64, 3, 32, 32)
-    a = perturb(x, torch.Generator().manual_seed(0))
-    b = perturb(x, torch.Generator().manual_seed(0))
-    assert torch.equal(a, b)
+    seeds = noise_seeds(0, [f"c/{i}.png" for i in range(64)])
+    assert len(set(seeds)) == 64 and seeds == noise_seeds(0, [f"c/{i}.png" for i in range(64)])
+    assert seeds != noise_seeds(1, [f"c/{i}.png" for i in range(64)])
+    a = perturb(x, seeds)
+    assert torch.equal(a, perturb(x, seeds))
     assert float(a.abs().max()) == pytest.approx(0.25)
-    expected = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * 0.2
-    torch.testing.assert_close(a, expected.clamp(-0.25, 0.25), rtol=0, atol=0)
+    expected = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seeds[5])) * 0.2
+    torch.testing.assert_close(a[5], expected.clamp(-0.25, 0.25), rtol=0, atol=0)
+    assert torch.equal(perturb(x[5:7], seeds[5:7]), a[5:7])  # an image's noise does not depend on its batch
 
 
 # ------------------------------------------------------------------------- end to end on CUB

@@ -16,7 +16,7 @@ def tree(bucket: str, name: str, **overrides) -> dict:
     }
     for key, value in overrides.items():
         section, field = key.split("__")
-        config[section][field] = value
+        config.setdefault(section, {})[field] = value
     return config
 
 

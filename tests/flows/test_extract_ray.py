@@ -143,3 +143,46 @@ def test_gpu_actors_take_classes_decoded_by_separate_cpu_tasks(cluster, bucket, 
     gpu = FeatureStore.open(config.storage.features)
     for k in range(N_CLASSES):
         assert torch.equal(gpu.read_class(k), cpu.read_class(k)), k
+
+
+def test_evaluation_shards_read_the_val_index_on_a_pool_and_list_nothing(cluster, bucket, prepared, tmp_path):
+    """The evaluation's actors build the held-out source from the index prepare wrote, measure shards
+    of it, and their merged JSON is that of one process evaluating a listing of the same images."""
+    import s3fs
+
+    from protonmf import PrototypeModel
+    from protonmf.data import ImageFolderSource
+    from protonmf.evaluation.held_out import evaluate_model
+    from protonmf.pipeline.prototype_run import make_preprocess
+    from protonmf.pipeline.staging import class_groups
+    from tasks.extract import extract_on_ray
+    from tasks.fit import fit_on_ray
+    from tasks.prepare import prepare_on_ray
+    from tasks.publish_and_evaluate import evaluate_on_ray, publish_on_ray
+
+    write_image_folder(make_synthetic_parts(N_CLASSES, 3, image_size=64, seed=1), tmp_path / "val")
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(tmp_path / "val"), f"{bucket}/data/val", recursive=True)
+    tree = {**prepared, "data": {**prepared["data"], "val": f"s3://{bucket}/data/val"},
+            "storage": {**prepared["storage"], "model": f"s3://{bucket}/evaluated/model"},
+            "evaluation": {"shard_images": 4, "report": False, "reconstruction_classes": 0}}
+    config, _, _ = prepare_on_ray(parse_config(tree))  # the features of the extraction test (val is not in their key)
+    assert config.data.val_index.startswith(f"s3://{bucket}/features/index/val-")
+    extract_on_ray(config, list(range(N_CLASSES)))
+    fit_on_ray(config, class_groups(N_CLASSES, config.prototypes.classes_per_task))
+    publish_on_ray(config)
+
+    start = len(S3_REQUESTS)
+    ev, shards = evaluate_on_ray(config)
+    assert s3_lists(start, bucket, "data") == 0  # the actors read the val index, never a listing
+    assert [(s["start"], s["stop"], s["n_images"]) for s in shards] == [(0, 4, 4), (4, 8, 4), (8, 12, 4)]
+    assert len({s["worker"] for s in shards}) == N_CPUS
+
+    model = PrototypeModel.load(config.storage.model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors' own count: the same arithmetic
+    try:
+        local = evaluate_model(model, ImageFolderSource(str(tmp_path / "val")), make_preprocess(config),
+                               batch_size=config.compute.batch_size, workers=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert ev == {**local, "n_skipped_unknown_class": 0, "unknown_classes": {}}

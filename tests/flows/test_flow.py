@@ -122,11 +122,21 @@ def prototypes(uri):
 
 
 def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runtime, bucket):
-    config = tree(bucket, "e2e")
+    config = tree(bucket, "e2e", evaluation__shard_images=8)  # 20 held-out images in batches of 8: shards of 8, 8, 4
     result = run(config)
     ev = result["evaluation"]
     assert result["model"] == f"s3://{bucket}/e2e/model"
     assert ev["n_images"] == N_CLASSES * 5 and ev["max_abs_logit_diff"] <= 1e-4 * ev["max_abs_logit"]
+    shards = result["evaluation_shards"]
+    assert [(s["start"], s["stop"], s["n_images"], s["n_skipped"]) for s in shards] == [(0, 8, 8, 0), (8, 16, 8, 0), (16, 20, 4, 0)]
+    workers = {s["worker"] for s in shards}
+    assert len(workers) == 2 and os.getpid() not in workers  # a pool of one actor per CPU, both evaluated images
+    from tasks.publish_and_evaluate import evaluate_on_ray
+
+    one_task = parse_config(tree(bucket, "e2e", evaluation__shard_images=1000, evaluation__report=False))
+    single, (only,) = evaluate_on_ray(one_task)  # every image in one shard, as the evaluation ran before
+    assert only["n_images"] == N_CLASSES * 5 and "report" not in single
+    assert single == same(ev)  # the very same JSON, every number to the bit
     assert ev["top1_prototype"] == ev["top1_black_box"]
     assert set(ev["table3"]) == {1, 3}
     model = PrototypeModel.load(f"s3://{bucket}/e2e/model")
