@@ -42,7 +42,7 @@ from zarr.storage import FsspecStore, LocalStore, StorePath
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.storage import class_stem, fs_options, join, read_bytes, sha256, to_fs, write_bytes_atomic
+from protonmf.storage import class_stem, concurrently, fs_options, join, read_bytes, sha256, to_fs, write_bytes_atomic
 
 __all__ = ["FeatureStore", "RECORD_SCHEMA", "StoreError"]
 
@@ -231,6 +231,13 @@ class FeatureStore:
         if damage is not None:
             raise self.damaged(k, damage)
         return torch.from_numpy(features)
+
+    def read_classes(self, ks: Sequence[int]) -> list[torch.Tensor]:
+        """:meth:`read_class` of each class of ``ks``, in that order, several classes at once: a
+        class is 4 small reads one after another (marker, array metadata, chunk, record table),
+        each checked as :meth:`read_class` checks it. The first class of ``ks`` that is not
+        complete or is damaged raises its :class:`StoreError`."""
+        return concurrently(self.read_class, ks)
 
     def check_class(self, k: int) -> str | None:
         """What is wrong with complete class k, or None if it reads back as written (reads all of it)."""

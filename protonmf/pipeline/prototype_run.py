@@ -267,7 +267,7 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
     else:
         # A class whose images were all unreadable has no rows: it keeps its head through the residual
         # alone (fit_classes), and the run goes on; the run summary names it.
-        features = [store.read_class(k).reshape(-1, store.dim) for k in classes]  # (n_k·h·w, D) float16
+        features = [F.reshape(-1, store.dim) for F in store.read_classes(classes)]  # (n_k·h·w, D) float16
         V, bias = store.head()
         pr = config.prototypes
         by_p = fit_classes(  # every p in one pass over A per NMF update
