@@ -34,7 +34,7 @@ from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_miss
 from protonmf.data.store import FeatureStore
 from protonmf.pipeline.datasets import images_per_class
 from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
-from protonmf.storage import class_stem
+from protonmf.storage import class_stem, concurrently
 from tasks.runtime import die_before_writing_for_test
 
 SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
@@ -105,7 +105,7 @@ def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndar
     config = Config.model_validate_json(config_json)
     classes = [int(k) for k in json.loads(str(batch["classes"][0]))]
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    checks = {k: damaged_or_missing(store, k) for k in classes}
+    checks = dict(zip(classes, concurrently(lambda k: damaged_or_missing(store, k), classes)))  # a request or more each
     todo = [k for k in classes if checks[k][0]]
     decoded = {d.k: d for d in decode_group(config, todo)} if todo else {}  # one read of the index for all
     S = config.data.preprocess.crop
