@@ -17,7 +17,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 __all__ = ["IN_FLIGHT", "class_of_stem", "class_stem", "concurrently", "fs_options", "join", "read_bytes", "sha256", "to_fs",
-           "write_bytes_atomic"]
+           "write_bytes_atomic", "write_objects"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -95,6 +95,16 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def write_objects(fs: AbstractFileSystem, objects: dict[str, bytes]) -> None:
+    """:func:`write_bytes_atomic` of each of ``objects`` (path → bytes); on object stores all the
+    PUTs at once (each replaces its object atomically), elsewhere one after another."""
+    if set(_protocols(fs)) & OBJECT_STORES:
+        fs.pipe(objects)
+    else:
+        for path, data in objects.items():
+            write_bytes_atomic(fs, path, data)
 
 
 def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
