@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flow_vs_script_1000 import CountingMotoServer, s3_env  # noqa: E402
+from flow_vs_script_1000 import CountingMotoServer, s3_env
 
 
 def _serve(conn) -> None:

@@ -184,7 +184,7 @@ class _Forward:
         self, store: FeatureStore, k: int, batches: Iterable[Tensor], preprocess: Preprocess,
         entries: Callable[[], list[tuple[str, str, str | None]]], on_batch: Callable[[int], None] | None = None,
         previous: tuple[dict | None, str | None] | None = None,
-    ) -> "_Forwarded":
+    ) -> _Forwarded:
         """Forward uint8 ``batches`` of class k: what :meth:`_Forwarded.write` writes to the store.
 
         ``entries`` is called once every batch has been consumed (a streaming decoder knows its
