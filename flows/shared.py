@@ -81,9 +81,9 @@ def prepare_run(config: Config) -> tuple[Config, list[str], list[int]]:
 
 
 @step
-def extract_features(config: Config, num_classes: int) -> list[dict]:
+def extract_features(config: Config, num_classes: int, done: list[int]) -> list[dict]:
     with progress("extract-progress", "classes extracted", num_classes) as tick:
-        return extract_on_ray(config, list(range(num_classes)), on_class=tick)
+        return extract_on_ray(config, list(range(num_classes)), on_class=tick, done=done)
 
 
 @dataclass
@@ -119,5 +119,5 @@ def started_run(config: Config | dict[str, Any] | str, overrides: list[str] | No
             run.config, run.class_names, done = retrying(prepare_run, cfg)(cfg)
         get_run_logger().info("%d classes, %d already extracted", len(run.class_names), len(done))
         with run.timed("extract"):
-            run.extraction = retrying(extract_features, run.config)(run.config, len(run.class_names))
+            run.extraction = retrying(extract_features, run.config)(run.config, len(run.class_names), done)
         yield run

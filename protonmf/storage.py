@@ -9,12 +9,22 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["class_of_stem", "class_stem", "fs_options", "join", "read_bytes", "sha256", "to_fs", "write_bytes_atomic"]
+__all__ = ["IN_FLIGHT", "class_of_stem", "class_stem", "concurrently", "fs_options", "join", "read_bytes", "sha256", "to_fs",
+           "write_bytes_atomic", "write_objects"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Requests kept in flight by :func:`concurrently`: object storage answers each in tens of
+#: milliseconds, so small objects read or written one after another leave a worker waiting.
+IN_FLIGHT = 16
 
 
 #: fsspec protocols of object stores: no folders, a PUT replaces an object atomically.
@@ -57,6 +67,17 @@ def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
     return fs.cat_file(path)
 
 
+def concurrently(fn: Callable[[T], R], items: Iterable[T], threads: int = IN_FLIGHT) -> list[R]:
+    """``[fn(x) for x in items]``, with up to ``threads`` calls at once (for work that waits on
+    storage). Results in the order of ``items``; the error of the first item that fails, in that
+    order, is raised once every call has ended."""
+    items = list(items)
+    if len(items) <= 1 or threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that a reader sees the old object or the whole new one, never a part.
 
@@ -74,6 +95,16 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def write_objects(fs: AbstractFileSystem, objects: dict[str, bytes]) -> None:
+    """:func:`write_bytes_atomic` of each of ``objects`` (path → bytes); on object stores all the
+    PUTs at once (each replaces its object atomically), elsewhere one after another."""
+    if set(_protocols(fs)) & OBJECT_STORES:
+        fs.pipe(objects)
+    else:
+        for path, data in objects.items():
+            write_bytes_atomic(fs, path, data)
 
 
 def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_miss
 from protonmf.data.store import FeatureStore
 from protonmf.pipeline.datasets import images_per_class
 from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
-from protonmf.storage import class_stem
+from protonmf.storage import class_stem, concurrently
 from tasks.runtime import die_before_writing_for_test
 
 SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
@@ -104,8 +104,10 @@ def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndar
     the others; the bundle goes on as one row, its images concatenated."""
     config = Config.model_validate_json(config_json)
     classes = [int(k) for k in json.loads(str(batch["classes"][0]))]
+    unmarked = set(json.loads(str(batch["unmarked"][0])))  # listed without a marker: missing, not looked up
     store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    checks = {k: damaged_or_missing(store, k) for k in classes}
+    checks = dict(zip(classes, concurrently(
+        lambda k: (True, None, None) if k in unmarked else damaged_or_missing(store, k), classes)))  # a request or more each
     todo = [k for k in classes if checks[k][0]]
     decoded = {d.k: d for d in decode_group(config, todo)} if todo else {}  # one read of the index for all
     S = config.data.preprocess.crop
@@ -212,10 +214,16 @@ def _class_sizes(config_json: str) -> list[int]:
     return images_per_class(Config.model_validate_json(config_json))
 
 
-def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None) -> list[dict]:
+def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None,
+                   done: Sequence[int] | None = None) -> list[dict]:
     """Extract ``classes``; returns one small dict per class (``worker`` and ``decoder``: the pids of
     the actor that forwarded it and of the process that decoded it; classes already complete come
-    back ``resumed`` without any work)."""
+    back ``resumed`` without any work).
+
+    ``done``: the classes that had a completion marker when the run listed the store (its
+    prepare step, under the run's lease): those are read back and checked, the others are
+    extracted without looking for their markers first (a request per class). None: every class
+    is looked up."""
     compute = config.compute
     out: list[dict] = []
     todo = list(classes)  # complete classes too: the decode stage checks them where they are read
@@ -225,7 +233,10 @@ def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict]
                                                compute.max_extract_workers)
         sizes = ray.get(_class_sizes.remote(config_json))
         bundles = class_bundles(sizes, todo, compute.batch_size, largest)
-        ds = ray.data.from_items([{"classes": json.dumps(b)} for b in bundles], override_num_blocks=len(bundles))
+        listed = None if done is None else set(done)
+        items = [{"classes": json.dumps(b), "unmarked": json.dumps([] if listed is None else [k for k in b if k not in listed])}
+                 for b in bundles]
+        ds = ray.data.from_items(items, override_num_blocks=len(bundles))
         ds = ds.map_batches(_decode, fn_kwargs={"config_json": config_json}, batch_size=1, num_cpus=1)
         ds = ds.map_batches(
             FeatureExtractor,

@@ -4,7 +4,7 @@ Extraction has two halves, which may run in different processes:
 
 - :func:`decode_class` (CPU): read, decode, resize and crop every image of a class into a
   (n, 3, S, S) uint8 tensor (:class:`DecodedClass`), noting each file it cannot use and why;
-- :func:`extract_decoded` (GPU or CPU): normalize, forward in batches, and write the class to the
+- :func:`extract_decoded` (GPU or CPU): normalize, forward in batches, and write each class to the
   store as a unit (features, records, then the completion marker), so a class is either
   complete or absent and a rerun skips complete classes.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from protonmf.data import ImageSource, iter_batches
 from protonmf.data.preprocess import Preprocess
 from protonmf.data.records import Record
 from protonmf.data.store import RECORD_SCHEMA, FeatureStore
+from protonmf.storage import IN_FLIGHT
 
 __all__ = ["ClassExtraction", "DecodedClass", "decode_class", "extract_classes", "extract_decoded"]
 
@@ -169,13 +171,21 @@ class _Forward:
         self.precision = precision
         self.top_k = min(top_k, backbone.num_classes)
 
-    @torch.no_grad()
     def write_class(
         self, store: FeatureStore, k: int, batches: Iterable[Tensor], preprocess: Preprocess,
         entries: Callable[[], list[tuple[str, str, str | None]]], on_batch: Callable[[int], None] | None = None,
         previous: tuple[dict | None, str | None] | None = None,
     ) -> tuple[int, int, int]:
-        """Forward uint8 ``batches`` of class k and write the class; (n used, n skipped, n correct).
+        """Forward uint8 ``batches`` of class k and write the class; (n used, n skipped, n correct)."""
+        return self.forward_class(store, k, batches, preprocess, entries, on_batch, previous).write(store)
+
+    @torch.no_grad()
+    def forward_class(
+        self, store: FeatureStore, k: int, batches: Iterable[Tensor], preprocess: Preprocess,
+        entries: Callable[[], list[tuple[str, str, str | None]]], on_batch: Callable[[int], None] | None = None,
+        previous: tuple[dict | None, str | None] | None = None,
+    ) -> _Forwarded:
+        """Forward uint8 ``batches`` of class k: what :meth:`_Forwarded.write` writes to the store.
 
         ``entries`` is called once every batch has been consumed (a streaming decoder knows its
         skipped files only then). ``previous``: the old marker and damage of a damaged class
@@ -239,13 +249,30 @@ class _Forward:
         if used != F_all.shape[0]:
             raise ValueError(f"class {k}: {F_all.shape[0]} images forwarded but {used} records marked as used")
         _check_same_images(store, k, *(previous or (None, None)), used, listed)
-        store.write_class(k, F_all, pa.table(rows, schema=RECORD_SCHEMA))
-        return used, len(rows["image_id"]) - used, sum(p == k for p in pred)
+        return _Forwarded(k, F_all, pa.table(rows, schema=RECORD_SCHEMA), used, len(rows["image_id"]) - used,
+                          sum(p == k for p in pred))
+
+
+@dataclass(frozen=True)
+class _Forwarded:
+    """A class forwarded, not yet written: its features (n, h, w, D) float16, records, and counts."""
+
+    k: int
+    features: Tensor
+    records: pa.Table
+    used: int
+    skipped: int
+    correct: int
+
+    def write(self, store: FeatureStore) -> tuple[int, int, int]:
+        """Write the class (features, records, then its marker); (n used, n skipped, n correct)."""
+        store.write_class(self.k, self.features, self.records)
+        return self.used, self.skipped, self.correct
 
 
 def extract_decoded(
     backbone: FeatureBackbone,
-    decoded: DecodedClass,
+    decoded: Sequence[DecodedClass],
     preprocess: Preprocess,
     store: FeatureStore,
     *,
@@ -254,16 +281,34 @@ def extract_decoded(
     device: torch.device | str | None = None,
     precision: str = "float32",
     channels_last: bool = False,
-) -> ClassExtraction:
-    """Forward a decoded class in batches of ``batch_size`` and write it to ``store`` (see
-    :func:`extract_classes` for the arguments). ``seconds`` counts decoding and the forward pass."""
-    start = time.perf_counter()
+    writers: int = IN_FLIGHT,
+) -> list[ClassExtraction]:
+    """Forward decoded classes in batches of ``batch_size`` and write each to ``store`` (see
+    :func:`extract_classes` for the arguments); one result per class, in order.
+
+    The classes are forwarded one after another, each on its own (batches of one class only, as
+    :func:`extract_classes` forwards them: the same features to the bit), and written by up to
+    ``writers`` threads while the next ones are forwarded: a class is a few small objects, each a
+    request that object storage answers in tens of milliseconds. Each class is still written as a
+    unit, its marker last. An error (a class's images gone, a failed write) is raised once the
+    writes already started have ended. ``seconds`` counts decoding, the forward pass and the write.
+    """
     forward = _Forward(backbone, device, precision, channels_last, top_k)
-    previous = (store.read_marker(decoded.k), decoded.damage) if decoded.damage else None
-    used, skipped, correct = forward.write_class(
-        store, decoded.k, decoded.images.split(batch_size), preprocess, lambda: list(decoded.entries), previous=previous,
-    )
-    return ClassExtraction(decoded.k, used, skipped, correct, decoded.seconds + time.perf_counter() - start, resumed=False)
+
+    def write(job: tuple[_Forwarded, float, float]) -> ClassExtraction:
+        done, decode_seconds, start = job
+        used, skipped, correct = done.write(store)
+        return ClassExtraction(done.k, used, skipped, correct, decode_seconds + time.perf_counter() - start, resumed=False)
+
+    with ThreadPoolExecutor(max(1, min(writers, len(decoded)))) as pool:
+        pending = []
+        for d in decoded:
+            start = time.perf_counter()
+            previous = (store.read_marker(d.k), d.damage) if d.damage else None
+            done = forward.forward_class(store, d.k, d.images.split(batch_size), preprocess, lambda d=d: list(d.entries),
+                                         previous=previous)
+            pending.append(pool.submit(write, (done, d.seconds, start)))
+        return [f.result() for f in pending]
 
 
 def extract_classes(

@@ -38,11 +38,13 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 import zarr.errors
-from zarr.storage import FsspecStore, LocalStore, StorePath
+from zarr.storage import MemoryStore
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from protonmf.storage import class_stem, fs_options, join, read_bytes, sha256, to_fs, write_bytes_atomic
+from protonmf.storage import (
+    class_stem, concurrently, fs_options, join, read_bytes, sha256, to_fs, write_bytes_atomic, write_objects,
+)
 
 __all__ = ["FeatureStore", "RECORD_SCHEMA", "StoreError"]
 
@@ -166,21 +168,15 @@ class FeatureStore:
         """Where class k's completion marker is (written last, see the module's docstring)."""
         return join(self.root, "done", f"{class_stem(k)}.json")
 
-    def _write_array(self, k: int, data: np.ndarray, chunks: tuple[int, int, int]) -> None:
-        """Class k's array, written at its own path: Zarr then neither reads the root group's
-        metadata nor lists the path to clear it (on S3, 4 requests instead of 10 for a new class).
-        An array already there (a class extracted again) is replaced whole, old chunks deleted."""
-        root, stem = self.group.store, class_stem(k)  # a store of the same filesystem, rooted at the class
-        if isinstance(root, FsspecStore):
-            at = FsspecStore(root.fs, path=f"{root.path.rstrip('/')}/{stem}", read_only=False)
-        elif isinstance(root, LocalStore):
-            at = LocalStore(root.root / stem)
-        else:
-            at = StorePath(root, stem)
-        try:
-            zarr.create_array(at, data=data, chunks=chunks, zarr_format=3)
-        except zarr.errors.ContainsArrayError:
-            zarr.create_array(at, data=data, chunks=chunks, zarr_format=3, overwrite=True)
+    def _array_objects(self, k: int, data: np.ndarray, chunks: tuple[int, int, int]) -> dict[str, bytes]:
+        """Class k's array as Zarr writes it (its ``zarr.json`` and chunks, path → bytes), encoded
+        in memory: written by :meth:`write_class` with one PUT each, all at once, instead of by
+        Zarr, which first asks whether an array is there (a request per class on S3). A class
+        extracted again has the same images (see :mod:`protonmf.data.extract`), so the same keys
+        are written again; a chunk key its marker does not count is never read."""
+        encoded: dict[str, Any] = {}
+        zarr.create_array(MemoryStore(encoded), data=data, chunks=chunks, zarr_format=3)
+        return {join(self.root, class_stem(k), key): buf.to_bytes() for key, buf in encoded.items()}
 
     def is_done(self, k: int) -> bool:
         return self.fs.exists(self.marker_path(k))
@@ -210,11 +206,10 @@ class FeatureStore:
             raise ValueError(f"class {k}: {F.shape[0]} feature rows but {used} records with a row")
         data = F.to(torch.float16).cpu().numpy()
         rows = max(1, min(self.chunk_images, data.shape[0]))
-        self._write_array(k, data, (rows, h * w, self.dim))
         sink = pa.BufferOutputStream()
         pq.write_table(records, sink)
         table = sink.getvalue().to_pybytes()
-        write_bytes_atomic(self.fs, self._table(k), table)
+        write_objects(self.fs, {**self._array_objects(k, data, (rows, h * w, self.dim)), self._table(k): table})
         marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
                   "n_skipped": records.num_rows - used, "key": self.key, "chunk_images": rows,
                   "features_sha256": _chunk_digests(data, rows), "records_sha256": sha256(table)}
@@ -231,6 +226,13 @@ class FeatureStore:
         if damage is not None:
             raise self.damaged(k, damage)
         return torch.from_numpy(features)
+
+    def read_classes(self, ks: Sequence[int]) -> list[torch.Tensor]:
+        """:meth:`read_class` of each class of ``ks``, in that order, several classes at once: a
+        class is 4 small reads one after another (marker, array metadata, chunk, record table),
+        each checked as :meth:`read_class` checks it. The first class of ``ks`` that is not
+        complete or is damaged raises its :class:`StoreError`."""
+        return concurrently(self.read_class, ks)
 
     def check_class(self, k: int) -> str | None:
         """What is wrong with complete class k, or None if it reads back as written (reads all of it)."""

@@ -41,7 +41,7 @@ from protonmf.pipeline.staging import class_groups, group_stem, published_key, r
 from protonmf.prototypes.fit import ClassPrototypes, fit_classes_and_codes, fit_settings
 from protonmf.prototypes.gallery import GALLERY_SCHEMA, TopCodes, gallery_table, read_gallery, write_gallery
 from protonmf.prototypes.model import PrototypeModel
-from protonmf.storage import join, read_bytes, to_fs, write_bytes_atomic
+from protonmf.storage import concurrently, join, read_bytes, to_fs, write_bytes_atomic
 from protonmf.data.store import FeatureStore
 
 __all__ = [
@@ -216,23 +216,29 @@ DECODE_THREADS = 4
 
 def decode_group(config: Config, classes: list[int]) -> list[DecodedClass]:
     """Read, decode and crop the images of ``classes`` (the CPU half of extraction), reading only
-    their rows of the dataset index."""
+    their rows of the dataset index.
+
+    A few classes (ImageNet's, of ~1,300 images) are decoded one after another, each on
+    ``DECODE_THREADS`` threads; many (small classes go to a task together) are decoded
+    ``IN_FLIGHT`` classes at once, each on the thread that reads it: a thread pool per class of
+    three images would cost more than its reads.
+    """
     source = make_split_source(config, "train", labels=classes)
-    pre = make_preprocess(config)
-    return [decode_class(source, pre, k, workers=DECODE_THREADS, batch_size=config.compute.batch_size) for k in classes]
+    pre, batch = make_preprocess(config), config.compute.batch_size
+    if len(classes) < DECODE_THREADS:
+        return [decode_class(source, pre, k, workers=DECODE_THREADS, batch_size=batch) for k in classes]
+    return concurrently(lambda k: decode_class(source, pre, k, workers=0, batch_size=batch), classes)
 
 
 def forward_group(
     config: Config, backbone: FeatureBackbone, store: FeatureStore, decoded: list[DecodedClass],
 ) -> list[ClassExtraction]:
-    """Forward decoded classes and write each to the store (the GPU half of extraction)."""
+    """Forward decoded classes and write each to the store (the GPU half of extraction; the
+    writes of earlier classes overlap the forward pass of later ones, see :func:`extract_decoded`)."""
     c = config.compute
-    return [
-        extract_decoded(backbone, d, make_preprocess(config), store, batch_size=c.batch_size,
-                        device=step_device(c.extract_gpus, "compute.extract_gpus"),
-                        precision=c.precision, channels_last=c.channels_last)
-        for d in decoded
-    ]
+    return extract_decoded(backbone, decoded, make_preprocess(config), store, batch_size=c.batch_size,
+                           device=step_device(c.extract_gpus, "compute.extract_gpus"),
+                           precision=c.precision, channels_last=c.channels_last)
 
 
 def fit_key(config: Config, store: FeatureStore) -> str:
@@ -275,7 +281,7 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
     else:
         # A class whose images were all unreadable has no rows: it keeps its head through the residual
         # alone (fit_classes), and the run goes on; the run summary names it.
-        features = [store.read_class(k).reshape(-1, store.dim) for k in classes]  # (n_k·h·w, D) float16
+        features = [F.reshape(-1, store.dim) for F in store.read_classes(classes)]  # (n_k·h·w, D) float16
         V, bias = store.head()
         pr = config.prototypes
         by_p, codes = fit_classes_and_codes(  # every p in one pass over A per NMF update

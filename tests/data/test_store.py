@@ -157,3 +157,41 @@ def test_a_store_written_before_checksums_opens_and_its_classes_count_as_unverif
         again.read_class(1)
     again.write_class(1, F, records(5))  # what extraction does with it
     assert again.check_class(1) is None and torch.equal(again.read_class(1), F.flatten(1, 2))
+
+
+def test_many_classes_are_read_at_once_checked_as_one_by_one(tmp_path, monkeypatch):
+    """read_classes: read_class's tensors in the order asked, several classes' reads in flight at
+    once, and the error of the first class asked that is damaged or not complete."""
+    import threading
+    import time
+
+    store = make(tmp_path / "fs")
+    F = [torch.rand(6, *GRID, D).half() for _ in range(K)]
+    for k in range(K):
+        store.write_class(k, F[k], records(6))
+    again = FeatureStore.open(str(tmp_path / "fs"))
+    in_flight, most, lock = 0, 0, threading.Lock()
+    cat_file = again.fs.cat_file
+
+    def slow_cat_file(path, *args, **kwargs):  # a store that answers in tens of milliseconds
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(0.05)
+        try:
+            return cat_file(path, *args, **kwargs)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    monkeypatch.setattr(again.fs, "cat_file", slow_cat_file)
+    read = again.read_classes([2, 0, 1])
+    assert [torch.equal(r, F[k].flatten(1, 2)) for r, k in zip(read, [2, 0, 1])] == [True] * 3
+    assert most == K  # the markers (and record tables) of all three classes in flight together
+    damage_chunks(tmp_path / "fs", 1, lose=[0])
+    (tmp_path / "fs/done/c00002.json").unlink()
+    with pytest.raises(StoreError, match=r"class 1 \('b'\) .* is damaged: chunk 0 \(images 0–3\) is missing"):
+        again.read_classes([0, 1, 2])
+    with pytest.raises(StoreError, match=r"class 2 \('c'\) is not complete"):
+        again.read_classes([2, 1])

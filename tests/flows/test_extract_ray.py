@@ -97,8 +97,14 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
     assert config.data.train_index.startswith(f"s3://{bucket}/features/index/train-") and done == []
 
     start = len(S3_REQUESTS)
-    rows = extract_on_ray(config, list(range(N_CLASSES)))
+    rows = extract_on_ray(config, list(range(N_CLASSES)), done=done)
     assert s3_lists(start, bucket, "data") == 0  # decode tasks read their classes' index rows, no listing
+    # Per class, given prepare's listing of the markers: its 5 images read, and 4 objects written
+    # (array metadata, chunk, record table, marker); no request for a marker or an array not there.
+    per_class = [(m, path) for m, path, _ in S3_REQUESTS[start:] if "/c00" in path or "/done/" in path or "/data/train/" in path]
+    assert sorted(m for m, path in per_class if "/done/" in path) == ["PUT"] * N_CLASSES
+    assert sorted(m for m, path in per_class if "/data/train/" in path) == ["GET"] * 5 * N_CLASSES
+    assert sorted(m for m, path in per_class if "/features/c00" in path or "/tables/c00" in path) == ["PUT"] * 3 * N_CLASSES
     assert [r["n_images"] for r in rows] == [5] * N_CLASSES and not any(r["resumed"] for r in rows)
     assert len({r["worker"] for r in rows}) == N_CPUS  # the pool grew to one actor per CPU, and both worked
     assert all(r["decoder"] == r["worker"] for r in rows)  # on CPUs Ray Data fuses decoding into the actors
