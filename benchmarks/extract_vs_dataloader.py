@@ -29,7 +29,6 @@ puts the loop's forward pass under the same bfloat16 autocast, for an equal comp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics

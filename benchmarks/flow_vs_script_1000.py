@@ -161,7 +161,6 @@ def run_script(out_prefix: str) -> dict:
         clock[name] = round(now - t, 2)
         t = now
 
-    import numpy as np
     import s3fs
     import torch
     from PIL import Image

@@ -11,7 +11,6 @@ from protonmf import PrototypeModel
 from protonmf.data import Preprocess
 from protonmf.nmf import nmf
 from protonmf.prototypes.gallery import cell_box, gallery_table, patch_picture, top_codes
-from protonmf.storage import to_fs
 from tests.prototypes.small_published import N_CLASSES, published_run
 
 
