@@ -162,7 +162,6 @@ class FeatureExtractor:
         return {**{name: np.array([r[name] for r in rows]) for name in SUMMARY}, "worker": np.array([os.getpid()] * n),
                 "decoder": np.repeat(batch["decoder"], n), "error": np.array(errors, dtype=object)}
 
-
     def _written(self, k: int) -> list[str]:
         """The store's objects of class k now (what a fault-injection test records; lists the store)."""
         root = self.store.root

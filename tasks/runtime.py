@@ -91,15 +91,15 @@ def ray_session(config: Config):
         ray.shutdown()
 
 
-def maybe_fail_for_test(variable: str = "PROTONMF_FAULT_KILL_ONCE") -> None:
-    """Fault injection for tests: if ``variable`` names a file that does not exist, create it and
-    kill this worker process (as a lost node or OOM kill would). If ``PROTONMF_ATTEMPT_LOG`` names
-    a file, append a line to it first: tests count attempts."""
+def maybe_fail_for_test() -> None:
+    """Fault injection for tests: if ``PROTONMF_FAULT_KILL_ONCE`` names a file that does not exist,
+    create it and kill this worker process (as a lost node or OOM kill would). If
+    ``PROTONMF_ATTEMPT_LOG`` names a file, append a line to it first: tests count attempts."""
     log = os.environ.get("PROTONMF_ATTEMPT_LOG")
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
-    marker = os.environ.get(variable)
+    marker = os.environ.get("PROTONMF_FAULT_KILL_ONCE")
     if marker and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
