@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -122,18 +123,24 @@ def write_index(
     return join(str(folder), name)
 
 
-def read_index(
-    uri: str, *, labels: Sequence[int] | None = None, storage_options: dict[str, Any] | None = None,
-) -> tuple[pa.Table, dict[str, Any]]:
-    """(rows, metadata) of the index at ``uri``; with ``labels`` only those classes' rows, reading
-    only the row groups whose label statistics can hold them. Opens one file: no listing."""
+@contextmanager
+def _opened(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[pq.ParquetFile, dict[str, Any]]]:
+    """The index file at ``uri`` opened (footer read, nothing else) and the metadata it carries."""
     fs, path = to_fs(uri, storage_options)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         meta = pf.schema_arrow.metadata or {}
         if _META_KEY not in meta:
             raise ValueError(f"{uri} is not a protonmf dataset index")
-        info = json.loads(meta[_META_KEY])
+        yield pf, json.loads(meta[_META_KEY])
+
+
+def read_index(
+    uri: str, *, labels: Sequence[int] | None = None, storage_options: dict[str, Any] | None = None,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """(rows, metadata) of the index at ``uri``; with ``labels`` only those classes' rows, reading
+    only the row groups whose label statistics can hold them. Opens one file: no listing."""
+    with _opened(uri, storage_options) as (pf, info):
         if labels is None:
             table = pf.read()
         else:
@@ -152,13 +159,8 @@ def read_index(
 def class_sizes(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[int]:
     """The number of rows (images) of each class of the index at ``uri``, in label order: its
     label column alone is read."""
-    fs, path = to_fs(uri, storage_options)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        meta = pf.schema_arrow.metadata or {}
-        if _META_KEY not in meta:
-            raise ValueError(f"{uri} is not a protonmf dataset index")
-        n_classes = len(json.loads(meta[_META_KEY])["classes"])
+    with _opened(uri, storage_options) as (pf, info):
+        n_classes = len(info["classes"])
         labels = pf.read(columns=["label"])["label"]
     counts = pc.value_counts(labels) if len(labels) else []
     sizes = [0] * n_classes
