@@ -104,8 +104,7 @@ def run_stage(work: Path, out: Path, overrides: list[str]) -> int:
         "storage": {"features": str(out / "features"), "model": str(out / "model")},
     }, overrides)
     with ray_session(config):
-        pinned, names, _ = prepare_on_ray(config)
-        rows = extract_on_ray(pinned, list(range(len(names))))
+        rows = extract_on_ray(prepare_on_ray(config))
     return sum(r["n_images"] for r in rows)
 
 

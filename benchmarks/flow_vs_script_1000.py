@@ -199,7 +199,7 @@ def run_script(out_prefix: str) -> dict:
     F = features(images["train"]).to(torch.float16)
     lap("forward")
     labels = torch.tensor(splits["train"][1])
-    K, (n, h, w, D) = len(splits["train"][2]), F.shape
+    K, (n, _, _, D) = len(splits["train"][2]), F.shape
     per_class = [F[labels == k].reshape(-1, D) for k in range(K)]
     rows = torch.tensor([a.shape[0] for a in per_class])
     A = torch.zeros(K, int(rows.max()), D, dtype=torch.float16)

@@ -23,7 +23,7 @@ from protonmf.config import Config, load_config, parse_config  # noqa: E402
 from protonmf.pipeline.prototype_run import preflight  # noqa: E402
 from protonmf.pipeline.staging import run_leases  # noqa: E402
 from tasks.extract import extract_on_ray  # noqa: E402
-from tasks.prepare import prepare_on_ray  # noqa: E402
+from tasks.prepare import PreparedRun, prepare_on_ray  # noqa: E402
 from tasks.runtime import is_retryable, ray_session  # noqa: E402
 
 
@@ -75,15 +75,16 @@ def retrying(prefect_task: Task, config: Config) -> Task:
 
 
 @step
-def prepare_run(config: Config) -> tuple[Config, list[str], list[int]]:
-    """The config with the black box's weights pinned, the class names, the classes already extracted."""
+def prepare_run(config: Config) -> PreparedRun:
+    """The config with the black box's weights pinned, the class names, the classes already
+    extracted, the images of each class."""
     return prepare_on_ray(config)
 
 
 @step
-def extract_features(config: Config, num_classes: int, done: list[int]) -> list[dict]:
-    with progress("extract-progress", "classes extracted", num_classes) as tick:
-        return extract_on_ray(config, list(range(num_classes)), on_class=tick, done=done)
+def extract_features(prepared: PreparedRun) -> list[dict]:
+    with progress("extract-progress", "classes extracted", len(prepared.class_names)) as tick:
+        return extract_on_ray(prepared, on_class=tick)
 
 
 @dataclass
@@ -116,8 +117,9 @@ def started_run(config: Config | dict[str, Any] | str, overrides: list[str] | No
             ray_session(cfg):
         run = StartedRun(cfg, [], [])
         with run.timed("prepare"):
-            run.config, run.class_names, done = retrying(prepare_run, cfg)(cfg)
-        get_run_logger().info("%d classes, %d already extracted", len(run.class_names), len(done))
+            prepared = retrying(prepare_run, cfg)(cfg)
+        run.config, run.class_names = prepared.config, prepared.class_names
+        get_run_logger().info("%d classes, %d already extracted", len(run.class_names), len(prepared.done))
         with run.timed("extract"):
-            run.extraction = retrying(extract_features, run.config)(run.config, len(run.class_names), done)
+            run.extraction = retrying(extract_features, run.config)(prepared)
         yield run

@@ -32,9 +32,9 @@ import torch
 from protonmf.config import Config
 from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_missing
 from protonmf.data.store import FeatureStore
-from protonmf.pipeline.datasets import images_per_class
 from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
 from protonmf.storage import class_stem, concurrently
+from tasks.prepare import PreparedRun
 from tasks.runtime import die_before_writing_for_test
 
 SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
@@ -208,21 +208,17 @@ def _as_data(err: Exception) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"))
 
 
-@ray.remote(max_retries=2)
-def _class_sizes(config_json: str) -> list[int]:
-    return images_per_class(Config.model_validate_json(config_json))
+def extract_on_ray(run: PreparedRun, classes: Sequence[int] | None = None,
+                   on_class: Callable[[dict], None] | None = None) -> list[dict]:
+    """Extract ``classes`` (default: all) of a prepared run; returns one small dict per class
+    (``worker`` and ``decoder``: the pids of the actor that forwarded it and of the process that
+    decoded it; classes already complete come back ``resumed`` without any work).
 
-
-def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict], None] | None = None,
-                   done: Sequence[int] | None = None) -> list[dict]:
-    """Extract ``classes``; returns one small dict per class (``worker`` and ``decoder``: the pids of
-    the actor that forwarded it and of the process that decoded it; classes already complete come
-    back ``resumed`` without any work).
-
-    ``done``: the classes that had a completion marker when the run listed the store (its
-    prepare step, under the run's lease): those are read back and checked, the others are
-    extracted without looking for their markers first (a request per class). None: every class
-    is looked up."""
+    The classes that had a completion marker when the run's prepare step listed the store (under
+    the run's lease), ``run.done``, are read back and checked; the others are extracted without
+    looking for their markers first (a request per class)."""
+    config = run.config
+    classes = range(len(run.class_names)) if classes is None else classes
     compute = config.compute
     out: list[dict] = []
     todo = list(classes)  # complete classes too: the decode stage checks them where they are read
@@ -230,11 +226,9 @@ def extract_on_ray(config: Config, classes: list[int], on_class: Callable[[dict]
         config_json = config.model_dump_json()
         initial, largest = extract_pool_bounds(ray.cluster_resources(), cluster_most(), compute.extract_gpus, len(todo),
                                                compute.max_extract_workers)
-        sizes = ray.get(_class_sizes.remote(config_json))
-        bundles = class_bundles(sizes, todo, compute.batch_size, largest)
-        listed = None if done is None else set(done)
-        items = [{"classes": json.dumps(b), "unmarked": json.dumps([] if listed is None else [k for k in b if k not in listed])}
-                 for b in bundles]
+        bundles = class_bundles(run.sizes, todo, compute.batch_size, largest)
+        listed = set(run.done)
+        items = [{"classes": json.dumps(b), "unmarked": json.dumps([k for k in b if k not in listed])} for b in bundles]
         ds = ray.data.from_items(items, override_num_blocks=len(bundles))
         ds = ds.map_batches(_decode, fn_kwargs={"config_json": config_json}, batch_size=1, num_cpus=1)
         ds = ds.map_batches(

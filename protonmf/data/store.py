@@ -220,12 +220,17 @@ class FeatureStore:
 
         Raises :class:`StoreError` if the class is not complete or is damaged.
         """
-        features, damage, done = self._read_checked(k)
+        return self.read_class_with_records(k)[0]
+
+    def read_class_with_records(self, k: int) -> tuple[torch.Tensor, pa.Table]:
+        """:meth:`read_class` and class k's record table, from the same reads (the table is read
+        to check it anyway)."""
+        features, table, damage, done = self._read_checked(k)
         if not done:
             raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
         if damage is not None:
             raise self.damaged(k, damage)
-        return torch.from_numpy(features)
+        return torch.from_numpy(features), pq.read_table(pa.BufferReader(table))
 
     def read_classes(self, ks: Sequence[int]) -> list[torch.Tensor]:
         """:meth:`read_class` of each class of ``ks``, in that order, several classes at once: a
@@ -234,14 +239,18 @@ class FeatureStore:
         complete or is damaged raises its :class:`StoreError`."""
         return concurrently(self.read_class, ks)
 
+    def read_classes_with_records(self, ks: Sequence[int]) -> list[tuple[torch.Tensor, pa.Table]]:
+        """:meth:`read_classes` with each class's record table (:meth:`read_class_with_records`)."""
+        return concurrently(self.read_class_with_records, ks)
+
     def check_class(self, k: int) -> str | None:
         """What is wrong with complete class k, or None if it reads back as written (reads all of it)."""
-        return self._read_checked(k)[1]
+        return self._read_checked(k)[2]
 
     def verify_class(self, k: int) -> tuple[bool, str | None]:
         """(whether class k is complete: it has a marker, what is wrong with it or None), reading
         its marker once: :meth:`is_done` then :meth:`check_class` without the first's request."""
-        _, damage, done = self._read_checked(k)
+        _, _, damage, done = self._read_checked(k)
         return done, damage if done else None
 
     def read_marker(self, k: int) -> dict[str, Any] | None:
@@ -267,30 +276,31 @@ class FeatureStore:
     def _table(self, k: int) -> str:
         return join(self.root, "tables", f"{class_stem(k)}.parquet")
 
-    def _read_checked(self, k: int) -> tuple[np.ndarray | None, str | None, bool]:
-        """Class k's features, what is wrong with the class (None if nothing), and whether it has a marker.
+    def _read_checked(self, k: int) -> tuple[np.ndarray | None, bytes | None, str | None, bool]:
+        """Class k's features, its record table (Parquet bytes), what is wrong with the class (None
+        if nothing), and whether it has a marker.
 
         I/O errors propagate (the network may heal, and the class is not damaged by them); what
         does not decode or does not match the marker is damage.
         """
         done, marker = self._load_marker(k)
         if not done:
-            return None, f"it has no completion marker done/{class_stem(k)}.json", False
+            return None, None, f"it has no completion marker done/{class_stem(k)}.json", False
         damage = _marker_damage(k, marker)
         if damage is not None:
-            return None, damage, True
+            return None, None, damage, True
         try:
             array = self.group[class_stem(k)]
         except OSError:
             raise
         except Exception as err:  # noqa: BLE001 - KeyError (gone) or unreadable metadata: both damage
-            return None, f"its array {class_stem(k)}/ cannot be opened ({type(err).__name__}: {err})", True
+            return None, None, f"its array {class_stem(k)}/ cannot be opened ({type(err).__name__}: {err})", True
         h, w = self.grid
         n, rows, digests = int(marker["n_images"]), int(marker["chunk_images"]), marker["features_sha256"]
         if tuple(array.shape) != (n, h * w, self.dim):
-            return None, f"its array has shape {tuple(array.shape)}, its marker says {(n, h * w, self.dim)}", True
+            return None, None, f"its array has shape {tuple(array.shape)}, its marker says {(n, h * w, self.dim)}", True
         if len(digests) != math.ceil(n / rows):
-            return None, f"its marker lists {len(digests)} chunk checksums for {n} images in chunks of {rows}", True
+            return None, None, f"its marker lists {len(digests)} chunk checksums for {n} images in chunks of {rows}", True
         try:
             data = np.asarray(array[...])
         except OSError:
@@ -311,9 +321,9 @@ class FeatureStore:
                 lost = not self.fs.exists(join(self.root, class_stem(k), array.metadata.encode_chunk_key((i, 0, 0))))
                 problems.append(f"{what} is missing (Zarr reads it as zeros)" if lost else f"{what} does not match its sha256")
         if problems:
-            return None, "; ".join(problems), True
-        damage = self._read_table(k, marker)[1]
-        return (data, None, True) if damage is None else (None, damage, True)
+            return None, None, "; ".join(problems), True
+        table, damage = self._read_table(k, marker)
+        return (data, table, None, True) if damage is None else (None, None, damage, True)
 
     def _read_table(self, k: int, marker: dict[str, Any]) -> tuple[bytes | None, str | None]:
         """Class k's record table (Parquet bytes) and what is wrong with it (None if nothing)."""

@@ -281,7 +281,8 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
     else:
         # A class whose images were all unreadable has no rows: it keeps its head through the residual
         # alone (fit_classes), and the run goes on; the run summary names it.
-        features = [F.reshape(-1, store.dim) for F in store.read_classes(classes)]  # (n_k·h·w, D) float16
+        read = store.read_classes_with_records(classes)
+        features = [F.reshape(-1, store.dim) for F, _ in read]  # (n_k·h·w, D) float16
         V, bias = store.head()
         pr = config.prototypes
         by_p, codes = fit_classes_and_codes(  # every p in one pass over A per NMF update
@@ -290,7 +291,8 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
             device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
         # The gallery goes in first: a staged fit (the resume marker) always has its gallery beside it.
-        write_bytes_atomic(fs, _gallery_path(staging, classes), write_gallery(_group_gallery(config, store, classes, codes)))
+        gallery = _group_gallery(config, store, classes, codes, [records for _, records in read])
+        write_bytes_atomic(fs, _gallery_path(staging, classes), write_gallery(gallery))
         tensors = {f"p{p}.{name}": t for p, fit in by_p.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
         resumed = False
@@ -301,9 +303,11 @@ def _gallery_path(staging: str, classes: list[int]) -> str:
     return join(staging, group_stem(classes) + ".gallery.parquet")
 
 
-def _group_gallery(config: Config, store: FeatureStore, classes: list[int], codes: dict[int, TopCodes]) -> pa.Table:
+def _group_gallery(config: Config, store: FeatureStore, classes: list[int], codes: dict[int, TopCodes],
+                   records: list[pa.Table]) -> pa.Table:
     """The gallery rows of ``classes`` (:mod:`protonmf.prototypes.gallery`): the images the largest
-    E entries name are read again (only those), for their size and the patches' pixels."""
+    E entries name are read again (only those), for their size and the patches' pixels.
+    ``records``: each class's record table, as read with its features."""
     if config.prototypes.gallery == 0:
         return GALLERY_SCHEMA.empty_table()
     source = make_split_source(config, "train", labels=classes)
@@ -313,7 +317,6 @@ def _group_gallery(config: Config, store: FeatureStore, classes: list[int], code
         record = by_id.get(image_id)
         return (None, "no longer in the training data") if record is None else source.load(record)
 
-    records = [store.read_records([k]) for k in classes]
     return gallery_table(codes, classes, records, load, make_preprocess(config), store.grid)
 
 

@@ -41,6 +41,7 @@ from PIL import Image
 from torch import Tensor
 
 from protonmf.data.preprocess import Preprocess
+from protonmf.storage import concurrently
 
 __all__ = ["GALLERY_SCHEMA", "PATCH_MAX_SIDE", "TopCodes", "cell_box", "class_patches", "gallery_table", "patch_picture",
            "read_gallery", "top_codes", "write_gallery"]
@@ -169,17 +170,18 @@ def gallery_table(
     """
     where = {(pos, row): (iid, uri) for pos, table in enumerate(records) for row, iid, uri in zip(
         table["row"].to_pylist(), table["image_id"].to_pylist(), table["uri"].to_pylist()) if row is not None}
-    cache: dict[str, tuple[tuple[int, int], np.ndarray] | None] = {}
 
     def image(iid: str) -> tuple[tuple[int, int], np.ndarray] | None:
-        if iid not in cache:
-            img, reason = load(iid)
-            if img is None:
-                log.warning("gallery: training image %s can no longer be read (%s): its patches have no box", iid, reason)
-                cache[iid] = None
-            else:
-                cache[iid] = (img.size, preprocess.to_uint8(img).permute(1, 2, 0).numpy())
-        return cache[iid]
+        img, reason = load(iid)
+        if img is None:
+            log.warning("gallery: training image %s can no longer be read (%s): its patches have no box", iid, reason)
+            return None
+        return img.size, preprocess.to_uint8(img).permute(1, 2, 0).numpy()
+
+    named = dict.fromkeys(  # the images the top entries name, each read once, several at once
+        where[(pos, cell_box(r, grid, preprocess.crop)[0])][0]
+        for tc in codes.values() for pos in range(len(classes)) for r in tc.rows[pos].flatten().tolist() if r >= 0)
+    images = dict(zip(named, concurrently(image, named)))
 
     out: dict[str, list] = {name: [] for name in GALLERY_SCHEMA.names}
     for p, tc in codes.items():
@@ -190,7 +192,7 @@ def gallery_table(
                         break
                     img_row, box = cell_box(r, grid, preprocess.crop)
                     iid, uri = where[(pos, img_row)]
-                    loaded = image(iid)
+                    loaded = images[iid]
                     if loaded is None:
                         orig, jpeg, cell = (None,) * 4, None, (None,) * 4
                     else:

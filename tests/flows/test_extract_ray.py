@@ -91,13 +91,14 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
 
     tree = prepared
     start = len(S3_REQUESTS)
-    config, names, done = prepare_on_ray(parse_config(tree))
+    prepared = prepare_on_ray(parse_config(tree))
+    config, done = prepared.config, prepared.done
     # one LIST of the whole tree (a single page here) and one of its top level (empty class folders)
     assert s3_lists(start, bucket, "data/train") == 2
     assert config.data.train_index.startswith(f"s3://{bucket}/features/index/train-") and done == []
 
     start = len(S3_REQUESTS)
-    rows = extract_on_ray(config, list(range(N_CLASSES)), done=done)
+    rows = extract_on_ray(prepared)
     assert s3_lists(start, bucket, "data") == 0  # decode tasks read their classes' index rows, no listing
     # Per class, given prepare's listing of the markers: its 5 images read, and 4 objects written
     # (array metadata, chunk, record table, marker); no request for a marker or an array not there.
@@ -126,7 +127,7 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
     same = ["image_id", "label", "row", "pred", "top_classes", "top_logits", "skipped"]
     assert remote.read_records().select(same).equals(store.read_records().select(same))
 
-    again = extract_on_ray(config, list(range(N_CLASSES)))  # a rerun: every class checked where it is read, none redone
+    again = extract_on_ray(prepare_on_ray(parse_config(tree)))  # a rerun: every class checked where it is read, none redone
     assert all(r["resumed"] and r["n_images"] == 0 for r in again)
 
 
@@ -140,10 +141,11 @@ def test_gpu_actors_take_classes_decoded_by_separate_cpu_tasks(cluster, bucket, 
     tree = {**prepared, "compute": {"batch_size": 4, "extract_gpus": 1},
             "storage": {"features": f"s3://{bucket}/gpu/features", "model": f"s3://{bucket}/gpu/model"}}
     cpu = FeatureStore.open(f"s3://{bucket}/features")
-    pinned, _, _ = prepare_on_ray(parse_config(prepared))  # the CPU run's weights, pinned by its prepare
-    config, _, _ = prepare_on_ray(parse_config(tree).model_copy(update={"backbone": parse_config(tree).backbone.model_copy(
+    pinned = prepare_on_ray(parse_config(prepared)).config  # the CPU run's weights, pinned by its prepare
+    run = prepare_on_ray(parse_config(tree).model_copy(update={"backbone": parse_config(tree).backbone.model_copy(
         update={"weights": pinned.backbone.weights})}))
-    rows = extract_on_ray(config, list(range(N_CLASSES)))
+    config = run.config
+    rows = extract_on_ray(run)
     assert len({r["worker"] for r in rows}) == 1  # one GPU: one actor
     assert not {r["decoder"] for r in rows} & {r["worker"] for r in rows}  # decoded in other processes
     gpu = FeatureStore.open(config.storage.features)
@@ -171,9 +173,10 @@ def test_evaluation_shards_read_the_val_index_on_a_pool_and_list_nothing(cluster
     tree = {**prepared, "data": {**prepared["data"], "val": f"s3://{bucket}/data/val"},
             "storage": {**prepared["storage"], "model": f"s3://{bucket}/evaluated/model"},
             "evaluation": {"shard_images": 4, "report": False, "reconstruction_classes": 0}}
-    config, _, _ = prepare_on_ray(parse_config(tree))  # the features of the extraction test (val is not in their key)
+    run = prepare_on_ray(parse_config(tree))  # the features of the extraction test (val is not in their key)
+    config = run.config
     assert config.data.val_index.startswith(f"s3://{bucket}/features/index/val-")
-    extract_on_ray(config, list(range(N_CLASSES)))
+    extract_on_ray(run)
     fit_on_ray(config, class_groups(N_CLASSES, config.prototypes.classes_per_task))
     publish_on_ray(config)
 

@@ -104,10 +104,10 @@ def extracted(config, classes):
     from tasks.extract import extract_on_ray
     from tasks.prepare import prepare_on_ray
 
-    pinned, _, _ = prepare_on_ray(parse_config(config))
+    run = prepare_on_ray(parse_config(config))
     if classes:
-        extract_on_ray(pinned, list(classes))
-    return pinned
+        extract_on_ray(run, list(classes))
+    return run.config
 
 
 @pytest.fixture(scope="module")
