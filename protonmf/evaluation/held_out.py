@@ -286,7 +286,8 @@ def _count_logits_of_batch(stats: HeldOutStats, variants: dict[tuple[int, str], 
             stats.fixed[key[0]] += _fixed_by_intervention(variant, F, logits, labels)
 
 
-def _localization_rows_of_batch(variants, model, images, labels, masks, n_parts, rows) -> None:
+def _localization_rows_of_batch(variants: dict[tuple[int, str], PrototypeModel], model: PrototypeModel, images: Tensor,
+                                labels: Tensor, masks: Tensor, n_parts: int, rows: dict[str, list[Tensor]]) -> None:
     """Localization rows (peaks, IoUs) of one batch against its part masks (B, H, W), for every p:
     where each prototype of the true class is (eq. 9)."""
     for p in model.available_p:
