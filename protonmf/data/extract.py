@@ -179,7 +179,6 @@ class _Forward:
         """Forward uint8 ``batches`` of class k and write the class; (n used, n skipped, n correct)."""
         return self.forward_class(store, k, batches, preprocess, entries, on_batch, previous).write(store)
 
-    @torch.no_grad()
     def forward_class(
         self, store: FeatureStore, k: int, batches: Iterable[Tensor], preprocess: Preprocess,
         entries: Callable[[], list[tuple[str, str, str | None]]], on_batch: Callable[[int], None] | None = None,
@@ -191,11 +190,27 @@ class _Forward:
         skipped files only then). ``previous``: the old marker and damage of a damaged class
         extracted again (see :func:`_check_same_images`).
         """
+        F_all, outputs, bad = self._forward_batches(store, batches, preprocess, on_batch)
+        listed = entries()
+        rows, used = _record_rows(k, listed, bad, outputs)
+        if used != F_all.shape[0]:
+            raise ValueError(f"class {k}: {F_all.shape[0]} images forwarded but {used} records marked as used")
+        _check_same_images(store, k, *(previous or (None, None)), used, listed)
+        return _Forwarded(k, F_all, pa.table(rows, schema=RECORD_SCHEMA), used, len(rows["image_id"]) - used,
+                          sum(p == k for p in outputs["pred"]))
+
+    @torch.no_grad()
+    def _forward_batches(
+        self, store: FeatureStore, batches: Iterable[Tensor], preprocess: Preprocess, on_batch: Callable[[int], None] | None,
+    ) -> tuple[Tensor, dict[str, list], dict[int, str]]:
+        """Forward uint8 ``batches``: the features (n, h, w, D) float16 of the images whose features
+        can be stored, the black box's outputs for each of them (``pred``, ``top_classes``,
+        ``top_logits``, one list entry per image), and the others (index among the decoded images → why)."""
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
         feats: list[Tensor] = []
         preds: list[Tensor] = []
         tops: list[tuple[Tensor, Tensor]] = []
-        bad: dict[int, str] = {}  # index among the decoded images → why its features cannot be stored
+        bad: dict[int, str] = {}
         seen = 0
         for images in batches:
             # Normalizing where the forward pass runs: a uint8 batch is a quarter of float32's bytes to move.
@@ -221,36 +236,37 @@ class _Forward:
                 on_batch(len(images))
         h, w = store.grid
         F_all = torch.cat(feats) if feats else torch.zeros(0, h, w, store.dim, dtype=torch.float16)
-        pred = torch.cat(preds).tolist() if preds else []
-        top_classes = torch.cat([t[0] for t in tops]).tolist() if tops else []
-        top_logits = torch.cat([t[1] for t in tops]).tolist() if tops else []
-        rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
-        used = decoded = 0
-        listed = entries()
-        for n, (image_id, uri, reason) in enumerate(listed):
-            if reason is None:  # a decoded image: skipped now if its features were not finite
-                reason = bad.get(decoded)
-                decoded += 1
-                if reason is not None:
-                    log.warning("class %d: image %s skipped: %s", k, uri, reason)
-                    listed[n] = (image_id, uri, reason)
-            rows["image_id"].append(image_id)
-            rows["uri"].append(uri)
-            rows["label"].append(k)
-            rows["skipped"].append(reason)
-            if reason is None:
-                for name, value in (("row", used), ("pred", pred[used]), ("top_classes", top_classes[used]),
-                                    ("top_logits", top_logits[used])):
-                    rows[name].append(value)
-                used += 1
-            else:
-                for name in ("row", "pred", "top_classes", "top_logits"):
-                    rows[name].append(None)
-        if used != F_all.shape[0]:
-            raise ValueError(f"class {k}: {F_all.shape[0]} images forwarded but {used} records marked as used")
-        _check_same_images(store, k, *(previous or (None, None)), used, listed)
-        return _Forwarded(k, F_all, pa.table(rows, schema=RECORD_SCHEMA), used, len(rows["image_id"]) - used,
-                          sum(p == k for p in pred))
+        outputs = {
+            "pred": torch.cat(preds).tolist() if preds else [],
+            "top_classes": torch.cat([t[0] for t in tops]).tolist() if tops else [],
+            "top_logits": torch.cat([t[1] for t in tops]).tolist() if tops else [],
+        }
+        return F_all, outputs, bad
+
+
+def _record_rows(k: int, listed: list[tuple[str, str, str | None]], bad: dict[int, str],
+                 outputs: dict[str, list]) -> tuple[dict[str, list], int]:
+    """Class k's records (columns of ``RECORD_SCHEMA``), one per entry of ``listed`` in order, and how
+    many are used. A decoded image whose features were not finite (``bad``) is skipped now: its
+    reason is logged and written into ``listed`` too. ``outputs`` holds one value per used image."""
+    rows: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+    used = decoded = 0
+    for n, (image_id, uri, reason) in enumerate(listed):
+        if reason is None:  # a decoded image: skipped now if its features were not finite
+            reason = bad.get(decoded)
+            decoded += 1
+            if reason is not None:
+                log.warning("class %d: image %s skipped: %s", k, uri, reason)
+                listed[n] = (image_id, uri, reason)
+        rows["image_id"].append(image_id)
+        rows["uri"].append(uri)
+        rows["label"].append(k)
+        rows["skipped"].append(reason)
+        rows["row"].append(used if reason is None else None)
+        for name, values in outputs.items():
+            rows[name].append(values[used] if reason is None else None)
+        used += reason is None
+    return rows, used
 
 
 @dataclass(frozen=True)

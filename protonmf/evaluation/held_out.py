@@ -138,24 +138,12 @@ def accumulate_held_out(
         images = to_model(batch.images, model.backbone.V)  # once per batch, not once per variant
         F = model.features(images)
         labels = batch.labels.to(F.device)
-        black_box = model.backbone.head_logits(F)
-        stats.correct_black_box += int((black_box.argmax(1) == labels).sum())
-        stats.max_abs_logit = max(stats.max_abs_logit, float(black_box.abs().max()))
-        for key, variant in variants.items():
-            logits = variant.logits_from_features(F)
-            stats.correct[key] += int((logits.argmax(1) == labels).sum())
-            if key[1] == "augmented":
-                stats.max_abs_logit_diff = max(stats.max_abs_logit_diff, float((logits - black_box).abs().max()))
-                stats.fixed[key[0]] += _fixed_by_intervention(variant, F, logits, labels)
+        _count_logits_of_batch(stats, variants, model, F, labels)
         if masks is not None and masks.shape[1:] == batch.images.shape[2:]:
             stats.n_parts = len(source.part_names) - 1
             batch_masks = torch.from_numpy(masks[[by_id[i].index for i in batch.image_ids]])
             rows.setdefault("mask_labels", []).append(batch.labels)
-            for p in model.available_p:  # where each prototype of the true class is (eq. 9)
-                heat = variants[(p, model.mode)].explain(images, target=labels).heatmaps.cpu()
-                peak, iou = localization_rows(heat, batch_masks, stats.n_parts)
-                rows.setdefault(f"peak{p}", []).append(peak)
-                rows.setdefault(f"iou{p}", []).append(iou)
+            _localization_rows_of_batch(variants, model, images, labels, batch_masks, stats.n_parts, rows)
         if with_keypoints:
             _part_vectors_of_batch(variants, model, images, F, labels, [by_id[i] for i in batch.image_ids],
                                    preprocess, noise_seeds(noise_seed, batch.image_ids), parts, rows)
@@ -280,6 +268,33 @@ def evaluate_model(
     """
     stats = accumulate_held_out(model, source, preprocess, batch_size=batch_size, workers=workers, noise_seed=noise_seed)
     return summarize_held_out(stats, repr(source))
+
+
+def _count_logits_of_batch(stats: HeldOutStats, variants: dict[tuple[int, str], PrototypeModel], model: PrototypeModel,
+                           F: Tensor, labels: Tensor) -> None:
+    """Add one batch's features F (B, h, w, D) to ``stats``' counts: the black box's and each
+    variant's right answers (Table 3), the augmented models' largest logit difference to the black
+    box, and the wrong predictions one intervention sets right (Table 4)."""
+    black_box = model.backbone.head_logits(F)
+    stats.correct_black_box += int((black_box.argmax(1) == labels).sum())
+    stats.max_abs_logit = max(stats.max_abs_logit, float(black_box.abs().max()))
+    for key, variant in variants.items():
+        logits = variant.logits_from_features(F)
+        stats.correct[key] += int((logits.argmax(1) == labels).sum())
+        if key[1] == "augmented":
+            stats.max_abs_logit_diff = max(stats.max_abs_logit_diff, float((logits - black_box).abs().max()))
+            stats.fixed[key[0]] += _fixed_by_intervention(variant, F, logits, labels)
+
+
+def _localization_rows_of_batch(variants: dict[tuple[int, str], PrototypeModel], model: PrototypeModel, images: Tensor,
+                                labels: Tensor, masks: Tensor, n_parts: int, rows: dict[str, list[Tensor]]) -> None:
+    """Localization rows (peaks, IoUs) of one batch against its part masks (B, H, W), for every p:
+    where each prototype of the true class is (eq. 9)."""
+    for p in model.available_p:
+        heat = variants[(p, model.mode)].explain(images, target=labels).heatmaps.cpu()
+        peak, iou = localization_rows(heat, masks, n_parts)
+        rows.setdefault(f"peak{p}", []).append(peak)
+        rows.setdefault(f"iou{p}", []).append(iou)
 
 
 def _part_vectors_of_batch(variants, model, images, F, labels, records, preprocess, seeds, parts, rows) -> None:

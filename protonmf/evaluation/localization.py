@@ -58,13 +58,8 @@ def localization_rows(heatmaps: Tensor, masks: Tensor, n_parts: int, *, threshol
 
 
 def class_localization(heatmaps: Tensor, masks: Tensor, n_parts: int, *, threshold: float = 0.5) -> dict[str, Any]:
-    """Localization metrics of one class's p prototypes.
-
-    Parameters
-    ----------
-    heatmaps : (N, p, H, W), non-negative presence maps at the masks' resolution.
-    masks : (N, H, W) integer part labels in [0, n_parts].
-    n_parts : number of parts (background excluded).
+    """Localization metrics of one class's p prototypes, from its N images' ``heatmaps`` (N, p, H, W)
+    and ``masks`` (N, H, W) (see :func:`localization_rows`).
 
     Returns
     -------

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 from protonmf.data.store import FeatureStore
-from protonmf.prototypes.fit import ClassPrototypes
+from protonmf.evaluation.baselines import basis_error, patch_prototypes
+from protonmf.head import reconstruct_head
+from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes_sweep, stack_classes
 
 __all__ = ["matched_cosine", "reconstruction_study"]
 
@@ -51,10 +53,6 @@ def reconstruction_study(
     real-patch baseline (:mod:`protonmf.evaluation.baselines`), and the matched cosine similarity of the
     prototypes fitted from two seeds. Classes without a usable image are left out.
     """
-    from protonmf.evaluation.baselines import basis_error, patch_prototypes
-    from protonmf.prototypes.fit import fit_prototypes_sweep, stack_classes
-    from protonmf.head import reconstruct_head
-
     ks = list(range(len(store.class_names))) if classes is None else list(classes)
     V, bias = store.head()
     acc: dict[int, dict[str, list[float]]] = {
@@ -68,28 +66,40 @@ def reconstruction_study(
         group, feats = [k for k, F in zip(group, feats) if len(F)], [F for F in feats if len(F)]
         if not group:
             continue
-        A, rows = stack_classes(feats)
-
-        def fit(ps: list[int], seed: int) -> dict[int, ClassPrototypes]:
-            sweep = fit_prototypes_sweep(A, V[group], bias[group], ps, n_rows=rows, max_iter=max_iter, tol=tol, seed=seed, device=device)
-            return {p: f for p, (f, _) in sweep.items()}
-
-        missing = [p for p in p_values if fitted is None or p not in fitted]
-        own = fit(missing, seeds[0]) if missing else {}
-        seconds = fit(list(p_values), seeds[1])
-        for p in p_values:
-            if p in own:
-                errors, B_first = (own[p].feature_error.tolist(), own[p].head_error.tolist()), own[p].B
-            else:
-                first = fitted[p]
-                errors = first.feature_error[group].tolist(), first.head_error[group].tolist()
-                B_first = first.B[group]
-            second = seconds[p]
-            acc[p]["feature_error"] += errors[0]
-            acc[p]["head_error"] += errors[1]
+        fits = _fits_from_two_seeds(feats, V[group], bias[group], group, p_values, seeds, fitted,
+                                    max_iter=max_iter, tol=tol, device=device)
+        for p, (feature_errors, head_errors, B_first, B_second) in fits.items():
+            acc[p]["feature_error"] += feature_errors
+            acc[p]["head_error"] += head_errors
             for i, k in enumerate(group):
-                acc[p]["stability"].append(matched_cosine(B_first[i].cpu(), second.B[i].cpu()))
+                acc[p]["stability"].append(matched_cosine(B_first[i].cpu(), B_second[i].cpu()))
                 patches = patch_prototypes(feats[i], p, seed=seeds[0])
                 acc[p]["baseline_feature_error"].append(basis_error(feats[i], patches))
                 acc[p]["baseline_head_error"].append(float(reconstruct_head(V[[k]], patches.unsqueeze(0)).relative_error[0]))
     return {p: {name: _mean_std(values) for name, values in metrics.items()} for p, metrics in acc.items()}
+
+
+def _fits_from_two_seeds(
+    feats: list[torch.Tensor], V: torch.Tensor, bias: torch.Tensor, group: list[int], p_values: list[int],
+    seeds: tuple[int, int], fitted: Mapping[int, ClassPrototypes] | None, *, max_iter: int, tol: float,
+    device: torch.device | str | None,
+) -> dict[int, tuple[list[float], list[float], torch.Tensor, torch.Tensor]]:
+    """For each p, the NMF fits of the classes ``group`` (features (n_c, D) each, head rows V (C, D)
+    and ``bias`` (C,)) from the two seeds: the first fit's feature and head errors per class and
+    prototypes (C, p, D), and the second fit's prototypes. The first fit is ``fitted``'s where it
+    has p, else fitted here (``max_iter``, ``tol``, ``device``: the NMF's)."""
+    A, rows = stack_classes(feats)
+
+    def fit(ps: list[int], seed: int) -> dict[int, ClassPrototypes]:
+        sweep = fit_prototypes_sweep(A, V, bias, ps, n_rows=rows, max_iter=max_iter, tol=tol, seed=seed, device=device)
+        return {p: f for p, (f, _) in sweep.items()}
+
+    missing = [p for p in p_values if fitted is None or p not in fitted]
+    own = fit(missing, seeds[0]) if missing else {}
+    seconds = fit(list(p_values), seeds[1])
+    fits = {}
+    for p in p_values:
+        first = own[p] if p in own else fitted[p]
+        index = slice(None) if p in own else group  # a given fit holds every class
+        fits[p] = (first.feature_error[index].tolist(), first.head_error[index].tolist(), first.B[index], seconds[p].B)
+    return fits

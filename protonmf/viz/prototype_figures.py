@@ -151,7 +151,24 @@ def explanation_figure(
     cols = 2 + max(k, 3)
     fig = plt.figure(figsize=(1.45 * cols, 1.75 * (1 + p) + 0.6), layout="constrained")
     grid = fig.add_gridspec(1 + p, cols)
-    top = grid[0, :].subgridspec(1, 3, width_ratios=[1, 1, cols - 2.4])  # its own margins: the bar labels widen no column below
+    _draw_summary_row(fig, grid[0, :], image, residual_heatmap, contributions, residual, cols)
+    vmax = float(heatmaps.max()) if heatmaps.size else 1.0  # one scale for all: strengths compare across prototypes
+    rows = [_draw_prototype_row(fig, grid, i, image, heatmaps[i], vmax, contributions[i],
+                                None if coefficients is None else coefficients[i], patches[i] if patches else None, k)
+            for i in range(p)]
+    fig.suptitle(title, fontsize=11)
+    if patches and p and k:
+        heatmap_ax, gallery_axes = rows[0]
+        _caption_gallery(fig, heatmap_ax, gallery_axes[0])
+    return fig
+
+
+def _draw_summary_row(fig: Figure, row: Any, image: np.ndarray, residual_heatmap: np.ndarray,
+                      contributions: Sequence[float], residual: float | None, cols: int) -> None:
+    """The explanation's first row: the image, the residual prototype's heatmap over it, and each
+    prototype's contribution to the logit as a bar in its colour (the residual's in grey)."""
+    p = len(contributions)
+    top = row.subgridspec(1, 3, width_ratios=[1, 1, cols - 2.4])  # its own margins: the bar labels widen no column below
     ax = fig.add_subplot(top[0, 0])
     ax.imshow(image)
     ax.set_title("image", fontsize=9)
@@ -170,33 +187,40 @@ def explanation_figure(
     ax.axvline(0, color="black", linewidth=0.8)
     ax.tick_params(labelsize=8)
     ax.set_title("contribution to the logit", fontsize=9)
-    vmax = float(heatmaps.max()) if heatmaps.size else 1.0  # one scale for all: strengths compare across prototypes
-    for i in range(p):
-        colour = prototype_colour(i)
-        ax = fig.add_subplot(grid[1 + i, 0])
-        ax.imshow(presence_overlay(image, heatmaps[i], colour, vmax=vmax))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(3)
-        coef = "" if coefficients is None else f"\na = {coefficients[i]:.3g}"
-        ax.set_ylabel(f"prototype {i}\n{contributions[i]:+.3g}{coef}", fontsize=9, color=colour, fontweight="bold")
-        if i == 0:
-            ax.set_title("where it is here", fontsize=9)
-            first = ax
-        if patches:
-            axes = [fig.add_subplot(grid[1 + i, 1 + j]) for j in range(k)]
-            draw_patches(axes, patches[i], colour)
-            if i == 0 and axes:
-                gallery_ax = axes[0]
-    fig.suptitle(title, fontsize=11)
-    if patches and p and k:  # placed after the layout, above the first row's patch titles
-        fig.draw_without_rendering()
-        fig.set_layout_engine("none")  # keep the positions the layout found
-        fig.text(gallery_ax.get_position().x0, first.get_position().y1 + 0.22 / fig.get_figheight(),
-                 "where it is most present in training (largest E entries of its class's NMF)", fontsize=9)
-    return fig
+
+
+def _draw_prototype_row(fig: Figure, grid: Any, i: int, image: np.ndarray, heatmap: np.ndarray, vmax: float,
+                        contribution: float, coefficient: float | None,
+                        patches: Sequence[tuple[np.ndarray | None, tuple[float, float, float, float], float]] | None,
+                        k: int) -> tuple[Any, list[Any]]:
+    """Prototype i's row of an explanation (row 1 + i of ``grid``): its heatmap (H, W) in its colour over the image, labelled
+    with its contribution (and coefficient a_i), then its ``k`` gallery patches if given.
+    Returns the heatmap's axes and the gallery's."""
+    colour = prototype_colour(i)
+    ax = fig.add_subplot(grid[1 + i, 0])
+    ax.imshow(presence_overlay(image, heatmap, colour, vmax=vmax))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(3)
+    coef = "" if coefficient is None else f"\na = {coefficient:.3g}"
+    ax.set_ylabel(f"prototype {i}\n{contribution:+.3g}{coef}", fontsize=9, color=colour, fontweight="bold")
+    if i == 0:
+        ax.set_title("where it is here", fontsize=9)
+    gallery = []
+    if patches:
+        gallery = [fig.add_subplot(grid[1 + i, 1 + j]) for j in range(k)]
+        draw_patches(gallery, patches, colour)
+    return ax, gallery
+
+
+def _caption_gallery(fig: Figure, first_heatmap_ax: Any, first_gallery_ax: Any) -> None:
+    """The galleries' caption, placed after the layout, above the first row's patch titles."""
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")  # keep the positions the layout found
+    fig.text(first_gallery_ax.get_position().x0, first_heatmap_ax.get_position().y1 + 0.22 / fig.get_figheight(),
+             "where it is most present in training (largest E entries of its class's NMF)", fontsize=9)
 
 
 def error_curves(p_values: Sequence[int], errors: dict[str, Sequence[tuple[float, float]]]) -> Figure:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -23,10 +22,8 @@ from PIL import Image
 
 from protonmf.data.decode import decode_image, describe_error
 from protonmf.data.records import Record
-from protonmf.data.sources.base import ImageSource
-from protonmf.data.sources.imagefolder import _check_names
 from protonmf.data.sources.shards import (
-    Shard, check_labels, check_limit, full_uri, in_threads, keep_first, list_shards, no_class_names, read_classes_txt, shard_folder,
+    Shard, ShardSource, check_labels, full_uri, in_threads, keep_first, no_class_names, read_classes_txt, shard_folder,
 )
 
 IMAGE_COLUMN = "image"
@@ -50,7 +47,7 @@ def _hf_class_names(schema: pa.Schema) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-class ParquetSource(ImageSource):
+class ParquetSource(ShardSource):
     """Images stored as bytes in Parquet shards, with integer labels (Hugging Face ``imagenet-1k``).
 
     Listing reads only each shard's footer and its ``label`` column (and the images' ``path``
@@ -68,25 +65,14 @@ class ParquetSource(ImageSource):
     storage_options : passed to fsspec.
     """
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        classes: Sequence[str] | None = None,
-        max_images_per_class: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        shards: Sequence[Shard] | None = None,
-    ) -> None:
-        limit = check_limit(max_images_per_class)
-        given = None if classes is None else _check_names(classes, "classes")
-        self._open(root, storage_options)
-        self.shards = list(shards) if shards is not None else list_shards(self.fs, self.root, self.path, ".parquet")
+    SUFFIX = ".parquet"
+
+    def _list_records(self, given: list[str] | None, limit: int | None) -> tuple[list[str], list[Record]]:
         listed = in_threads(self._list_shard, self.shards)
         names = given or read_classes_txt(self.fs, shard_folder(self.path)) or next(
             (n for _, _, n in listed if n), None)
         if names is None:
             raise no_class_names(self.root, ", or shards with Hugging Face ClassLabel metadata")
-        self.classes = names
         labels = np.concatenate([lab for _, lab, _ in listed]) if listed else np.zeros(0, np.int64)
         where = np.concatenate([np.stack([np.full(len(lab), s), np.arange(len(lab))], 1) for s, (_, lab, _) in enumerate(listed)])
         check_labels(labels.tolist(), len(names),
@@ -95,27 +81,23 @@ class ParquetSource(ImageSource):
         distinct = all(paths) and len(set(paths)) == len(paths)
         order = np.argsort(labels, kind="stable")  # by class, then shard and row
         keep = [int(order[i]) for i in keep_first(labels[order].tolist(), limit)]
-        self.records = []
+        records = []
         for i in keep:
             s, row = int(where[i, 0]), int(where[i, 1])
             shard = self.shards[s].path
-            self.records.append(Record(
+            records.append(Record(
                 image_id=paths[i] if distinct else f"{shard.rsplit('/', 1)[-1]}/{row}",
                 uri=f"{full_uri(self.fs, shard, self._local)}#{row}",
                 label=int(labels[i]),
                 index=row,
             ))
-        if not self.records:
-            raise ValueError(f"no images found in the shards under {self.root}")
+        return names, records
 
     def _open(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self._open_root(root, storage_options)
+        super()._open(root, storage_options)
         self._lock = threading.Lock()
         self._footers: dict[str, np.ndarray] = {}
         self._groups: OrderedDict[tuple[str, int], Future] = OrderedDict()
-
-    def index_settings(self) -> dict[str, Any]:
-        return {"root": self.root}
 
     def _list_shard(self, shard: Shard) -> tuple[list[str | None], np.ndarray, list[str] | None]:
         """(image paths or Nones, labels, Hugging Face class names) of one shard."""

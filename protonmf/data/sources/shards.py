@@ -1,5 +1,5 @@
-"""What the sharded sources (Parquet, WebDataset) share: finding the shards, naming the classes,
-and turning (shard, label) rows into records.
+"""What the sharded sources (Parquet, WebDataset) share: :class:`ShardSource` (arguments, opening,
+finding the shards), naming the classes, and turning (shard, label) rows into records.
 
 A shard source's ``root`` is a folder (every shard below it, in sorted order) or a glob pattern
 (``s3://bucket/imagenet-1k/data/train-*.parquet``). Labels in shards are integers; their names
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from protonmf.data.decode import describe_error
+from protonmf.data.records import Record
+from protonmf.data.sources.base import ImageSource
+from protonmf.data.sources.imagefolder import _check_names
 
 T = TypeVar("T")
 
@@ -144,3 +147,39 @@ def check_limit(max_images_per_class: Any) -> int | None:
     if isinstance(max_images_per_class, bool) or not isinstance(max_images_per_class, int) or max_images_per_class < 1:
         raise ValueError(f"max_images_per_class must be a positive integer or None, got {max_images_per_class!r}")
     return int(max_images_per_class)
+
+
+class ShardSource(ImageSource):
+    """A source of shard files ending with :attr:`SUFFIX` under ``root`` (see the subclasses for the
+    arguments): the constructor checks them, opens ``root``, finds the shards (or takes ``shards``)
+    and lists the class names and records with :meth:`_list_records`."""
+
+    SUFFIX: str
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        classes: Sequence[str] | None = None,
+        max_images_per_class: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        shards: Sequence[Shard] | None = None,
+    ) -> None:
+        limit = check_limit(max_images_per_class)
+        given = None if classes is None else _check_names(classes, "classes")
+        self._open(root, storage_options)
+        self.shards = list(shards) if shards is not None else list_shards(self.fs, self.root, self.path, self.SUFFIX)
+        self.classes, self.records = self._list_records(given, limit)
+        if not self.records:
+            raise ValueError(f"no images found in the shards under {self.root}")
+
+    def _list_records(self, given: list[str] | None, limit: int | None) -> tuple[list[str], list[Record]]:
+        """(class names, records) of :attr:`shards`: the names ``given``, or found beside or in the
+        shards; the first ``limit`` images of each class, or all."""
+        raise NotImplementedError
+
+    def _open(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self._open_root(root, storage_options)
+
+    def index_settings(self) -> dict[str, Any]:
+        return {"root": self.root}

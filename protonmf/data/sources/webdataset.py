@@ -9,17 +9,14 @@ is its extension. Class names: see :mod:`protonmf.data.sources.shards` (``data.c
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Sequence
-from typing import Any
 
 from PIL import Image
 
 from protonmf.data.decode import decode_image, describe_error
 from protonmf.data.records import Record
-from protonmf.data.sources.base import ImageSource
-from protonmf.data.sources.imagefolder import IMAGE_EXTENSIONS, _check_names
+from protonmf.data.sources.imagefolder import IMAGE_EXTENSIONS
 from protonmf.data.sources.shards import (
-    Shard, check_labels, check_limit, full_uri, in_threads, keep_first, list_shards, no_class_names, read_classes_txt, shard_folder,
+    Shard, ShardSource, check_labels, full_uri, in_threads, keep_first, no_class_names, read_classes_txt, shard_folder,
 )
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -35,7 +32,7 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
 
 
-class WebDatasetSource(ImageSource):
+class WebDatasetSource(ShardSource):
     """Images in WebDataset tar shards, with their labels in ``.cls`` members.
 
     Listing streams each shard once (on several threads) and keeps, per sample, where its image's
@@ -52,23 +49,12 @@ class WebDatasetSource(ImageSource):
     storage_options : passed to fsspec.
     """
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        classes: Sequence[str] | None = None,
-        max_images_per_class: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        shards: Sequence[Shard] | None = None,
-    ) -> None:
-        limit = check_limit(max_images_per_class)
-        given = None if classes is None else _check_names(classes, "classes")
-        self._open(root, storage_options)
-        self.shards = list(shards) if shards is not None else list_shards(self.fs, self.root, self.path, ".tar")
+    SUFFIX = ".tar"
+
+    def _list_records(self, given: list[str] | None, limit: int | None) -> tuple[list[str], list[Record]]:
         names = given or read_classes_txt(self.fs, shard_folder(self.path))
         if names is None:
             raise no_class_names(self.root)
-        self.classes = names
         samples = [s for listed in in_threads(self._list_shard, self.shards) for s in listed]
         check_labels([s[4] for s in samples], len(names), lambda i: f"{samples[i][0]}: sample {samples[i][1]!r}")
         seen: dict[str, str] = {}
@@ -78,18 +64,11 @@ class WebDatasetSource(ImageSource):
             seen[key] = shard
         samples.sort(key=lambda s: s[4])  # by class; stable: shard and member order within a class
         keep = keep_first([s[4] for s in samples], limit)
-        self.records = [
+        records = [
             Record(image_id=key, uri=f"{full_uri(self.fs, shard, self._local)}#{member}", label=label, offset=offset, nbytes=size)
             for shard, key, member, (offset, size), label in (samples[i] for i in keep)
         ]
-        if not self.records:
-            raise ValueError(f"no images found in the shards under {self.root}")
-
-    def _open(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self._open_root(root, storage_options)
-
-    def index_settings(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return names, records
 
     def _list_shard(self, shard: Shard) -> list[tuple[str, str, str, tuple[int, int], int]]:
         """(shard, key, image member, (offset, size), label) of every sample of one shard."""
