@@ -275,10 +275,11 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
     key = fit_key(config, store)
     fs, staging = staging_dir(config.storage.model, key, config.storage.storage_options or None)
     path = join(staging, group_stem(classes) + ".safetensors")
-    if fs.exists(path):
-        tensors = load_safetensors(read_bytes(fs, path))
-        resumed = True
-    else:
+    try:  # staged by an earlier attempt (read where it is looked up: one request, not two)
+        tensors, resumed = load_safetensors(read_bytes(fs, path)), True
+    except FileNotFoundError:
+        tensors, resumed = None, False
+    if tensors is None:
         # A class whose images were all unreadable has no rows: it keeps its head through the residual
         # alone (fit_classes), and the run goes on; the run summary names it.
         read = store.read_classes_with_records(classes)
@@ -295,7 +296,6 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
         write_bytes_atomic(fs, _gallery_path(staging, classes), write_gallery(gallery))
         tensors = {f"p{p}.{name}": t for p, fit in by_p.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
-        resumed = False
     return _group_fit(classes, _split_by_p(tensors), resumed)
 
 
@@ -373,15 +373,18 @@ def publish_model(config: Config, backbone: FeatureBackbone, store: FeatureStore
         return uri
     fs, staging = staging_dir(uri, key, opts)
     groups = class_groups(len(store.class_names), config.prototypes.classes_per_task)
-    by_p: dict[int, list[ClassPrototypes]] = {p: [] for p in config.prototypes.p}
-    for classes in groups:
+
+    def staged(classes: list[int]) -> tuple[dict[int, ClassPrototypes], pa.Table]:
         path = join(staging, group_stem(classes) + ".safetensors")
-        if not fs.exists(path):
-            raise FileNotFoundError(f"the fit of classes {classes[0]}–{classes[-1]} is missing at {path}")
-        for p, fit in _split_by_p(load_safetensors(read_bytes(fs, path))).items():
-            by_p[p].append(fit)
-    fits = [ClassPrototypes.concat(by_p[p]) for p in config.prototypes.p]
-    gallery = pa.concat_tables([read_gallery(read_bytes(fs, _gallery_path(staging, g))) for g in groups])
+        try:
+            tensors = load_safetensors(read_bytes(fs, path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"the fit of classes {classes[0]}–{classes[-1]} is missing at {path}") from None
+        return _split_by_p(tensors), read_gallery(read_bytes(fs, _gallery_path(staging, classes)))
+
+    read = concurrently(staged, groups)  # several groups' files in flight
+    fits = [ClassPrototypes.concat([by_p[p] for by_p, _ in read]) for p in config.prototypes.p]
+    gallery = pa.concat_tables([g for _, g in read])
     model = PrototypeModel.from_prototypes(
         backbone.cpu(),
         fits,
