@@ -10,7 +10,7 @@ process (interpreter start, imports, Ray's and Prefect's start included), run in
   the flow runs against Prefect's ephemeral API, a temporary local server, with a ``PREFECT_HOME``
   of this benchmark's own; Ray started locally by the run), storage on the moto bucket: prepare
   (pin the weights, list both splits into the dataset index, open the feature store), extract,
-  fit (p = 3), publish, evaluate (on: the held-out images, report and reconstruction study off);
+  fit (p = 3, no prototype gallery: the script makes none), publish, evaluate (on: the held-out images, report and reconstruction study off);
 - **script**: what a user would write instead, in one process: list the bucket with s3fs, read
   every image (``fs.cat``), decode and crop with PIL and the same transform, forward with torch up
   to ``layer4`` in batches of 256, per-class NMF with ``protonmf.nmf.nmf`` (all classes in one
@@ -138,7 +138,9 @@ def flow_config(run: str, n_classes: int) -> dict:
         "data": {"source": "imagefolder", "train": f"{s3}/data/train", "val": f"{s3}/data/val",
                  "preprocess": {"resize": SIZE, "crop": SIZE, "mean": MEAN, "std": STD}},
         "backbone": {"arch": "protonmf:small_cnn", "weights": f"{s3}/weights/small_cnn.pt", "num_classes": n_classes},
-        "prototypes": {"p": [P], "max_iter": MAX_ITER, "tol": TOL, "seed": SEED},
+        # no gallery (on by default: the images of each prototype's largest E entries read again), as
+        # the script makes none
+        "prototypes": {"p": [P], "max_iter": MAX_ITER, "tol": TOL, "seed": SEED, "gallery": 0},
         "compute": {"batch_size": BATCH},
         "storage": {"features": f"{s3}/runs/{run}/features", "model": f"{s3}/runs/{run}/model"},
         "evaluation": {"report": False, "reconstruction_classes": 0},
