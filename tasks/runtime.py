@@ -63,12 +63,6 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, TimeoutError, *_S3_TRANSPORT))  # ConnectionError is an OSError
 
 
-#: What a local Ray's workers import when they start, before taking work (Ray's experimental
-#: ``preload_python_modules``): the first task of a run, its prepare step, found torch imported
-#: 0.17 s after its submission instead of 1.4-2.6 s (benchmarks/README.md).
-PRELOAD = ("torch", "tasks.extract", "tasks.fit", "tasks.publish_and_evaluate")
-
-
 def worker_env() -> dict[str, str]:
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -83,18 +77,14 @@ def ray_session(config: Config):
         yield
         return
     address = config.compute.ray_address or os.environ.get("RAY_ADDRESS")
-    quiet = {"include_dashboard": False, "log_to_driver": False}
-    if address:  # the cluster's workers get the run's storage settings and credentials with the job
-        ray.init(address=address, runtime_env={"env_vars": worker_env()}, **quiet)
+    kwargs = {"runtime_env": {"env_vars": worker_env()}, "include_dashboard": False, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
     else:
-        # A local Ray's workers inherit this process's environment (its raylet is started from it):
-        # no job runtime_env, so the workers Ray starts ahead, one per CPU, are the job's, and they
-        # import torch and the tasks' modules while this process goes on (PRELOAD); idle workers
-        # are kept (Ray ends those beyond one per CPU after 1 s: each step's tasks would otherwise
-        # start new ones, each importing torch again; fit step of 100 small classes on 2 CPUs:
-        # 15.8 s -> 12.2 s and 17.1 s -> 10.1 s in two paired runs).
-        ray.init(num_cpus=os.cpu_count(), **quiet, _system_config={
-            "idle_worker_killing_time_threshold_ms": 600_000, "preload_python_modules": list(PRELOAD)})
+        # Idle workers are kept (Ray ends idle workers beyond one per CPU after 1 s): each step's tasks would
+        # otherwise start new ones, each importing torch again (fit step of 100 small classes on
+        # 2 CPUs: 15.8 s -> 12.2 s and 17.1 s -> 10.1 s in two paired runs).
+        ray.init(num_cpus=os.cpu_count(), _system_config={"idle_worker_killing_time_threshold_ms": 600_000}, **kwargs)
     try:
         yield
     finally:

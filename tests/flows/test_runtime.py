@@ -62,28 +62,3 @@ def test_a_wrapped_error_is_still_itself():
     """The flows and the CLI catch the project's errors by type; Ray's wrapping keeps it."""
     wrapped = from_ray_task(StoreError("class 0 is damaged"))
     assert isinstance(wrapped, StoreError) and isinstance(wrapped, ray.exceptions.RayTaskError)
-
-
-@ray.remote
-def _imported_and_environment() -> tuple[list[str], str | None]:
-    import os
-    import sys
-
-    return sorted(m for m in sys.modules if m.startswith("tasks.")), os.environ.get("PROTONMF_TEST_FORWARDED")
-
-
-def test_a_local_ray_starts_workers_that_import_the_steps_modules_first(monkeypatch, tmp_path):
-    """The local Ray a run starts: its tasks run in workers that imported the steps' modules
-    (torch, the tasks' modules) before taking work — this module imports only tasks.runtime —
-    and those workers have the run's environment although no job runtime_env carries it."""
-    from protonmf.config import parse_config
-    from tasks.runtime import PRELOAD, ray_session
-
-    if ray.is_initialized():
-        pytest.skip("a Ray is already connected in this process")
-    monkeypatch.setenv("PROTONMF_TEST_FORWARDED", "yes")  # as AWS_ENDPOINT_URL and the credentials are
-    config = parse_config({"storage": {"features": str(tmp_path / "f"), "model": str(tmp_path / "m")}})
-    with ray_session(config):
-        imported, env = ray.get(_imported_and_environment.remote())
-    assert env == "yes"
-    assert {"tasks.extract", "tasks.fit", "tasks.publish_and_evaluate"} <= set(imported) and "torch" in PRELOAD, imported
