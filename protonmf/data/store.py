@@ -19,6 +19,9 @@ Layout under the store's URI (local path or any fsspec URI):
   store and what is wrong; extraction re-extracts it (:mod:`protonmf.data.extract`).
   Markers written before the checksums (no ``features_sha256``) cannot be checked: their classes
   count as damaged and are re-extracted, since nothing in them tells a lost chunk from features.
+  The marker also holds a copy of the class array's ``zarr.json`` (``array``): a read takes the
+  array's metadata from it and fetches only the chunks (on S3 a request per class fewer); the
+  array's own ``zarr.json`` is still written, for Zarr and for markers without the copy.
 
 Features are stored after clamping negatives to 0 only if the writer asks; the default stores
 them as the backbone gives them (the NMF clamps its own input).
@@ -38,6 +41,7 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 import zarr.errors
+from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -209,10 +213,12 @@ class FeatureStore:
         sink = pa.BufferOutputStream()
         pq.write_table(records, sink)
         table = sink.getvalue().to_pybytes()
-        write_objects(self.fs, {**self._array_objects(k, data, (rows, h * w, self.dim)), self._table(k): table})
+        array = self._array_objects(k, data, (rows, h * w, self.dim))
+        write_objects(self.fs, {**array, self._table(k): table})
         marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
                   "n_skipped": records.num_rows - used, "key": self.key, "chunk_images": rows,
-                  "features_sha256": _chunk_digests(data, rows), "records_sha256": sha256(table)}
+                  "features_sha256": _chunk_digests(data, rows), "records_sha256": sha256(table),
+                  "array": json.loads(array[join(self.root, class_stem(k), "zarr.json")])}
         write_bytes_atomic(self.fs, self.marker_path(k), json.dumps(marker).encode())
 
     def read_class(self, k: int) -> torch.Tensor:
@@ -234,7 +240,7 @@ class FeatureStore:
 
     def read_classes(self, ks: Sequence[int]) -> list[torch.Tensor]:
         """:meth:`read_class` of each class of ``ks``, in that order, several classes at once: a
-        class is 4 small reads one after another (marker, array metadata, chunk, record table),
+        class is its marker (with the array's metadata), then its chunks and its record table,
         each checked as :meth:`read_class` checks it. The first class of ``ks`` that is not
         complete or is damaged raises its :class:`StoreError`."""
         return concurrently(self.read_class, ks)
@@ -290,7 +296,7 @@ class FeatureStore:
         if damage is not None:
             return None, None, damage, True
         try:
-            array = self.group[class_stem(k)]
+            array = self._open_array(k, marker)
         except OSError:
             raise
         except Exception as err:  # noqa: BLE001 - KeyError (gone) or unreadable metadata: both damage
@@ -324,6 +330,26 @@ class FeatureStore:
             return None, None, "; ".join(problems), True
         table, damage = self._read_table(k, marker)
         return (data, table, None, True) if damage is None else (None, None, damage, True)
+
+    def _open_array(self, k: int, marker: dict[str, Any]) -> zarr.Array:
+        """Class k's array: from the copy of its metadata in the marker with its chunks read into
+        memory (several at once; a lost one is left out, and Zarr reads it as zeros, which the
+        checksums catch; other errors are raised), or, for a marker without the copy, opened where
+        it is stored."""
+        if "array" not in marker:
+            return self.group[class_stem(k)]
+        as_buffer = default_buffer_prototype().buffer.from_bytes
+        encoded: dict[str, Any] = {"zarr.json": as_buffer(json.dumps(marker["array"]).encode())}
+        array = zarr.open_array(MemoryStore(encoded), mode="r", zarr_format=3)
+        folder = join(self.root, class_stem(k))
+        paths = {join(folder, key): key for key in map(array.metadata.encode_chunk_key, np.ndindex(*array.cdata_shape))}
+        for path, data in self.fs.cat(list(paths), on_error="return").items():
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):  # I/O errors propagate: the network may heal
+                raise data
+            encoded[paths[path]] = as_buffer(data)
+        return array
 
     def _read_table(self, k: int, marker: dict[str, Any]) -> tuple[bytes | None, str | None]:
         """Class k's record table (Parquet bytes) and what is wrong with it (None if nothing)."""

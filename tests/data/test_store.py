@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from protonmf.data.store import FeatureStore, StoreError
+from tests.conftest import S3_REQUESTS
 
 K, GRID, D = 3, (2, 2), 8
 
@@ -90,7 +91,11 @@ def test_same_store_on_a_local_s3_endpoint(tmp_path, s3, s3_bucket):
         store.write_class(2, F, records(9))
     reopened = FeatureStore.open(f"s3://{s3_bucket}/features")
     assert reopened.done_classes() == [2]
+    start = len(S3_REQUESTS)
     assert torch.equal(reopened.read_class(2), FeatureStore.open(str(tmp_path / "fs")).read_class(2))
+    # a class read back checked: its marker (with the array's metadata), its 3 chunks at once, its record table
+    read = sorted((m, p.split("/features/", 1)[1]) for m, p, _ in S3_REQUESTS[start:])
+    assert read == [("GET", f"c00002/c/{i}/0/0") for i in range(3)] + [("GET", "done/c00002.json"), ("GET", "tables/c00002.parquet")]
     assert reopened.read_records().equals(local.read_records())
     assert s3.exists(f"{s3_bucket}/features/done/c00002.json")
 
@@ -195,3 +200,42 @@ def test_many_classes_are_read_at_once_checked_as_one_by_one(tmp_path, monkeypat
         again.read_classes([0, 1, 2])
     with pytest.raises(StoreError, match=r"class 2 \('c'\) is not complete"):
         again.read_classes([2, 1])
+
+
+def test_a_read_takes_the_array_metadata_from_the_marker(tmp_path):
+    """The marker carries the class array's zarr.json: a read needs only the marker, the chunks and
+    the record table; a marker without the copy (written before it) reads the array's own."""
+    import json
+
+    store = make(tmp_path / "fs")
+    F = torch.rand(10, *GRID, D).half()
+    store.write_class(0, F, records(10))
+    store.write_class(1, F, records(10))
+    root = tmp_path / "fs"
+    assert json.loads((root / "done/c00000.json").read_text())["array"] == json.loads((root / "c00000/zarr.json").read_text())
+    (root / "c00000/zarr.json").unlink()  # not read any more
+    assert torch.equal(FeatureStore.open(str(root)).read_class(0), F.flatten(1, 2))
+    marker = json.loads((root / "done/c00001.json").read_text())
+    del marker["array"]
+    (root / "done/c00001.json").write_text(json.dumps(marker))
+    again = FeatureStore.open(str(root))
+    assert torch.equal(again.read_class(1), F.flatten(1, 2))
+    (root / "c00001/zarr.json").unlink()
+    assert again.check_class(1).startswith("its array c00001/ cannot be opened")
+
+
+def test_an_io_error_reading_a_chunk_is_raised_not_taken_for_damage(tmp_path, monkeypatch):
+    """A chunk that cannot be fetched (the network) is not a lost chunk: the error propagates, so
+    the step is retried instead of the class being reported damaged."""
+    store = make(tmp_path / "fs")
+    store.write_class(0, torch.rand(6, *GRID, D).half(), records(6))
+    again = FeatureStore.open(str(tmp_path / "fs"))
+    real = type(again.fs).cat
+
+    def flaky(fs, paths, *args, **kwargs):
+        out = real(fs, paths, *args, **kwargs)
+        return {p: (ConnectionResetError("reset by peer") if "/c/" in p else v) for p, v in out.items()}
+
+    monkeypatch.setattr(type(again.fs), "cat", flaky)
+    with pytest.raises(ConnectionResetError):
+        again.read_class(0)
