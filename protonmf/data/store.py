@@ -343,7 +343,7 @@ class FeatureStore:
         array = zarr.open_array(MemoryStore(encoded), mode="r", zarr_format=3)
         folder = join(self.root, class_stem(k))
         paths = {join(folder, key): key for key in map(array.metadata.encode_chunk_key, np.ndindex(*array.cdata_shape))}
-        for path, data in self.fs.cat(list(paths), on_error="return").items():
+        for path, data in (self.fs.cat(list(paths), on_error="return") if paths else {}).items():  # none: no images
             if isinstance(data, FileNotFoundError):
                 continue
             if isinstance(data, BaseException):  # I/O errors propagate: the network may heal

@@ -98,6 +98,8 @@ def test_same_store_on_a_local_s3_endpoint(tmp_path, s3, s3_bucket):
     assert read == [("GET", f"c00002/c/{i}/0/0") for i in range(3)] + [("GET", "done/c00002.json"), ("GET", "tables/c00002.parquet")]
     assert reopened.read_records().equals(local.read_records())
     assert s3.exists(f"{s3_bucket}/features/done/c00002.json")
+    remote.write_class(0, torch.zeros(0, *GRID, D), records(0, skipped={0, 1}))  # every image unreadable: no chunk
+    assert FeatureStore.open(f"s3://{s3_bucket}/features").read_class(0).shape == (0, GRID[0] * GRID[1], D)
 
 
 def damage_chunks(root, k, *, lose=(), garble=()):
