@@ -12,7 +12,7 @@
   of the concepts (CRAFT Figure 5).
 
 Notation: r concepts, k crops per concept, N images of H × W pixels. Concept i is drawn in
-``PROTOTYPE_COLORS[i % 10]`` (:mod:`protonmf.viz.prototype_figures`), i its index in the bank, never its rank,
+``prototype_colour(i)`` (:mod:`protonmf.viz.prototype_figures`), i its index in the bank, never its rank,
 so that a concept keeps its colour from one figure to the next. Importance is CRAFT's total Sobol
 index S_T (:func:`protonmf.sobol.concept_importance`).
 
@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec, SubplotSpec
 from matplotlib.patches import FancyBboxPatch
 
-from protonmf.viz.prototype_figures import PROTOTYPE_COLORS, prototype_overlay
+from protonmf.viz.prototype_figures import prototype_colour, prototype_overlay
 
 __all__ = ["attribution_overlays", "concept_sheet", "concept_tree", "fidelity_curves", "importance_bars"]
 
@@ -45,10 +45,6 @@ _BLANK_EDGE = (0.8, 0.8, 0.8)
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _color(i: int) -> np.ndarray:
-    return PROTOTYPE_COLORS[i % len(PROTOTYPE_COLORS)]
 
 
 def _ink(color: Sequence[float]) -> str:
@@ -192,7 +188,7 @@ def concept_sheet(
     labels = [f"{names[i]}\nS_T={importance[i]:.2f}" for i in range(r)]
     fig, gs = _sheet_grid(labels, r, n_cols)
     for row, i in enumerate(_order(importance)):
-        _draw_sheet_row(fig, gs, row, crops[i], labels[i], _color(int(i)), n_cols)
+        _draw_sheet_row(fig, gs, row, crops[i], labels[i], prototype_colour(int(i)), n_cols)
     fig.suptitle(f"{class_name}: top crops of each concept, by total Sobol index")
     return fig
 
@@ -226,7 +222,7 @@ def importance_bars(
     fig = Figure(figsize=(5.5, max(2.2, 1.2 + 0.32 * r)))
     ax = fig.add_subplot()
     pos = np.arange(r)
-    ax.barh(pos, values, color=[_color(int(i)) for i in order])
+    ax.barh(pos, values, color=[prototype_colour(int(i)) for i in order])
     ax.set_yticks(pos, [names[i] for i in order])
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
@@ -331,7 +327,7 @@ def _draw_concept_heatmaps(
         one = np.zeros_like(maps)
         one[i] = maps[i]
         ax.imshow(prototype_overlay(image, one, threshold=0.0, alpha=0.75))
-        _bare(ax, _color(int(i)), width=2.0)
+        _bare(ax, prototype_colour(int(i)), width=2.0)
         ax.set_title(label, fontsize=6, pad=2)
 
 
@@ -421,7 +417,7 @@ def _tree_nodes(tree: dict) -> list[tuple[dict, int, float, int | None, np.ndarr
             child = children[pos]
             if depth == 0:
                 index = child.get("concept", pos) if isinstance(child, dict) else pos
-                child_color = _color(int(index))
+                child_color = prototype_colour(int(index))
             else:
                 child_color = _lighten(color, 0.35)
             stack.append((child, depth + 1, me, child_color))

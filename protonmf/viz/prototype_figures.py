@@ -46,13 +46,14 @@ def prototype_overlay(image: np.ndarray, heatmaps: np.ndarray, *, threshold: flo
     scaled = heatmaps / np.maximum(heatmaps.reshape(len(heatmaps), -1).max(1), 1e-12)[:, None, None]
     winner = scaled.argmax(0)
     strength = scaled.max(0)
-    colour = PROTOTYPE_COLORS[winner % len(PROTOTYPE_COLORS)]
+    colour = prototype_colour(winner)  # (H, W, 3)
     weight = (alpha * (strength >= threshold) * np.clip(strength, 0, 1))[..., None]
     return np.clip((1 - weight) * image + weight * colour, 0, 1)
 
 
-def prototype_colour(i: int) -> np.ndarray:
-    """Prototype i's colour (RGB in [0, 1]): its bar, its heatmap, its legend entry, its patches."""
+def prototype_colour(i: int | np.ndarray) -> np.ndarray:
+    """Prototype i's colour (RGB in [0, 1]; for an array of indices, an array of colours): its bar,
+    its heatmap, its legend entry, its patches."""
     return PROTOTYPE_COLORS[i % len(PROTOTYPE_COLORS)]
 
 

@@ -28,7 +28,7 @@ import torch
 from protonmf.data import ImageSource, Preprocess, load_images
 from protonmf.prototypes.gallery import class_patches
 from protonmf.viz.prototype_figures import (
-    PROTOTYPE_COLORS, colour_hex, error_curves, patch_strip, presence_strip, prototype_overlay,
+    colour_hex, error_curves, patch_strip, presence_strip, prototype_colour, prototype_overlay,
 )
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import class_of_stem
@@ -84,7 +84,7 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
     for i in range(model.p):
         colour = colour_hex(i)
         gallery = (f'<img alt="prototype {i} of class {k}: top training patches" '
-                   f'src="{_png(patch_strip(patches[i], PROTOTYPE_COLORS[i % 10], len(patches[i])), tight=True)}">'
+                   f'src="{_png(patch_strip(patches[i], prototype_colour(i), len(patches[i])), tight=True)}">'
                    if patches and patches[i] else "<span class='note'>no gallery</span>")
         parts.append(
             f"<div class='prototype-panel' data-prototype='{i}' style='border-left:8px solid {colour}'>"
@@ -93,7 +93,7 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
             f"<div class='panel-body'><div><div class='note'>where it is, in {len(images)} held-out images "
             f"(contribution to each logit above)</div>"
             f'<img alt="prototype {i} of class {k}: presence" '
-            f'src="{_png(presence_strip(shown, heat[:, i], PROTOTYPE_COLORS[i % 10], contrib[:, i]), tight=True)}"></div>'
+            f'src="{_png(presence_strip(shown, heat[:, i], prototype_colour(i), contrib[:, i]), tight=True)}"></div>'
             f"<div><div class='note'>where it is most present in training (largest E entries)</div>{gallery}</div></div></div>")
     fig, axes = plt.subplots(1, len(images), figsize=(1.25 * len(images), 1.45), squeeze=False)
     for j, ax in enumerate(axes[0]):
@@ -114,7 +114,7 @@ def _coefficients(model: PrototypeModel, k: int, contributions) -> Any:
     """Class k's coefficients a_i and mean contributions, one bar each in the prototype's colour."""
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 0.6 + 0.35 * model.p), sharey=True)
     labels = [f"prototype {i}" for i in range(model.p)]
-    colours = [PROTOTYPE_COLORS[i % 10] for i in range(model.p)]
+    colours = [prototype_colour(i) for i in range(model.p)]
     for ax, values, what in ((axes[0], model.C[k].cpu().numpy(), "coefficients a_i"),
                              (axes[1], contributions.mean(0), "mean contribution to the logit")):
         ax.barh(labels, values, color=colours)
@@ -136,7 +136,7 @@ def _figure4(model: PrototypeModel, images: torch.Tensor, labels: Sequence[int],
             axes[i, j].imshow(prototype_overlay(shown[i], exp.heatmaps[i].numpy(), alpha=0.75))
             axes[i, j].axis("off")
         axes[0, j].set_title(f"p = {p}", fontsize=9)
-    handles = [matplotlib.patches.Patch(color=PROTOTYPE_COLORS[i % 10], label=f"prototype {i}") for i in range(min(max(ps), 10))]
+    handles = [matplotlib.patches.Patch(color=prototype_colour(i), label=f"prototype {i}") for i in range(min(max(ps), 10))]
     fig.tight_layout()
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(handles), 5), fontsize=8, frameon=False)
     return f'<img alt="figure 4: prototype areas for p in {ps}" src="{_png(fig, tight=True)}">'
