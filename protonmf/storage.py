@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-__all__ = ["IN_FLIGHT", "class_of_stem", "class_stem", "concurrently", "fs_options", "join", "read_bytes", "sha256", "to_fs",
-           "write_bytes_atomic", "write_objects"]
+__all__ = ["IN_FLIGHT", "class_of_stem", "class_stem", "concurrently", "fs_options", "join", "parquet_bytes", "parquet_table", "read_bytes",
+           "sha256", "to_fs", "write_bytes_atomic", "write_objects"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -65,6 +67,18 @@ def sha256(data: bytes) -> str:
 
 def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
     return fs.cat_file(path)
+
+
+def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
+    """``table`` as the bytes of a Parquet file (``options``: those of ``pyarrow.parquet.write_table``)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue().to_pybytes()
+
+
+def parquet_table(data: bytes) -> pa.Table:
+    """The table of a Parquet file's bytes (:func:`parquet_bytes`)."""
+    return pq.read_table(pa.BufferReader(data))
 
 
 def concurrently(fn: Callable[[T], R], items: Iterable[T], threads: int = IN_FLIGHT) -> list[R]:

@@ -16,20 +16,18 @@
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from protonmf.artifact import open_artifact, write_artifact
 from protonmf.craft.concepts import ClassConcepts
-from protonmf.storage import class_of_stem, class_stem
+from protonmf.storage import class_of_stem, class_stem, parquet_bytes, parquet_table
 
 __all__ = ["TOP_CROP_SCHEMA", "ConceptSet", "class_tensors", "split_class_tensors", "top_crops_table"]
 
@@ -114,12 +112,10 @@ class ConceptSet:
     ) -> str:
         """Publish the set as a new version of the artifact at ``uri`` (see :mod:`protonmf.artifact`)."""
         table = top_crops_table(self.concepts, self.info, top_crops)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
         files = {
             "concepts.safetensors": save_safetensors(class_tensors(self.concepts)),
             "classes.json": json.dumps({str(k): v for k, v in sorted(self.info.items())}, indent=1).encode(),
-            "top_crops.parquet": buf.getvalue(),
+            "top_crops.parquet": parquet_bytes(table),
             **{f"figures/{name}": data for name, data in sorted(self.figures.items())},
         }
         if self.page:
@@ -147,7 +143,7 @@ class ConceptSet:
     @staticmethod
     def read_top_crops(uri: str, *, version: str | None = None, storage_options: dict[str, Any] | None = None) -> pa.Table:
         reader = _open(uri, version, storage_options)
-        return pq.read_table(io.BytesIO(reader.blob("top_crops.parquet")))
+        return parquet_table(reader.blob("top_crops.parquet"))
 
 
 def _open(uri: str, version: str | None, storage_options: dict[str, Any] | None):

@@ -31,13 +31,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from protonmf.data.records import Record
 from protonmf.data.sources import SOURCE_KINDS, ImageSource
-from protonmf.storage import join, to_fs, write_bytes_atomic
+from protonmf.storage import join, parquet_bytes, to_fs, write_bytes_atomic
 
 __all__ = ["INDEX_SCHEMA", "ROW_GROUP_ROWS", "class_sizes", "index_bytes", "index_table", "open_index", "read_index", "write_index"]
 
@@ -98,9 +99,7 @@ def index_table(source: ImageSource, split: str) -> pa.Table:
 
 def index_bytes(table: pa.Table) -> bytes:
     """The index as Parquet bytes (row groups of :data:`ROW_GROUP_ROWS`, with statistics)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, write_statistics=True)
-    return sink.getvalue().to_pybytes()
+    return parquet_bytes(table, row_group_size=ROW_GROUP_ROWS, write_statistics=True)
 
 
 def write_index(
@@ -160,13 +159,8 @@ def class_sizes(uri: str, *, storage_options: dict[str, Any] | None = None) -> l
     """The number of rows (images) of each class of the index at ``uri``, in label order: its
     label column alone is read."""
     with _opened(uri, storage_options) as (pf, info):
-        n_classes = len(info["classes"])
-        labels = pf.read(columns=["label"])["label"]
-    counts = pc.value_counts(labels) if len(labels) else []
-    sizes = [0] * n_classes
-    for item in counts:
-        sizes[item["values"].as_py()] = item["counts"].as_py()
-    return sizes
+        labels = pf.read(columns=["label"])["label"].to_numpy()
+    return np.bincount(labels, minlength=len(info["classes"])).tolist()
 
 
 def _records(table: pa.Table) -> list[Record]:

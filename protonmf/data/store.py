@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import zarr
 import zarr.errors
@@ -47,7 +46,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from protonmf.storage import (
-    class_stem, concurrently, fs_options, join, read_bytes, sha256, to_fs, write_bytes_atomic, write_objects,
+    class_stem, concurrently, fs_options, join, parquet_bytes, parquet_table, read_bytes, sha256, to_fs, write_bytes_atomic,
+    write_objects,
 )
 
 __all__ = ["FeatureStore", "RECORD_SCHEMA", "StoreError"]
@@ -210,9 +210,7 @@ class FeatureStore:
             raise ValueError(f"class {k}: {F.shape[0]} feature rows but {used} records with a row")
         data = F.to(torch.float16).cpu().numpy()
         rows = max(1, min(self.chunk_images, data.shape[0]))
-        sink = pa.BufferOutputStream()
-        pq.write_table(records, sink)
-        table = sink.getvalue().to_pybytes()
+        table = parquet_bytes(records)
         array = self._array_objects(k, data, (rows, h * w, self.dim))
         write_objects(self.fs, {**array, self._table(k): table})
         marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
@@ -236,17 +234,13 @@ class FeatureStore:
             raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
         if damage is not None:
             raise self.damaged(k, damage)
-        return torch.from_numpy(features), pq.read_table(pa.BufferReader(table))
-
-    def read_classes(self, ks: Sequence[int]) -> list[torch.Tensor]:
-        """:meth:`read_class` of each class of ``ks``, in that order, several classes at once: a
-        class is its marker (with the array's metadata), then its chunks and its record table,
-        each checked as :meth:`read_class` checks it. The first class of ``ks`` that is not
-        complete or is damaged raises its :class:`StoreError`."""
-        return concurrently(self.read_class, ks)
+        return torch.from_numpy(features), parquet_table(table)
 
     def read_classes_with_records(self, ks: Sequence[int]) -> list[tuple[torch.Tensor, pa.Table]]:
-        """:meth:`read_classes` with each class's record table (:meth:`read_class_with_records`)."""
+        """:meth:`read_class_with_records` of each class of ``ks``, in that order, several classes
+        at once: a class is its marker (with the array's metadata), then its chunks and its record
+        table, each checked as :meth:`read_class` checks it. The first class of ``ks`` that is not
+        complete or is damaged raises its :class:`StoreError`."""
         return concurrently(self.read_class_with_records, ks)
 
     def check_class(self, k: int) -> str | None:
@@ -373,7 +367,7 @@ class FeatureStore:
             data, damage = (None, damage) if damage is not None else self._read_table(k, marker)
             if damage is not None:
                 raise self.damaged(k, damage)
-            tables.append(pq.read_table(pa.BufferReader(data)))
+            tables.append(parquet_table(data))
         return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from protonmf.config import Config
 from protonmf.data import ImageSource, make_source
 from protonmf.data.index import class_sizes, index_table, open_index, read_index, write_index
@@ -153,7 +155,4 @@ def images_per_class(config: Config) -> list[int]:
     if config.data.train_index:
         return class_sizes(config.data.train_index, storage_options=config.storage.storage_options or None)
     source = make_split_source(config, "train")
-    sizes = [0] * len(source.classes)
-    for r in source.records:
-        sizes[r.label] += 1
-    return sizes
+    return np.bincount(np.array([r.label for r in source.records], dtype=np.int64), minlength=len(source.classes)).tolist()

@@ -35,13 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch import Tensor
 
 from protonmf.data.preprocess import Preprocess
-from protonmf.storage import concurrently
+from protonmf.storage import concurrently, parquet_bytes, parquet_table
 
 __all__ = ["GALLERY_SCHEMA", "PATCH_MAX_SIDE", "TopCodes", "cell_box", "class_patches", "gallery_table", "patch_picture",
            "read_gallery", "top_codes", "write_gallery"]
@@ -209,13 +208,11 @@ def gallery_table(
 
 def write_gallery(table: pa.Table) -> bytes:
     """The table as Parquet bytes."""
-    buf = io.BytesIO()
-    pq.write_table(table.cast(GALLERY_SCHEMA), buf)
-    return buf.getvalue()
+    return parquet_bytes(table.cast(GALLERY_SCHEMA))
 
 
 def read_gallery(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data)).cast(GALLERY_SCHEMA)
+    return parquet_table(data).cast(GALLERY_SCHEMA)
 
 
 def patch_picture(jpeg: bytes | None) -> np.ndarray | None:

@@ -257,13 +257,18 @@ class PrototypeModel(nn.Module):
         if self._gallery is None:
             raise ValueError("this model has no gallery: galleries are made by the run's fit "
                              "(prototypes.gallery > 0); a model fitted in memory or published before them has none")
-        if callable(self._gallery):
-            self._gallery = self._gallery()  # read once, then kept
         q = self.p if p is None else int(p)
         if q not in self.available_p:
             raise ValueError(f"p = {q} was not fitted; available: {self.available_p}")
-        table = self._gallery.filter(pc.equal(self._gallery["p"], q))
+        table = self._gallery_table()
+        table = table.filter(pc.equal(table["p"], q))
         return table.sort_by([("class_idx", "ascending"), ("prototype", "ascending"), ("rank", "ascending")])
+
+    def _gallery_table(self) -> pa.Table:
+        """The gallery of every fitted p, read from the artifact the first time it is needed."""
+        if callable(self._gallery):
+            self._gallery = self._gallery()
+        return self._gallery
 
     # ----------------------------------------------------------------- inference
     def _class_vectors(self) -> tuple[Tensor, Tensor]:
@@ -425,10 +430,8 @@ class PrototypeModel(nn.Module):
         for p, fit in sorted(fits.items()):
             files[f"prototypes_p{p}.safetensors"] = save_safetensors(fit.to_tensors())
         if self._gallery is not None:
-            if callable(self._gallery):
-                self._gallery = self._gallery()
-            table = self._gallery.filter(pc.is_in(self._gallery["p"], pa.array(sorted(fits), pa.int32())))
-            files[GALLERY_FILE] = write_gallery(table)
+            table = self._gallery_table()
+            files[GALLERY_FILE] = write_gallery(table.filter(pc.is_in(table["p"], pa.array(sorted(fits), pa.int32()))))
         meta = {
             "backbone": self.backbone.spec_dict(),
             "preprocess": self.preprocess,

@@ -167,7 +167,7 @@ def test_a_store_written_before_checksums_opens_and_its_classes_count_as_unverif
 
 
 def test_many_classes_are_read_at_once_checked_as_one_by_one(tmp_path, monkeypatch):
-    """read_classes: read_class's tensors in the order asked, several classes' reads in flight at
+    """read_classes_with_records: read_class_with_records's results in the order asked, several classes' reads in flight at
     once, and the error of the first class asked that is damaged or not complete."""
     import threading
     import time
@@ -193,15 +193,16 @@ def test_many_classes_are_read_at_once_checked_as_one_by_one(tmp_path, monkeypat
                 in_flight -= 1
 
     monkeypatch.setattr(again.fs, "cat_file", slow_cat_file)
-    read = again.read_classes([2, 0, 1])
-    assert [torch.equal(r, F[k].flatten(1, 2)) for r, k in zip(read, [2, 0, 1])] == [True] * 3
+    read = again.read_classes_with_records([2, 0, 1])
+    assert [torch.equal(r, F[k].flatten(1, 2)) for (r, _), k in zip(read, [2, 0, 1])] == [True] * 3
+    assert all(table.equals(records(6).cast(table.schema)) for _, table in read)
     assert most == K  # the markers (and record tables) of all three classes in flight together
     damage_chunks(tmp_path / "fs", 1, lose=[0])
     (tmp_path / "fs/done/c00002.json").unlink()
     with pytest.raises(StoreError, match=r"class 1 \('b'\) .* is damaged: chunk 0 \(images 0–3\) is missing"):
-        again.read_classes([0, 1, 2])
+        again.read_classes_with_records([0, 1, 2])
     with pytest.raises(StoreError, match=r"class 2 \('c'\) is not complete"):
-        again.read_classes([2, 1])
+        again.read_classes_with_records([2, 1])
 
 
 def test_a_read_takes_the_array_metadata_from_the_marker(tmp_path):
