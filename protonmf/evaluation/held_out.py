@@ -34,10 +34,7 @@ from protonmf.evaluation.interpretability import (
     perturb,
     stability,
 )
-from protonmf.evaluation.localization import (
-    localization_rows,
-    part_localization_of_rows,
-)
+from protonmf.evaluation.localization import localization_rows, part_localization_of_rows
 from protonmf.prototypes.model import MODES, PrototypeModel
 
 __all__ = ["HeldOutStats", "accumulate_held_out", "evaluate_model", "held_out_shards", "merge_held_out", "summarize_held_out"]
