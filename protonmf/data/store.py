@@ -220,21 +220,22 @@ class FeatureStore:
         write_bytes_atomic(self.fs, self.marker_path(k), json.dumps(marker).encode())
 
     def read_class(self, k: int) -> torch.Tensor:
-        """Class k's features, (n, h·w, D) float16, in one read of its chunks, checked against its marker.
+        """Class k's features, (n, h·w, D) float16, in one read of its chunks, checked against its
+        marker (its marker and its chunks: the record table is not read).
 
         Raises :class:`StoreError` if the class is not complete or is damaged.
         """
-        return self.read_class_with_records(k)[0]
+        return self._read_or_raise(k, records=False)[0]
 
     def read_class_with_records(self, k: int) -> tuple[torch.Tensor, pa.Table]:
-        """:meth:`read_class` and class k's record table, from the same reads (the table is read
-        to check it anyway)."""
-        features, table, damage, done = self._read_checked(k)
-        if not done:
-            raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
-        if damage is not None:
-            raise self.damaged(k, damage)
-        return torch.from_numpy(features), parquet_table(table)
+        """:meth:`read_class` and class k's record table, checked against the marker too."""
+        features, table = self._read_or_raise(k, records=True)
+        return features, parquet_table(table)
+
+    def read_classes(self, ks: Sequence[int]) -> list[torch.Tensor]:
+        """:meth:`read_class` of each class of ``ks``, in that order, several classes at once (see
+        :meth:`read_classes_with_records`)."""
+        return concurrently(self.read_class, ks)
 
     def read_classes_with_records(self, ks: Sequence[int]) -> list[tuple[torch.Tensor, pa.Table]]:
         """:meth:`read_class_with_records` of each class of ``ks``, in that order, several classes
@@ -242,6 +243,14 @@ class FeatureStore:
         table, each checked as :meth:`read_class` checks it. The first class of ``ks`` that is not
         complete or is damaged raises its :class:`StoreError`."""
         return concurrently(self.read_class_with_records, ks)
+
+    def _read_or_raise(self, k: int, *, records: bool) -> tuple[torch.Tensor, bytes | None]:
+        features, table, damage, done = self._read_checked(k, records=records)
+        if not done:
+            raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
+        if damage is not None:
+            raise self.damaged(k, damage)
+        return torch.from_numpy(features), table
 
     def check_class(self, k: int) -> str | None:
         """What is wrong with complete class k, or None if it reads back as written (reads all of it)."""
@@ -276,9 +285,9 @@ class FeatureStore:
     def _table(self, k: int) -> str:
         return join(self.root, "tables", f"{class_stem(k)}.parquet")
 
-    def _read_checked(self, k: int) -> tuple[np.ndarray | None, bytes | None, str | None, bool]:
-        """Class k's features, its record table (Parquet bytes), what is wrong with the class (None
-        if nothing), and whether it has a marker.
+    def _read_checked(self, k: int, *, records: bool = True) -> tuple[np.ndarray | None, bytes | None, str | None, bool]:
+        """Class k's features, its record table (Parquet bytes; None, unread, unless ``records``),
+        what is wrong with what was read (None if nothing), and whether it has a marker.
 
         I/O errors propagate (the network may heal, and the class is not damaged by them); what
         does not decode or does not match the marker is damage.
@@ -322,6 +331,8 @@ class FeatureStore:
                 problems.append(f"{what} is missing (Zarr reads it as zeros)" if lost else f"{what} does not match its sha256")
         if problems:
             return None, None, "; ".join(problems), True
+        if not records:
+            return data, None, None, True
         table, damage = self._read_table(k, marker)
         return (data, table, None, True) if damage is None else (None, None, damage, True)
 

@@ -282,10 +282,11 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
     if tensors is None:
         # A class whose images were all unreadable has no rows: it keeps its head through the residual
         # alone (fit_classes), and the run goes on; the run summary names it.
-        read = store.read_classes_with_records(classes)
+        # the record tables only for the gallery (a request per class fewer without it)
+        pr = config.prototypes
+        read = store.read_classes_with_records(classes) if pr.gallery else [(F, None) for F in store.read_classes(classes)]
         features = [F.reshape(-1, store.dim) for F, _ in read]  # (n_k·h·w, D) float16
         V, bias = store.head()
-        pr = config.prototypes
         by_p, codes = fit_classes_and_codes(  # every p in one pass over A per NMF update
             features, V[classes], bias[classes], pr.p, top_k=pr.gallery, max_iter=pr.max_iter, tol=pr.tol,
             seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver, residual=pr.residual,

@@ -93,9 +93,16 @@ def test_same_store_on_a_local_s3_endpoint(tmp_path, s3, s3_bucket):
     assert reopened.done_classes() == [2]
     start = len(S3_REQUESTS)
     assert torch.equal(reopened.read_class(2), FeatureStore.open(str(tmp_path / "fs")).read_class(2))
-    # a class read back checked: its marker (with the array's metadata), its 3 chunks at once, its record table
+    # a class's features read back checked: its marker (with the array's metadata), its 3 chunks at once
+    chunks = [("GET", f"c00002/c/{i}/0/0") for i in range(3)]
     read = sorted((m, p.split("/features/", 1)[1]) for m, p, _ in S3_REQUESTS[start:])
-    assert read == [("GET", f"c00002/c/{i}/0/0") for i in range(3)] + [("GET", "done/c00002.json"), ("GET", "tables/c00002.parquet")]
+    assert read == chunks + [("GET", "done/c00002.json")]
+    # with its records: its record table too, checked against the same marker
+    start = len(S3_REQUESTS)
+    _, table = reopened.read_class_with_records(2)
+    assert table.equals(records(9).cast(table.schema))
+    read = sorted((m, p.split("/features/", 1)[1]) for m, p, _ in S3_REQUESTS[start:])
+    assert read == chunks + [("GET", "done/c00002.json"), ("GET", "tables/c00002.parquet")]
     assert reopened.read_records().equals(local.read_records())
     assert s3.exists(f"{s3_bucket}/features/done/c00002.json")
     remote.write_class(0, torch.zeros(0, *GRID, D), records(0, skipped={0, 1}))  # every image unreadable: no chunk
@@ -131,7 +138,8 @@ def test_lost_and_garbled_chunks_are_named_when_read(tmp_path):
 
 def test_a_chunk_replaced_by_valid_data_and_a_changed_table_are_named(tmp_path):
     store = make(tmp_path / "fs")
-    store.write_class(0, torch.rand(8, *GRID, D), records(8))
+    F0 = torch.rand(8, *GRID, D).half()
+    store.write_class(0, F0, records(8))
     store.write_class(2, torch.rand(8, *GRID, D), records(8))
     root = tmp_path / "fs"
     # a chunk that decodes, but is another class's: only a checksum can tell
@@ -140,8 +148,12 @@ def test_a_chunk_replaced_by_valid_data_and_a_changed_table_are_named(tmp_path):
     with pytest.raises(StoreError, match=r"class 2 \('c'\) .* is damaged: chunk 1 \(images 4–7\) does not match its sha256$"):
         again.read_class(2)
     (root / "tables/c00000.parquet").write_bytes((root / "tables/c00002.parquet").read_bytes() + b"x")
-    with pytest.raises(StoreError, match=r"class 0 \('a'\) .* is damaged: its record table tables/c00000.parquet does not match its sha256"):
+    table_damage = r"class 0 \('a'\) .* is damaged: its record table tables/c00000.parquet does not match its sha256"
+    with pytest.raises(StoreError, match=table_damage):
         again.read_records()
+    with pytest.raises(StoreError, match=table_damage):
+        again.read_class_with_records(0)
+    assert torch.equal(again.read_class(0), F0.flatten(1, 2))  # the features alone: no table read
     assert again.check_class(0) == "its record table tables/c00000.parquet does not match its sha256"
     (root / "tables/c00000.parquet").unlink()
     assert again.check_class(0) == "its record table tables/c00000.parquet is missing"
@@ -203,6 +215,10 @@ def test_many_classes_are_read_at_once_checked_as_one_by_one(tmp_path, monkeypat
         again.read_classes_with_records([0, 1, 2])
     with pytest.raises(StoreError, match=r"class 2 \('c'\) is not complete"):
         again.read_classes_with_records([2, 1])
+    for read_classes in (again.read_classes, lambda ks: [f for f, _ in again.read_classes_with_records(ks)]):
+        assert [torch.equal(r, F[k].flatten(1, 2)) for r, k in zip(read_classes([0]), [0])] == [True]
+        with pytest.raises(StoreError, match=r"class 1 \('b'\) .* is damaged: chunk 0 \(images 0–3\) is missing"):
+            read_classes([0, 1])
 
 
 def test_a_read_takes_the_array_metadata_from_the_marker(tmp_path):

@@ -159,3 +159,23 @@ def test_explain_draws_each_prototype_beside_its_gallery(run, tmp_path):
     for i in range(3):
         near = (np.linalg.norm(pixels - PROTOTYPE_COLORS[i] * 255, axis=-1) < 30).sum()
         assert near > 300, (i, near)  # its label, heatmap frame and the outlines of its 5 patches
+
+
+def test_a_fit_reads_the_record_tables_only_for_its_gallery(run, tmp_path, monkeypatch):
+    """The gallery names images by their records; without it a fit reads each class's marker and
+    chunks only (on S3 a request per class fewer), and its prototypes are the same."""
+    from protonmf.data.store import FeatureStore
+    from protonmf.pipeline.prototype_run import fit_group
+
+    config, store, _, uri = run
+    tables: list[int] = []
+    read_table = FeatureStore._read_table
+    monkeypatch.setattr(FeatureStore, "_read_table", lambda self, k, marker: tables.append(k) or read_table(self, k, marker))
+    fits = {}
+    for gallery in (0, 2):
+        update = {"prototypes": config.prototypes.model_copy(update={"gallery": gallery}),
+                  "storage": config.storage.model_copy(update={"model": str(tmp_path / f"m{gallery}")})}
+        tables.clear()
+        fits[gallery] = fit_group(config.model_copy(update=update), store, [0, 1, 2])
+        assert sorted(tables) == ([] if gallery == 0 else [0, 1, 2]), gallery
+    assert fits[0].feature_error == fits[2].feature_error and fits[0].n_iter == fits[2].n_iter
