@@ -145,3 +145,17 @@ def test_kuberay_scales_the_gpu_group_between_its_bounds():
     for group in spec["workerGroupSpecs"]:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert any(g["maxReplicas"] > g["minReplicas"] for g in spec["workerGroupSpecs"])
+
+
+def test_both_manifests_start_their_clusters_with_token_authentication():
+    """A cluster without it runs code for anyone who reaches its ports, and the job's runtime
+    environment carries the S3 credentials (README "On a cluster")."""
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    major, minor, _ = map(int, job["spec"]["rayClusterSpec"]["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52)  # authOptions needs rayVersion 2.52 or newer
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in launcher[key] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts), starts
+    assert launcher["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # Ray's default token path
+    assert "RAY_AUTH_MODE=token ray get-auth-token --generate" in (ROOT / "cluster" / "ray-cluster.yaml").read_text()
