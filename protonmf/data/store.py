@@ -14,8 +14,9 @@ Layout under the store's URI (local path or any fsspec URI):
   top_logits (the black box's top logits), skipped (reason, null if the image was used).
 - ``done/c00042.json``: the completion marker, written last: a class without it is not there. It
   holds the sha256 of each chunk's float16 bytes and of the record table, and every read checks
-  what it reads against them (the features alone are the marker and the chunks): Zarr reads a lost chunk as zeros without a word, and a garbage chunk fails with a codec
-  error that names no class. A damaged class raises :class:`StoreError` naming the class, the
+  what it reads against them (the features alone are the marker and the chunks): Zarr reads a
+  lost chunk as zeros without a word, and a garbage chunk fails with a codec error that names no
+  class. A damaged class raises :class:`StoreError` naming the class, the
   store and what is wrong; extraction re-extracts it (:mod:`protonmf.data.extract`).
   Markers written before the checksums (no ``features_sha256``) cannot be checked: their classes
   count as damaged and are re-extracted, since nothing in them tells a lost chunk from features.

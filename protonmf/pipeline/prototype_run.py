@@ -282,10 +282,12 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
     if tensors is None:
         # A class whose images were all unreadable has no rows: it keeps its head through the residual
         # alone (fit_classes), and the run goes on; the run summary names it.
-        # the record tables only for the gallery (a request per class fewer without it)
         pr = config.prototypes
-        read = store.read_classes_with_records(classes) if pr.gallery else [(F, None) for F in store.read_classes(classes)]
-        features = [F.reshape(-1, store.dim) for F, _ in read]  # (n_k·h·w, D) float16
+        if pr.gallery:  # the record tables only for the gallery: a request per class fewer without it
+            stored, records = map(list, zip(*store.read_classes_with_records(classes)))
+        else:
+            stored, records = store.read_classes(classes), []
+        features = [F.reshape(-1, store.dim) for F in stored]  # (n_k·h·w, D) float16
         V, bias = store.head()
         by_p, codes = fit_classes_and_codes(  # every p in one pass over A per NMF update
             features, V[classes], bias[classes], pr.p, top_k=pr.gallery, max_iter=pr.max_iter, tol=pr.tol,
@@ -293,7 +295,7 @@ def fit_group(config: Config, store: FeatureStore, classes: list[int], *, device
             device=device or step_device(config.compute.fit_gpus, "compute.fit_gpus"),
         )
         # The gallery goes in first: a staged fit (the resume marker) always has its gallery beside it.
-        gallery = _group_gallery(config, store, classes, codes, [records for _, records in read])
+        gallery = _group_gallery(config, store, classes, codes, records)
         write_bytes_atomic(fs, _gallery_path(staging, classes), write_gallery(gallery))
         tensors = {f"p{p}.{name}": t for p, fit in by_p.items() for name, t in fit.to_tensors().items()}
         write_bytes_atomic(fs, path, save_safetensors(tensors))
@@ -308,7 +310,7 @@ def _group_gallery(config: Config, store: FeatureStore, classes: list[int], code
                    records: list[pa.Table]) -> pa.Table:
     """The gallery rows of ``classes`` (:mod:`protonmf.prototypes.gallery`): the images the largest
     E entries name are read again (only those), for their size and the patches' pixels.
-    ``records``: each class's record table, as read with its features."""
+    ``records``: each class's record table, as read with its features (none without a gallery)."""
     if config.prototypes.gallery == 0:
         return GALLERY_SCHEMA.empty_table()
     source = make_split_source(config, "train", labels=classes)
