@@ -83,6 +83,7 @@ def main() -> None:
     from prefect import flow
 
     from flows.build import fit_prototype_groups
+    from protonmf.pipeline import Run
     from tasks.runtime import ray_session
 
     results = []
@@ -92,23 +93,23 @@ def main() -> None:
             t = time.perf_counter()
             write_store(f"{work}/features", K)
             write_seconds = time.perf_counter() - t
-            config = parse_config({
+            run = Run(parse_config({
                 "prototypes": {"p": args.p, "classes_per_task": args.classes_per_task},
                 "storage": {"features": f"{work}/features", "model": f"{work}/model"},
-            })
+            }))
 
             @flow(name=f"fit-stage-{K}-classes")
             def fit_stage():
-                return fit_prototype_groups(config, K)
+                return fit_prototype_groups(run, K)
 
-            with ray_session(config):
+            with ray_session(run):
                 ray.get(ray.remote(lambda: 0).remote())  # workers up before the clock starts
                 with PeakMemory() as mem:
                     t = time.perf_counter()
                     fits = fit_stage()
                     seconds = time.perf_counter() - t
-            errors = [e for f in fits for e in f["feature_error"][args.p[0]]]
-            iters = [i for f in fits for i in f["n_iter"][args.p[0]]]
+            errors = [e for f in fits for e in f.feature_error[args.p[0]]]
+            iters = [i for f in fits for i in f.n_iter[args.p[0]]]
             row = {
                 "classes": K, "rows_per_class": N_IMAGES * GRID[0] * GRID[1], "D": D, "p": args.p,
                 "classes_per_task": args.classes_per_task, "fit_seconds": round(seconds, 2),

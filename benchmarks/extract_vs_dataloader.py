@@ -10,7 +10,7 @@ features per class:
   layer4 in the main process + ``numpy.save`` of one float16 array per class;
 - **stage**: what ``protonmf run`` does before fitting, without Prefect: start Ray on this
   machine, prepare (pin the weights, list the images into the dataset index, open the feature
-  store) and extract on Ray (``tasks.extract.extract_on_ray``) into a fresh feature store.
+  store) and extract on Ray (``tasks.extract.extract_features``) into a fresh feature store.
 
 Each side runs as its own process (``--run loop|stage``), alternately, ``--rounds`` times; the table
 gives the median wall time of the whole process (interpreter start, imports and Ray's start
@@ -92,20 +92,21 @@ def run_loop(work: Path, out: Path, autocast: bool) -> int:
 
 def run_stage(work: Path, out: Path, overrides: list[str]) -> int:
     from protonmf.config import parse_config
-    from tasks.extract import extract_on_ray
-    from tasks.prepare import prepare_on_ray
+    from protonmf.pipeline import Run
+    from tasks.extract import extract_features
+    from tasks.prepare import prepare_run
     from tasks.runtime import ray_session
 
-    config = parse_config({
+    run = Run(parse_config({
         "data": {"source": "imagefolder", "train": str(work / "train")},
         "backbone": {"arch": "torchvision:resnet18", "weights": str(work / "resnet18.pt"),
                      "num_classes": len(list((work / "train").iterdir()))},
         "compute": {"batch_size": 64},
         "storage": {"features": str(out / "features"), "model": str(out / "model")},
-    }, overrides)
-    with ray_session(config):
-        rows = extract_on_ray(prepare_on_ray(config))
-    return sum(r["n_images"] for r in rows)
+    }, overrides))
+    with ray_session(run):
+        rows = extract_features(prepare_run(run))
+    return sum(r.n_images for r in rows)
 
 
 def _child(argv: list[str], work: Path) -> float:

@@ -74,9 +74,9 @@ def check_api(out: Path) -> str:
     from protonmf import PrototypeModel
     from protonmf.config import load_config
     from protonmf.data import load_images
-    from protonmf.pipeline.prototype_run import make_preprocess, make_split_source
+    from protonmf.pipeline import Run
 
-    config = load_config(CONFIG, storage(out)[1::2])
+    run = Run(load_config(CONFIG, storage(out)[1::2]))
     model = PrototypeModel.load(str(out / "model"), map_location="cuda")
     variants = {"model": model}
     for p in model.available_p:
@@ -87,8 +87,8 @@ def check_api(out: Path) -> str:
         off = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if not t.is_cuda]
         if off:
             raise RuntimeError(f"{name}: not on CUDA: {off[:5]}")
-    val = make_split_source(config, "val")
-    images, _ = load_images(val, make_preprocess(config), val.records[:64], workers=0)  # CPU images
+    val = run.source("val")
+    images, _ = load_images(val, run.preprocess, val.records[:64], workers=0)  # CPU images
     black_box = model.backbone.head_logits(model.backbone(images.cuda()))
     worst = 0.0
     for p in model.available_p:

@@ -26,23 +26,16 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _print_result(result: dict) -> None:
+    from protonmf.viz.summaries import evaluation_lines
+
     ev = result["evaluation"]
     print()
     print(f"model:            {result['model']}")
     if ev.get("report"):
         print(f"report:           {ev['report']}")
     print(f"classes:          {result['classes']}")
-    print(f"black box top-1:  {ev['top1_black_box']:.4f}  ({ev['n_images']} held-out images)")
-    print(f"prototype top-1:  {ev['top1_prototype']:.4f}  (max |logit diff| {ev['max_abs_logit_diff']:.2e})")
-    for p, modes in sorted(ev["table3"].items(), key=lambda kv: int(kv[0])):
-        print(f"  p={p:<3} NMF only {modes['nmf_only']:.4f}   residual only {modes['residual_only']:.4f}   NMF+residual {modes['augmented']:.4f}")
-    for p, m in sorted((ev.get("localization") or {}).items(), key=lambda kv: int(kv[0])):
-        print(f"  p={p:<3} part localization: peak on object {m['on_object']:.3f}, purity {m['purity']:.3f}, "
-              f"parts covered {m['coverage']:.2f} of 3, IoU {m['iou']:.3f}")
-    stab = ev.get("stability") or {}
-    for p, m in sorted((ev.get("consistency") or {}).items(), key=lambda kv: int(kv[0])):
-        print(f"  p={p:<3} consistency {m['presence']:.1f}% (presence) {m['activation']:.1f}% (F·p̃ᵀ), "
-              f"stability {stab[p]['presence']:.1f}% / {stab[p]['activation']:.1f}%")
+    for line in evaluation_lines(ev):
+        print(line)
 
 
 def _run(config, overrides) -> int:
@@ -102,7 +95,7 @@ def _evaluate(args) -> int:
     from protonmf.data.store import FeatureStore
     from protonmf.evaluation.published import evaluate_published_model
     from protonmf.prototypes.model import PrototypeModel
-    from protonmf.pipeline.prototype_run import make_preprocess, make_split_source
+    from protonmf.pipeline import Run
 
     model = PrototypeModel.load(args.model, map_location=_device(args))
     if args.config:
@@ -111,22 +104,21 @@ def _evaluate(args) -> int:
         config = load_config(args.config, args.set)
         if args.unknown_val_classes:
             config = parse_config(config.model_dump(), [f"data.unknown_val_classes={args.unknown_val_classes}"])
-        source = make_split_source(config, "val", classes=model.class_names)
-        preprocess = make_preprocess(config)
+        run = Run(config)
+        source, preprocess = run.source("val", classes=model.class_names), run.preprocess
     elif args.val:
         config = parse_config({"data": {"preprocess": model.preprocess}}) if model.preprocess else parse_config({})
         # the folders' own classes, matched to the model's by name (not by their sorted order)
         source = relabel_by_name(make_source("imagefolder", name="--val", root=args.val), model.class_names,
                                  unknown=args.unknown_val_classes or "error", what="--val")
-        preprocess = make_preprocess(config)
+        preprocess = Run(config).preprocess
     else:
         data = model.settings.get("data")  # the held-out data of the run that published it
         if data is None:  # published before runs recorded it
             raise SystemExit("evaluate: give --val IMAGEFOLDER_URI or --config CONFIG for the held-out images "
                              f"(the model at {args.model} does not record its run's held-out data)")
-        config = parse_config({"data": data}, origin=f"the data recorded in {args.model}'s manifest")
-        source = make_split_source(config, "val")
-        preprocess = make_preprocess(config)
+        run = Run(parse_config({"data": data}, origin=f"the data recorded in {args.model}'s manifest"))
+        source, preprocess = run.source("val"), run.preprocess
     features = args.features or (model.settings.get("features") if args.reconstruction else None)
     store = FeatureStore.open(features) if features else None
     result = evaluate_published_model(model, source, preprocess, store=store, study_classes=args.classes)

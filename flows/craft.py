@@ -1,7 +1,7 @@
 """``craft_concepts``: CRAFT concepts of every class — plan → concepts per group → publish — on Ray.
 
-It shares the ProtoNMF run's first steps (``prepare`` and ``extract_features`` of
-:mod:`flows.build`): the feature store's records say which class the black box predicts for each
+It shares the ProtoNMF run's first steps (``prepare_run`` and ``extract_features`` of
+:mod:`flows.shared`): the feature store's records say which class the black box predicts for each
 training image, and CRAFT learns a class's concepts from the images predicted as it. A store that
 a ``protonmf run`` already filled is reused as it is.
 """
@@ -17,28 +17,31 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from flows.shared import progress, retrying, started_run, step  # noqa: E402
+import tasks.craft  # noqa: E402
+from flows.shared import (  # noqa: E402
+    Stopwatch, coerce_config, extract_features, prepare_run, progress, run_owner, step, with_retries,
+)
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft.artifact import ConceptSet  # noqa: E402
-from protonmf.pipeline.staging import class_groups  # noqa: E402
-from tasks.craft import craft_on_ray, plan_on_ray, publish_concepts_on_ray  # noqa: E402
+from protonmf.pipeline import Plan, Run, class_groups, preflight  # noqa: E402
+from tasks.runtime import ray_session  # noqa: E402
 
 
 @step
-def plan_concept_images(config: Config) -> dict[int, list[dict]]:
-    return plan_on_ray(config)
+def plan_concept_images(run: Run) -> Plan:
+    return tasks.craft.plan_concept_images(run)
 
 
 @step
-def learn_concepts(config: Config, plan: dict[int, list[dict]], num_classes: int) -> list[dict]:
-    groups = class_groups(num_classes, config.craft.classes_per_task)
+def learn_concept_groups(run: Run, plan: Plan, num_classes: int) -> list[dict]:
+    groups = class_groups(num_classes, run.config.craft.classes_per_task)
     with progress("craft-progress", "class groups done", len(groups)) as tick:
-        return craft_on_ray(config, groups, plan, on_group=tick)
+        return tasks.craft.learn_concept_groups(run, groups, plan, on_group=tick)
 
 
 @step
-def publish_concept_set(config: Config) -> str:
-    return publish_concepts_on_ray(config)
+def publish_concept_set(run: Run) -> str:
+    return tasks.craft.publish_concept_set(run)
 
 
 def _report(config: Config, class_names: list[str], groups: list[dict], summary: dict, uri: str, timings: dict) -> str:
@@ -95,13 +98,22 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     ``config`` is a config tree (as in ``configs/*.yaml``) or the path of a YAML file;
     ``overrides`` are ``key.path=value`` strings.
     """
-    with started_run(config, overrides, "concepts") as run:
-        cfg, class_names = run.config, run.class_names
-        with run.timed("concepts"):
-            plan = retrying(plan_concept_images, cfg)(cfg)
-            groups = retrying(learn_concepts, cfg)(cfg, plan, len(class_names))
-        with run.timed("publish"):
-            uri = retrying(publish_concept_set, cfg)(cfg)
-    summary = ConceptSet.read_manifest(uri, storage_options=cfg.storage.storage_options or None)["summary"]
-    get_run_logger().info(_report(cfg, class_names, groups, summary, uri, run.timings))
-    return {"concepts": uri, "summary": summary, "timings": run.timings, "classes": len(class_names)}
+    run = Run(coerce_config(config, overrides))
+    preflight(run)  # unreachable storage fails here, in seconds
+    prepare, extract, plan_images, learn, publish = with_retries(
+        run, prepare_run, extract_features, plan_concept_images, learn_concept_groups, publish_concept_set)
+    timed = Stopwatch()
+    with run.leases(("concepts",), owner=run_owner()), ray_session(run):
+        with timed("prepare"):
+            prepared = prepare(run)
+        run, class_names = prepared.run, prepared.class_names
+        with timed("extract"):
+            extract(prepared)
+        with timed("concepts"):
+            plan = plan_images(run)
+            groups = learn(run, plan, len(class_names))
+        with timed("publish"):
+            uri = publish(run)
+    summary = ConceptSet.read_manifest(uri, storage_options=run.storage_options)["summary"]
+    get_run_logger().info(_report(run.config, class_names, groups, summary, uri, timed.seconds))
+    return {"concepts": uri, "summary": summary, "timings": timed.seconds, "classes": len(class_names)}

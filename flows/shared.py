@@ -1,5 +1,6 @@
 """What both flows share: reading the config parameter, a progress bar mirrored to a Prefect
-progress artifact, and the first two steps (prepare, extract) that every run starts with."""
+progress artifact, the steps' decorator and retries, and the first two steps (prepare, extract)
+that every run starts with."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from prefect import Task, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
+import tasks.extract  # noqa: E402
+import tasks.prepare  # noqa: E402
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
-from protonmf.pipeline.prototype_run import preflight  # noqa: E402
-from protonmf.pipeline.staging import run_leases  # noqa: E402
-from tasks.extract import extract_on_ray  # noqa: E402
-from tasks.prepare import PreparedRun, prepare_on_ray  # noqa: E402
-from tasks.runtime import is_retryable, ray_session  # noqa: E402
+from protonmf.data.extract import ClassExtraction  # noqa: E402
+from protonmf.pipeline import Prepared, Run  # noqa: E402
+from tasks.runtime import is_retryable  # noqa: E402
 
 
 def coerce_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None) -> Config:
@@ -65,61 +66,45 @@ def can_heal(task: Task, task_run: Any, state: Any) -> bool:
     return isinstance(error, BaseException) and is_retryable(error)
 
 
-#: The decorator of every step of both flows; how often it is retried is the run's (:func:`retrying`).
+#: The decorator of every step of both flows; how often it is retried is the run's (:func:`with_retries`).
 step = partial(task, retry_delay_seconds=5, retry_condition_fn=can_heal)
 
 
-def retrying(prefect_task: Task, config: Config) -> Task:
-    """``prefect_task`` (a :data:`step`) with the run's retries, ``compute.retries``."""
-    return prefect_task.with_options(retries=config.compute.retries)
+def with_retries(run: Run, *steps: Task) -> tuple[Task, ...]:
+    """``steps`` (each a :data:`step`) with the run's retries, ``compute.retries``."""
+    return tuple(s.with_options(retries=run.config.compute.retries) for s in steps)
 
 
-@step
-def prepare_run(config: Config) -> PreparedRun:
-    """The config with the black box's weights pinned, the class names, the classes already
-    extracted, the images of each class."""
-    return prepare_on_ray(config)
+def run_owner() -> str:
+    """Who holds a run's leases: the flow run's name and id (the process id outside Prefect)."""
+    from prefect.runtime import flow_run
 
-
-@step
-def extract_features(prepared: PreparedRun) -> list[dict]:
-    with progress("extract-progress", "classes extracted", len(prepared.class_names)) as tick:
-        return extract_on_ray(prepared, on_class=tick)
+    return f"{flow_run.get_name() or 'run'}/{flow_run.get_id() or os.getpid()}"
 
 
 @dataclass
-class StartedRun:
-    """A run after its first two steps: the pinned config, the classes, what extraction did, timings."""
+class Stopwatch:
+    """Seconds spent in each named part of a flow."""
 
-    config: Config
-    class_names: list[str]
-    extraction: list[dict]
-    timings: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
-    def timed(self, step: str) -> Iterator[None]:
+    def __call__(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
         yield
-        self.timings[step] = time.perf_counter() - t
+        self.seconds[name] = time.perf_counter() - t
 
 
-@contextmanager
-def started_run(config: Config | dict[str, Any] | str, overrides: list[str] | None, output: str) -> Iterator[StartedRun]:
-    """Read and check the config (unreachable storage fails here, in seconds), hold the leases of
-    the feature store and of ``storage.<output>`` for the block (one run at a time on each; the
-    driver takes them, as they are only storage), connect to Ray for the block, prepare the run and
-    extract its features (both resume what an earlier run did)."""
-    from prefect.runtime import flow_run
+@step
+def prepare_run(run: Run) -> Prepared:
+    """The run with the black box's weights and the dataset index pinned, the class names, the
+    classes already extracted, the images of each class."""
+    prepared = tasks.prepare.prepare_run(run)
+    get_run_logger().info("%d classes, %d already extracted", len(prepared.class_names), len(prepared.done))
+    return prepared
 
-    cfg = coerce_config(config, overrides)
-    preflight(cfg)
-    with run_leases(cfg, (output,), owner=f"{flow_run.get_name() or 'run'}/{flow_run.get_id() or os.getpid()}"), \
-            ray_session(cfg):
-        run = StartedRun(cfg, [], [])
-        with run.timed("prepare"):
-            prepared = retrying(prepare_run, cfg)(cfg)
-        run.config, run.class_names = prepared.config, prepared.class_names
-        get_run_logger().info("%d classes, %d already extracted", len(run.class_names), len(prepared.done))
-        with run.timed("extract"):
-            run.extraction = retrying(extract_features, run.config)(prepared)
-        yield run
+
+@step
+def extract_features(prepared: Prepared) -> list[ClassExtraction]:
+    with progress("extract-progress", "classes extracted", len(prepared.class_names)) as tick:
+        return tasks.extract.extract_features(prepared, on_class=tick)

@@ -137,13 +137,18 @@ class StorageConfig(_Section):
     lease_seconds: float = Field(120.0, gt=0)
     lease_timeout: float = Field(86400.0, ge=0)
 
+    @property
+    def options(self) -> dict[str, Any] | None:
+        """``storage_options`` as fsspec takes them: None for its defaults."""
+        return self.storage_options or None
+
 
 class EvaluationConfig(_Section):
     report: bool = True  # write an HTML report beside the model (<storage.model>/report/index.html)
     report_classes: int = Field(3, ge=0)  # classes shown with their prototype figures
     reconstruction_classes: int = Field(20, ge=0)  # classes of the Table 1 / Figure 5 study (0: skip)
     # Held-out images per evaluation shard (rounded up to a multiple of compute.batch_size): the
-    # shards are spread over as many workers as the extraction would start (tasks/publish_and_evaluate.py).
+    # shards are spread over as many workers as the extraction would start (tasks/evaluate.py).
     shard_images: int = Field(1024, ge=1)
 
 

@@ -18,27 +18,21 @@ then decodes and forwards its own classes, one core each, which is what a CPU-on
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ray
 import torch
 
-from protonmf.config import Config
-from protonmf.data.extract import ClassExtraction, DecodedClass, damaged_or_missing
-from protonmf.data.store import FeatureStore
-from protonmf.pipeline.prototype_run import decode_group, forward_group, load_backbone
+from protonmf.data.extract import ClassExtraction, DecodedClass
+from protonmf.pipeline import Prepared, Run, class_state, decode_group, forward_group
 from protonmf.storage import class_stem, concurrently
-from tasks.prepare import PreparedRun
 from tasks.runtime import die_before_writing_for_test
-
-SUMMARY = ("k", "n_images", "n_skipped", "n_correct", "seconds", "resumed")
-
 
 def extract_pool_size(capacity: Mapping[str, float], extract_gpus: float, n_classes: int, cap: int | None = None) -> int:
     """The most extraction actors worth starting: as many as ``capacity`` holds, at most ``cap``
@@ -98,74 +92,85 @@ def cluster_most() -> dict[str, float] | None:
     return dict(most) if most else None
 
 
-def _decode(batch: dict[str, np.ndarray], config_json: str) -> dict[str, np.ndarray]:
-    """Ray Data stage 1 (CPU): check the classes of the batch's one bundle that are complete (read
-    back against their checksums: an intact class is passed on as resumed, undecoded) and decode
-    the others; the bundle goes on as one row, its images concatenated."""
-    config = Config.model_validate_json(config_json)
-    classes = [int(k) for k in json.loads(str(batch["classes"][0]))]
-    unmarked = set(json.loads(str(batch["unmarked"][0])))  # listed without a marker: missing, not looked up
-    store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    checks = dict(zip(classes, concurrently(
-        lambda k: (True, None, None) if k in unmarked else damaged_or_missing(store, k), classes)))  # a request or more each
-    todo = [k for k in classes if checks[k][0]]
-    decoded = {d.k: d for d in decode_group(config, todo)} if todo else {}  # one read of the index for all
-    S = config.data.preprocess.crop
+@dataclass(frozen=True)
+class DecodedBundle:
+    """Stage 1's output beside the images: each class of a bundle decoded (its images in the
+    bundle's ``images`` column, in class order), or complete and intact (``resumed``)."""
+
+    classes: list[DecodedClass]  # images empty: they travel in the images column
+    counts: list[int]  # images of each class in the images column
+    resumed: list[bool]
+    decoder: int  # pid of the process that decoded the bundle
+
+
+def _one(value: object) -> np.ndarray:
+    """A one-row object column holding ``value`` as it is (Ray pickles it)."""
+    column = np.empty(1, dtype=object)
+    column[0] = value
+    return column
+
+
+def _decode(batch: dict[str, np.ndarray], run: Run) -> dict[str, np.ndarray]:
+    """Ray Data stage 1 (CPU): check the classes of the batch's one bundle that prepare found
+    marked complete (read back against their checksums: an intact class is passed on as resumed,
+    undecoded) and decode the others; the bundle goes on as one row, its images concatenated."""
+    classes, marked = batch["classes"][0].tolist(), batch["marked"][0].tolist()
+    states = dict(zip(classes, concurrently(lambda km: class_state(run, *km), list(zip(classes, marked)))))
+    todo = [k for k in classes if states[k][0]]
+    decoded = {d.k: d for d in decode_group(run, todo)} if todo else {}  # one read of the index for all
+    S = run.config.data.preprocess.crop
     none = torch.zeros(0, 3, S, S, dtype=torch.uint8)
-    parts = [decoded[k] if k in decoded else DecodedClass(k, none, []) for k in classes]
-    return {
-        "classes": batch["classes"],
-        "images": torch.cat([d.images for d in parts]).numpy()[None],  # (1, N, 3, S, S) uint8
-        "counts": np.array([json.dumps([len(d.images) for d in parts])]),
-        "entries": np.array([json.dumps([d.entries for d in parts])]),
-        "decode_seconds": np.array([json.dumps([d.seconds for d in parts])]),
-        "decoder": np.array([os.getpid()]),
-        "resumed": np.array([json.dumps([not checks[k][0] for k in classes])]),
-        "damage": np.array([json.dumps([checks[k][2] for k in classes])]),
-    }
+    parts = [decoded.get(k, DecodedClass(k, none, [])) for k in classes]
+    bundle = DecodedBundle(
+        classes=[replace(d, images=none, damage=states[d.k][1]) for d in parts],
+        counts=[len(d.images) for d in parts],
+        resumed=[not states[k][0] for k in classes],
+        decoder=os.getpid(),
+    )
+    return {"images": torch.cat([d.images for d in parts]).numpy()[None],  # (1, N, 3, S, S) uint8
+            "bundle": _one(bundle)}
 
 
 class FeatureExtractor:
     """Ray Data stage 2: ``__init__`` loads the black box and opens the store, ``__call__`` forwards
     and writes each class of the batch's one bundle (one row per class comes out)."""
 
-    def __init__(self, config_json: str):
+    def __init__(self, run: Run):
         self.failed: Exception | None = None
+        self.run = run
         try:
-            self.config = Config.model_validate_json(config_json)
-            self.backbone = load_backbone(self.config)
-            self.store = FeatureStore.open(self.config.storage.features, storage_options=self.config.storage.storage_options or None)
+            _ = run.backbone, run.store  # loaded once per actor
         except Exception as err:  # noqa: BLE001 - reported by __call__: Ray Data would report a dead actor
             self.failed = err
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        classes = [int(k) for k in json.loads(str(batch["classes"][0]))]
+        bundle: DecodedBundle = batch["bundle"][0]
+        classes = [d.k for d in bundle.classes]
         try:
             if self.failed is not None:
                 raise self.failed
             images = torch.from_numpy(np.array(batch["images"][0]))  # a writable copy of the object store's view
-            counts, resumed = json.loads(str(batch["counts"][0])), json.loads(str(batch["resumed"][0]))
-            entries, damage = json.loads(str(batch["entries"][0])), json.loads(str(batch["damage"][0]))
-            seconds = json.loads(str(batch["decode_seconds"][0]))
-            decoded = [
-                DecodedClass(k=k, images=x, entries=[tuple(e) for e in entries[i]], seconds=float(seconds[i]), damage=damage[i])
-                for i, (k, x) in enumerate(zip(classes, images.split(counts))) if not resumed[i]
-            ]
-            die_before_writing_for_test(self.store.fs, {self.store.marker_path(d.k): d.k for d in decoded}, self._written)
-            done = {d.k: d for d in forward_group(self.config, self.backbone, self.store, decoded)}
-            rows = [done[k].to_dict() if k in done else ClassExtraction(k, 0, 0, 0, 0.0, resumed=True).to_dict()
-                    for k in classes]
-            errors = [b""] * len(classes)
+            decoded = [replace(d, images=x) for d, x, resumed in zip(bundle.classes, images.split(bundle.counts), bundle.resumed)
+                       if not resumed]
+            die_before_writing_for_test(self.run.store.fs, {self.run.store.marker_path(d.k): d.k for d in decoded}, self._written)
+            done = {d.k: d for d in forward_group(self.run, decoded)}
+            rows = [done.get(k, ClassExtraction(k, 0, 0, 0, 0.0, resumed=True)) for k in classes]
+            rows = [replace(r, worker=os.getpid(), decoder=bundle.decoder) for r in rows]
+            errors: list[Exception | None] = [None] * len(rows)
         except Exception as err:  # noqa: BLE001 - sent back whole (Ray Data's UserCodeException loses its type)
-            rows, errors = [{**dict.fromkeys(SUMMARY, 0), "k": classes[0]}], [_as_data(err)]
-        n = len(rows)
-        return {**{name: np.array([r[name] for r in rows]) for name in SUMMARY}, "worker": np.array([os.getpid()] * n),
-                "decoder": np.repeat(batch["decoder"], n), "error": np.array(errors, dtype=object)}
+            rows, errors = [ClassExtraction(classes[0], 0, 0, 0, 0.0, resumed=False)], [_with_worker_note(err)]
+        return {"extraction": _column(rows), "error": _column(errors)}
 
     def _written(self, k: int) -> list[str]:
         """The store's objects of class k now (what a fault-injection test records; lists the store)."""
-        root = self.store.root
-        return sorted(p.removeprefix(root).lstrip("/") for p in self.store.fs.find(root) if class_stem(k) in p)
+        store = self.run.store
+        return sorted(p.removeprefix(store.root).lstrip("/") for p in store.fs.find(store.root) if class_stem(k) in p)
+
+
+def _column(values: list) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
 
 
 def class_bundles(sizes: Sequence[int], classes: Sequence[int], images: int, workers: int) -> list[list[int]]:
@@ -198,53 +203,51 @@ def class_bundles(sizes: Sequence[int], classes: Sequence[int], images: int, wor
 WORKER_NOTE = "in the extraction worker:\n"
 
 
-def _as_data(err: Exception) -> bytes:
-    """``err`` pickled, with the worker's traceback as a note (pickling drops tracebacks)."""
+def _with_worker_note(err: Exception) -> Exception:
+    """``err`` with the worker's traceback as a note (pickling, on its way back, drops tracebacks)."""
     if not any(note.startswith(WORKER_NOTE) for note in getattr(err, "__notes__", [])):
         err.add_note(WORKER_NOTE + "".join(traceback.format_exception(err)))
     try:
-        return pickle.dumps(err)
+        pickle.dumps(err)
     except Exception:  # noqa: BLE001 - an exception that does not pickle: keep what it said
-        return pickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"))
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err
 
 
-def extract_on_ray(run: PreparedRun, classes: Sequence[int] | None = None,
-                   on_class: Callable[[dict], None] | None = None) -> list[dict]:
-    """Extract ``classes`` (default: all) of a prepared run; returns one small dict per class
-    (``worker`` and ``decoder``: the pids of the actor that forwarded it and of the process that
-    decoded it; classes already complete come back ``resumed`` without any work).
+def extract_features(prepared: Prepared, classes: Sequence[int] | None = None,
+                     on_class: Callable[[ClassExtraction], None] | None = None) -> list[ClassExtraction]:
+    """Extract ``classes`` (default: all) of a prepared run; one :class:`ClassExtraction` per
+    class, in class order (``worker`` and ``decoder``: the pids of the actor that forwarded it and
+    of the process that decoded it; classes already complete come back ``resumed`` without any work).
 
     The classes that had a completion marker when the run's prepare step listed the store (under
-    the run's lease), ``run.done``, are read back and checked; the others are extracted without
-    looking for their markers first (a request per class)."""
-    config = run.config
-    classes = range(len(run.class_names)) if classes is None else classes
-    compute = config.compute
-    out: list[dict] = []
-    todo = list(classes)  # complete classes too: the decode stage checks them where they are read
-    if todo:
-        config_json = config.model_dump_json()
-        initial, largest = extract_pool_bounds(ray.cluster_resources(), cluster_most(), compute.extract_gpus, len(todo),
-                                               compute.max_extract_workers)
-        bundles = class_bundles(run.sizes, todo, compute.batch_size, largest)
-        listed = set(run.done)
-        items = [{"classes": json.dumps(b), "unmarked": json.dumps([k for k in b if k not in listed])} for b in bundles]
-        ds = ray.data.from_items(items, override_num_blocks=len(bundles))
-        ds = ds.map_batches(_decode, fn_kwargs={"config_json": config_json}, batch_size=1, num_cpus=1)
-        ds = ds.map_batches(
-            FeatureExtractor,
-            fn_constructor_kwargs={"config_json": config_json},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=largest, initial_size=initial),
-            num_gpus=compute.extract_gpus,
-            num_cpus=1,
-        )
-        for row in ds.iter_rows():
-            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            error = row.pop("error")
-            if error:
-                raise pickle.loads(error)
-            out.append(row)
-            if on_class is not None:
-                on_class(row)
-    return sorted(out, key=lambda r: r["k"])
+    the run's lease), ``prepared.done``, are read back and checked; the others are extracted
+    without looking for their markers first (a request per class)."""
+    run = prepared.run
+    compute = run.config.compute
+    todo = list(range(len(prepared.class_names)) if classes is None else classes)
+    out: list[ClassExtraction] = []
+    if not todo:
+        return out
+    initial, largest = extract_pool_bounds(ray.cluster_resources(), cluster_most(), compute.extract_gpus, len(todo),
+                                           compute.max_extract_workers)
+    bundles = class_bundles(prepared.sizes, todo, compute.batch_size, largest)
+    listed = set(prepared.done)
+    items = [{"classes": b, "marked": [k in listed for k in b]} for b in bundles]
+    ds = ray.data.from_items(items, override_num_blocks=len(bundles))
+    ds = ds.map_batches(_decode, fn_kwargs={"run": run}, batch_size=1, num_cpus=1)
+    ds = ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={"run": run},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=largest, initial_size=initial),
+        num_gpus=compute.extract_gpus,
+        num_cpus=1,
+    )
+    for row in ds.iter_rows():
+        if row["error"] is not None:
+            raise row["error"]
+        out.append(row["extraction"])
+        if on_class is not None:
+            on_class(row["extraction"])
+    return sorted(out, key=lambda r: r.k)

@@ -22,7 +22,7 @@ from typing import Any
 import botocore.exceptions
 import ray
 
-from protonmf.config import Config
+from protonmf.pipeline import Run
 
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -70,13 +70,13 @@ def worker_env() -> dict[str, str]:
 
 
 @contextmanager
-def ray_session(config: Config):
+def ray_session(run: Run):
     """Use the Ray that is already initialised, else connect (or start a local one) for the block."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         yield
         return
-    address = config.compute.ray_address or os.environ.get("RAY_ADDRESS")
+    address = run.config.compute.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs = {"runtime_env": {"env_vars": worker_env()}, "include_dashboard": False, "log_to_driver": False}
     if address:
         ray.init(address=address, **kwargs)

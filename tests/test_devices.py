@@ -213,28 +213,28 @@ def _store_and_config(tmp_path, **compute):
     return store, config
 
 
-def test_fit_group_fits_on_the_cpu_unless_the_config_gives_gpus(tmp_path, monkeypatch):
-    from protonmf.pipeline.prototype_run import fit_group
+def test_a_group_fits_on_the_cpu_unless_the_config_gives_gpus(tmp_path, monkeypatch):
+    from protonmf.pipeline import Run, fit_prototype_group
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     store, config = _store_and_config(tmp_path, fit_gpus=1)
     with pytest.raises(RuntimeError, match=r"compute\.fit_gpus = 1 but this worker has no CUDA device"):
-        fit_group(config, store, [0, 1])
+        fit_prototype_group(Run(config), [0, 1])
     store, config = _store_and_config(tmp_path / "cpu", fit_gpus=0)
-    done = fit_group(config, store, [0, 1])
+    done = fit_prototype_group(Run(config), [0, 1])
     assert done.classes == [0, 1] and len(done.feature_error[2]) == 2
 
 
 def test_evaluation_and_craft_steps_take_the_extraction_gpus(tmp_path, monkeypatch):
-    from protonmf.pipeline.prototype_run import evaluate_run
+    from protonmf.pipeline import Run, evaluate_prototype_model
     from tasks.craft import _open
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _, config = _store_and_config(tmp_path, extract_gpus=1)
     with pytest.raises(RuntimeError, match=r"compute\.extract_gpus = 1 but this worker has no CUDA device"):
-        evaluate_run(config, source=None)
+        evaluate_prototype_model(Run(config), source=None)
     with pytest.raises(RuntimeError, match=r"compute\.extract_gpus = 1 but this worker has no CUDA device"):
-        _open(config, config.compute.extract_gpus)
+        _open(Run(config), config.compute.extract_gpus)
 
 
 def test_the_command_lines_device_is_checked_before_any_work(monkeypatch, capsys):

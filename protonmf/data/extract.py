@@ -19,8 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -46,9 +45,8 @@ class ClassExtraction:
     n_correct: int  # images the black box classifies as their label
     seconds: float
     resumed: bool  # already complete in the store: nothing was recomputed
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    worker: int = 0  # pid of the process that forwarded it on Ray (0: in the caller's process)
+    decoder: int = 0  # pid of the process that decoded it on Ray (0: in the caller's process)
 
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone
+from protonmf.data.sources import IN_MEMORY_KINDS
 from protonmf.demo.synthetic import make_synthetic_parts
 
 __all__ = [
@@ -154,7 +155,7 @@ def _stream_seed(seed: int, stream: int) -> int:
 
 
 def _config(n_classes, n_train_per_class, n_val_per_class, image_size, seed, epochs, dataset="synthetic") -> dict[str, Any]:
-    if dataset not in ("synthetic", "digits"):
+    if dataset not in IN_MEMORY_KINDS:
         raise ValueError(f"dataset must be 'synthetic' or 'digits', got {dataset!r}")
     if dataset == "digits" and int(n_classes) != 10:
         raise ValueError(f"n_classes must be 10 for the digits, got {n_classes}")

@@ -21,16 +21,21 @@ import numpy as np
 
 from protonmf.config import Config
 from protonmf.data import ImageSource, make_source
+from protonmf.data.sources import IN_MEMORY_KINDS
 from protonmf.data.index import class_sizes, index_table, open_index, read_index, write_index
 from protonmf.data.sources.relabel import relabel_by_name
 from protonmf.data.sources.base import open_fs
 from protonmf.data.sources.shards import fingerprint, list_shards, read_classes_txt, shard_folder
 from protonmf.storage import join, to_fs
 
-__all__ = ["images_per_class", "index_data", "list_split", "make_split_source"]
+__all__ = ["images_per_class", "in_memory", "index_data", "list_split", "make_split_source"]
 
-IN_MEMORY = ("synthetic", "digits")
 SHARDED = {"parquet": ".parquet", "webdataset": ".tar"}
+
+
+def in_memory(config: Config) -> bool:
+    """Whether the run's images are made in memory (synthetic, digits): nothing to list or index."""
+    return config.data.source in IN_MEMORY_KINDS
 
 
 def _root(config: Config, split: str) -> str:
@@ -61,7 +66,7 @@ def list_split(config: Config, split: str, **kwargs: Any) -> ImageSource:
     if data.source == "digits":
         return make_source("digits", name=name, split=split, image_size=data.preprocess.crop, seed=data.seed)
     root = _root(config, split)
-    opts = config.storage.storage_options or None
+    opts = config.storage.options
     if data.source == "cub":
         return make_source("cub", name=name, root=root, split="train" if split == "train" else "test", storage_options=opts)
     classes = data.classes if split == "train" or data.source in SHARDED else None
@@ -80,7 +85,7 @@ def index_data(config: Config) -> Config:
     Sources held in memory (synthetic, digits) have nothing to list: the config is returned as is.
     """
     data = config.data
-    if data.source in IN_MEMORY:
+    if in_memory(config):
         return config
     folder = join(config.storage.features, "index")
     pinned = {"train_index": _index_split(config, "train", folder)}
@@ -90,7 +95,7 @@ def index_data(config: Config) -> Config:
 
 
 def _index_split(config: Config, split: str, folder: str) -> str:
-    opts = config.storage.storage_options or None
+    opts = config.storage.options
     if config.data.source not in SHARDED:
         return write_index(index_table(list_split(config, split), split), folder, storage_options=opts)
     root = _root(config, split)
@@ -111,7 +116,7 @@ def _training_classes(config: Config) -> list[str]:
     if config.data.classes is not None:
         return list(config.data.classes)
     if config.data.train_index:
-        return list(read_index(config.data.train_index, labels=[], storage_options=config.storage.storage_options or None)[1]["classes"])
+        return list(read_index(config.data.train_index, labels=[], storage_options=config.storage.options)[1]["classes"])
     return list(list_split(config, "train").classes)
 
 
@@ -125,9 +130,9 @@ def make_split_source(
     Held-out images are labelled by class name against ``classes`` (default: the training
     classes); a held-out class not among them follows ``data.unknown_val_classes``.
     """
-    opts = config.storage.storage_options or None
+    opts = config.storage.options
     index = config.data.train_index if split == "train" else config.data.val_index
-    if split == "train" or config.data.source in IN_MEMORY:
+    if split == "train" or in_memory(config):
         if index:
             return open_index(index, labels=labels, storage_options=opts)
         source = list_split(config, split)
@@ -153,6 +158,6 @@ def images_per_class(config: Config) -> list[int]:
     """How many training images each class has, in label order: from the dataset index when the
     run's prepare step wrote one (its label column alone), else from the source's records."""
     if config.data.train_index:
-        return class_sizes(config.data.train_index, storage_options=config.storage.storage_options or None)
+        return class_sizes(config.data.train_index, storage_options=config.storage.options)
     source = make_split_source(config, "train")
     return np.bincount(np.array([r.label for r in source.records], dtype=np.int64), minlength=len(source.classes)).tolist()

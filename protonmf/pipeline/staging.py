@@ -1,36 +1,68 @@
 """What makes a run resumable, written once for every artifact a run publishes.
 
-- :func:`run_key`: a stable hash of the settings a result depends on (feature store, fit,
-  concepts); a rerun with the same key reuses what is there.
+- :func:`run_key`: a stable hash of the settings a result depends on; :func:`features_key`,
+  :func:`fit_key` and :func:`craft_key` are the feature store's, the model's and the concepts';
+  a rerun with the same key reuses what is there.
 - :func:`class_groups`: the groups of classes that one worker handles, the unit of staging.
-- :func:`group_stem` / :func:`staging_dir`: where a group's result waits before the merge:
-  ``<artifact URI>.staging/<key[:16]>/g<first>-<last>``.
-- :func:`published_key`: the run key an artifact was published with (None if there is none), so
-  that publishing the same key again is skipped.
-- :func:`run_leases`: one run at a time on the feature store and the artifact a run writes.
+- :class:`Staged`: where each group's result waits before the merge
+  (``<artifact URI>.staging/<key[:16]>/g<first>-<last><suffix>``), one resume marker for every
+  artifact (a group's last file, written last), and the one publish: skipped when the artifact
+  there has the key, else the groups read back, merged, saved, the staging folder removed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
 from protonmf.artifact import current_manifest
 from protonmf.config import Config
-from protonmf.lease import acquire_lease
-from protonmf.storage import join, to_fs
+from protonmf.prototypes.fit import fit_settings
+from protonmf.storage import concurrently, join, read_bytes, to_fs, write_bytes_atomic
 
-__all__ = ["class_groups", "group_stem", "published_key", "run_key", "run_leases", "staging_dir"]
-
+__all__ = ["Staged", "class_groups", "craft_key", "features_key", "fit_key", "group_stem", "run_key"]
 
 def run_key(**parts: Any) -> str:
     """A stable hash of everything ``parts`` holds (JSON with sorted keys; unknown types as str)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def features_key(config: Config, backbone_spec: dict[str, Any], weights_sha256: str, classes: list[str]) -> str:
+    """The feature store's key: the network (its spec and the sha256 of its weights, not the name
+    of their file), the data settings that change features, the classes, the precision."""
+    precision = {} if config.compute.precision == "float32" else {"precision": config.compute.precision}
+    return run_key(
+        backbone=backbone_spec,
+        weights_sha256=weights_sha256,
+        data=config.data.model_dump(exclude=set(config.data.NOT_IN_FEATURES_KEY)),
+        classes=classes,
+        **precision,  # bfloat16 features are other features (float32 keeps the keys of earlier stores)
+    )
+
+
+def fit_settings_of(config: Config) -> dict[str, Any]:
+    """The NMF and head settings of a fit, as the model's manifest records them."""
+    pr = config.prototypes
+    return fit_settings(max_iter=pr.max_iter, tol=pr.tol, seed=pr.seed, nonneg=pr.nonneg, solver=pr.solver,
+                        residual=pr.residual)
+
+
+def fit_key(config: Config, store_key: str) -> str:
+    """The model's key: the features it is fitted on, every p, the fit's settings, the gallery."""
+    pr = config.prototypes
+    return run_key(features=store_key, p=pr.p, settings=fit_settings_of(config), gallery=pr.gallery)
+
+
+def craft_key(config: Config, store_key: str) -> str:
+    """The concept set's key: the features, CRAFT's settings, the held-out images it is measured on."""
+    return run_key(features=store_key, craft=config.craft.model_dump(), val=config.data.val,
+                   val_images=config.data.val_images_per_class)
 
 
 def class_groups(num_classes: int, per_group: int) -> list[list[int]]:
@@ -38,38 +70,83 @@ def class_groups(num_classes: int, per_group: int) -> list[list[int]]:
     return [list(range(s, min(s + per_group, num_classes))) for s in range(0, num_classes, per_group)]
 
 
-def group_stem(classes: list[int]) -> str:
+def group_stem(classes: Sequence[int]) -> str:
     return f"g{classes[0]:05d}-{classes[-1]:05d}"
 
 
-def staging_dir(uri: str, key: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem and the staging folder of the artifact at ``uri`` for the run ``key``."""
-    fs, root = to_fs(uri, storage_options)
-    return fs, join(root.rstrip("/") + ".staging", key[:16])
+@dataclass(frozen=True)
+class Staged:
+    """The staging folder of the artifact at ``uri`` for the run ``key``.
 
-
-def published_key(uri: str, field: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """``settings[field]`` of the current version of the artifact at ``uri``, or None if nothing is published."""
-    manifest = current_manifest(uri, storage_options=storage_options)
-    return None if manifest is None else manifest.get("settings", {}).get(field)
-
-
-@contextmanager
-def run_leases(config: Config, outputs: tuple[str, ...], owner: str | None = None) -> Iterator[dict[str, Any]]:
-    """Hold the leases of ``storage.features`` and of each ``storage.<output>`` (``model``,
-    ``concepts``) for the block; yields the held leases by config key.
-
-    Taken in the order of their URIs, so two runs that need an overlapping pair (a build and a
-    CRAFT run share the store) never each hold one and wait for the other.
+    ``suffixes``: the files each group stages, in the order they are written; the last one is the
+    group's resume marker (a group is complete once it exists), ``field``: the manifest setting
+    that holds the key of a published artifact (``fit_key``, ``craft_key``).
     """
-    s = config.storage
-    keys = sorted({"storage.features": s.features, **{f"storage.{o}": getattr(s, o) for o in outputs}}.items(),
-                  key=lambda kv: kv[1])
-    with ExitStack() as stack:
-        held = {}
-        for name, uri in keys:
-            lease = acquire_lease(uri, name=name, owner=owner, mode=s.lease, seconds=s.lease_seconds,
-                                  timeout=s.lease_timeout, storage_options=s.storage_options or None)
-            stack.callback(lease.release)
-            held[name] = lease
-        yield held
+
+    uri: str
+    key: str
+    field: str
+    suffixes: tuple[str, ...]
+    storage_options: dict[str, Any] | None = None
+
+    @cached_property
+    def _fs_folder(self) -> tuple[AbstractFileSystem, str]:
+        fs, root = to_fs(self.uri, self.storage_options)
+        return fs, join(root.rstrip("/") + ".staging", self.key[:16])
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        return self._fs_folder[0]
+
+    @property
+    def folder(self) -> str:
+        return self._fs_folder[1]
+
+    def path(self, classes: Sequence[int], suffix: str) -> str:
+        return join(self.folder, group_stem(classes) + suffix)
+
+    @property
+    def marker(self) -> str:
+        return self.suffixes[-1]
+
+    def write(self, classes: Sequence[int], files: dict[str, bytes]) -> None:
+        """Stage a group's files (one per suffix), its marker last."""
+        if sorted(files) != sorted(self.suffixes):
+            raise ValueError(f"a staged group holds {list(self.suffixes)}, got {sorted(files)}")
+        for suffix in self.suffixes:
+            write_bytes_atomic(self.fs, self.path(classes, suffix), files[suffix])
+
+    def read(self, classes: Sequence[int], also: Sequence[str] = ()) -> dict[str, bytes] | None:
+        """A complete group's marker and the files ``also`` names, or None if it is not complete.
+
+        The marker is read where it is looked up (one request, not an exists and a read)."""
+        try:
+            files = {self.marker: read_bytes(self.fs, self.path(classes, self.marker))}
+        except FileNotFoundError:
+            return None
+        for suffix in also:
+            files[suffix] = read_bytes(self.fs, self.path(classes, suffix))
+        return files
+
+    def is_published(self) -> bool:
+        """Whether the artifact at ``uri`` was published from this very key."""
+        manifest = current_manifest(self.uri, storage_options=self.storage_options)
+        return manifest is not None and manifest.get("settings", {}).get(self.field) == self.key
+
+    def publish(self, groups: list[list[int]], merge: Callable[[list[dict[str, bytes]]], None], what: str) -> str:
+        """Publish the artifact once: unless it is published from this key already, read every
+        group's files (several at once; a missing group is named with ``what``), ``merge`` them
+        (it saves the artifact, manifest last) and remove the staging folder. Returns ``uri``."""
+        if self.is_published():
+            return self.uri
+
+        def staged(classes: list[int]) -> dict[str, bytes]:
+            files = self.read(classes, also=self.suffixes[:-1])
+            if files is None:
+                raise FileNotFoundError(f"the {what} of classes {classes[0]}–{classes[-1]}: "
+                                        f"{self.path(classes, self.marker)} is missing")
+            return files
+
+        merge(concurrently(staged, groups))
+        self.fs.rm(self.folder, recursive=True)
+        return self.uri

@@ -33,6 +33,7 @@ from protonmf.viz.prototype_figures import (
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import class_of_stem
 from protonmf.viz.png import figure_png, png_data_uri
+from protonmf.viz.summaries import evaluation_tables
 
 __all__ = ["render_craft_page", "render_report"]
 
@@ -179,32 +180,13 @@ def _by_p(table: dict) -> list[tuple[Any, Any]]:
 
 
 def _evaluation_tables(evaluation: dict[str, Any], p: int) -> list[str]:
-    """Accuracy and exactness, Table 3, Table 4 and part localization (when measured)."""
-    parts = ["<h2>Accuracy</h2>" + _table(
-        ["", f"top-1 ({evaluation['n_images']} held-out images)"],
-        [["black box", evaluation["top1_black_box"]], [f"prototype model (p = {p})", evaluation["top1_prototype"]]],
-    ) + f"<p>max |logit difference| {evaluation['max_abs_logit_diff']:.2e} (max |logit| {evaluation['max_abs_logit']:.3f})</p>"]
-    parts.append("<h2>Table 3: which prototypes carry the decision</h2>" + _table(
-        ["p", "NMF only", "residual only", "NMF + residual"],
-        [[q, v["nmf_only"], v["residual_only"], v["augmented"]] for q, v in _by_p(evaluation["table3"])],
-    ))
-    if evaluation.get("intervention"):
-        parts.append("<h2>Table 4: test-time intervention</h2><p class='note'>each wrong prediction loses its "
-                     "predicted class's most important prototype</p>" + _table(
-                         ["p", "top-1 before", "top-1 after", "corrected"],
-                         [[q, v["top1_before"], v["top1_after"], v["fixed"]] for q, v in _by_p(evaluation["intervention"])]))
-    if evaluation.get("localization"):
-        parts.append("<h2>Part localization</h2>" + _table(
-            ["p", "peak on object", "purity", "parts covered", "IoU"],
-            [[q, v["on_object"], v["purity"], v["coverage"], v["iou"]] for q, v in _by_p(evaluation["localization"])]))
-    if evaluation.get("consistency"):
-        con, sta = evaluation["consistency"], evaluation["stability"]
-        parts.append("<h2>Consistency and stability</h2><p class='note'>% of prototypes (Huang et al. 2023): a "
-                     "prototype is consistent if one part falls in the 72 px box (at 224 px) around its peak in "
-                     "≥ 80% of its class's images where the part is visible; stable: share of images whose parts "
-                     "in the box are unchanged under noise</p>" + _table(
-                         ["p", "consistency (presence, eq. 9)", "stability (presence)", "consistency (F·p̃ᵀ)", "stability (F·p̃ᵀ)"],
-                         [[q, v["presence"], sta[q]["presence"], v["activation"], sta[q]["activation"]] for q, v in _by_p(con)]))
+    """Accuracy and exactness, Table 3, Table 4, part localization and consistency and stability
+    (when measured): :func:`~protonmf.viz.summaries.evaluation_tables`, each with its heading."""
+    parts = []
+    for t in evaluation_tables(evaluation, p):
+        note = f"<p class='note'>{t.note}</p>" if t.note else ""
+        footer = f"<p>{t.footer}</p>" if t.footer else ""
+        parts.append(f"<h2>{t.heading}</h2>{note}{_table(t.header, t.rows)}{footer}")
     return parts
 
 

@@ -12,7 +12,7 @@ from protonmf.data import make_source
 from protonmf.data import index as index_module
 from protonmf.data.index import index_table, open_index, read_index, write_index
 from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
-from protonmf.pipeline.prototype_run import index_data, make_split_source
+from protonmf.pipeline import index_data, make_split_source
 
 
 @pytest.fixture

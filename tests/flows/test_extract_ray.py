@@ -85,20 +85,21 @@ def prepared(cluster, bucket, tmp_path_factory):
 
 
 def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster, bucket, prepared, tmp_path):
-    from protonmf.pipeline.prototype_run import extract_group, make_split_source, prepare_store, resolve_backbone
-    from tasks.extract import extract_on_ray
-    from tasks.prepare import prepare_on_ray
+    from protonmf import pipeline
+    from protonmf.pipeline import Run, prepare_store, resolve_backbone
+    from tasks.extract import extract_features
+    from tasks.prepare import prepare_run
 
     tree = prepared
     start = len(S3_REQUESTS)
-    prepared = prepare_on_ray(parse_config(tree))
-    config, done = prepared.config, prepared.done
+    prepared = prepare_run(Run(parse_config(tree)))
+    config, done = prepared.run.config, prepared.done
     # one LIST of the whole tree (a single page here) and one of its top level (empty class folders)
     assert s3_lists(start, bucket, "data/train") == 2
     assert config.data.train_index.startswith(f"s3://{bucket}/features/index/train-") and done == []
 
     start = len(S3_REQUESTS)
-    rows = extract_on_ray(prepared)
+    rows = extract_features(prepared)
     assert s3_lists(start, bucket, "data") == 0  # decode tasks read their classes' index rows, no listing
     # Per class, given prepare's listing of the markers: its 5 images read, and 4 objects written
     # (array metadata, chunk, record table, marker); no request for a marker or an array not there.
@@ -106,19 +107,19 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
     assert sorted(m for m, path in per_class if "/done/" in path) == ["PUT"] * N_CLASSES
     assert sorted(m for m, path in per_class if "/data/train/" in path) == ["GET"] * 5 * N_CLASSES
     assert sorted(m for m, path in per_class if "/features/c00" in path or "/tables/c00" in path) == ["PUT"] * 3 * N_CLASSES
-    assert [r["n_images"] for r in rows] == [5] * N_CLASSES and not any(r["resumed"] for r in rows)
-    assert len({r["worker"] for r in rows}) == N_CPUS  # the pool grew to one actor per CPU, and both worked
-    assert all(r["decoder"] == r["worker"] for r in rows)  # on CPUs Ray Data fuses decoding into the actors
+    assert [r.n_images for r in rows] == [5] * N_CLASSES and not any(r.resumed for r in rows)
+    assert len({r.worker for r in rows}) == N_CPUS  # the pool grew to one actor per CPU, and both worked
+    assert all(r.decoder == r.worker for r in rows)  # on CPUs Ray Data fuses decoding into the actors
 
     # the same features as one process extracting from a listing (one thread: the actors' own count)
     local = parse_config({**tree, "storage": {"features": str(tmp_path / "features"), "model": str(tmp_path / "m")}})
-    local, backbone = resolve_backbone(local.model_copy(update={"backbone": config.backbone}))
-    source = make_split_source(local, "train")
-    store = prepare_store(local, backbone, source)
+    local, backbone = resolve_backbone(Run(local.model_copy(update={"backbone": config.backbone})))
+    source = local.source("train")
+    store = prepare_store(local, backbone, list(source.classes))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        extract_group(local, backbone, source, store, list(range(N_CLASSES)), workers=0)
+        pipeline.extract_features(local, list(range(N_CLASSES)), workers=0)
     finally:
         torch.set_num_threads(threads)
     remote = FeatureStore.open(config.storage.features)
@@ -127,27 +128,28 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
     same = ["image_id", "label", "row", "pred", "top_classes", "top_logits", "skipped"]
     assert remote.read_records().select(same).equals(store.read_records().select(same))
 
-    again = extract_on_ray(prepare_on_ray(parse_config(tree)))  # a rerun: every class checked where it is read, none redone
-    assert all(r["resumed"] and r["n_images"] == 0 for r in again)
+    again = extract_features(prepare_run(Run(parse_config(tree))))  # a rerun: every class checked where it is read, none redone
+    assert all(r.resumed and r.n_images == 0 for r in again)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a step given GPUs needs CUDA (protonmf.devices.step_device)")
 def test_gpu_actors_take_classes_decoded_by_separate_cpu_tasks(cluster, bucket, prepared):
     """extract_gpus > 0: decode tasks (CPU) stream into the GPU actors, two Ray Data operators, and
     the features are those of the CPU pipeline to the bit."""
-    from tasks.extract import extract_on_ray
-    from tasks.prepare import prepare_on_ray
+    from protonmf.pipeline import Run
+    from tasks.extract import extract_features
+    from tasks.prepare import prepare_run
 
     tree = {**prepared, "compute": {"batch_size": 4, "extract_gpus": 1},
             "storage": {"features": f"s3://{bucket}/gpu/features", "model": f"s3://{bucket}/gpu/model"}}
     cpu = FeatureStore.open(f"s3://{bucket}/features")
-    pinned = prepare_on_ray(parse_config(prepared)).config  # the CPU run's weights, pinned by its prepare
-    run = prepare_on_ray(parse_config(tree).model_copy(update={"backbone": parse_config(tree).backbone.model_copy(
-        update={"weights": pinned.backbone.weights})}))
-    config = run.config
-    rows = extract_on_ray(run)
-    assert len({r["worker"] for r in rows}) == 1  # one GPU: one actor
-    assert not {r["decoder"] for r in rows} & {r["worker"] for r in rows}  # decoded in other processes
+    pinned = prepare_run(Run(parse_config(prepared))).run.config  # the CPU run's weights, pinned by its prepare
+    run = prepare_run(Run(parse_config(tree).model_copy(update={"backbone": parse_config(tree).backbone.model_copy(
+        update={"weights": pinned.backbone.weights})})))
+    config = run.run.config
+    rows = extract_features(run)
+    assert len({r.worker for r in rows}) == 1  # one GPU: one actor
+    assert not {r.decoder for r in rows} & {r.worker for r in rows}  # decoded in other processes
     gpu = FeatureStore.open(config.storage.features)
     for k in range(N_CLASSES):
         assert torch.equal(gpu.read_class(k), cpu.read_class(k)), k
@@ -161,27 +163,28 @@ def test_evaluation_shards_read_the_val_index_on_a_pool_and_list_nothing(cluster
     from protonmf import PrototypeModel
     from protonmf.data import ImageFolderSource
     from protonmf.evaluation.held_out import evaluate_model
-    from protonmf.pipeline.prototype_run import make_preprocess
-    from protonmf.pipeline.staging import class_groups
-    from tasks.extract import extract_on_ray
-    from tasks.fit import fit_on_ray
-    from tasks.prepare import prepare_on_ray
-    from tasks.publish_and_evaluate import evaluate_on_ray, publish_on_ray
+    from protonmf.pipeline import Run, class_groups
+    from tasks.evaluate import evaluate_prototype_model
+    from tasks.extract import extract_features
+    from tasks.fit import fit_prototype_groups
+    from tasks.prepare import prepare_run
+    from tasks.publish import publish_prototype_model
 
     write_image_folder(make_synthetic_parts(N_CLASSES, 3, image_size=64, seed=1), tmp_path / "val")
     s3fs.S3FileSystem(skip_instance_cache=True).put(str(tmp_path / "val"), f"{bucket}/data/val", recursive=True)
     tree = {**prepared, "data": {**prepared["data"], "val": f"s3://{bucket}/data/val"},
             "storage": {**prepared["storage"], "model": f"s3://{bucket}/evaluated/model"},
             "evaluation": {"shard_images": 4, "report": False, "reconstruction_classes": 0}}
-    run = prepare_on_ray(parse_config(tree))  # the features of the extraction test (val is not in their key)
+    prepared_run = prepare_run(Run(parse_config(tree)))  # the features of the extraction test (val is not in their key)
+    run = prepared_run.run
     config = run.config
     assert config.data.val_index.startswith(f"s3://{bucket}/features/index/val-")
-    extract_on_ray(run)
-    fit_on_ray(config, class_groups(N_CLASSES, config.prototypes.classes_per_task))
-    publish_on_ray(config)
+    extract_features(prepared_run)
+    fit_prototype_groups(run, class_groups(N_CLASSES, config.prototypes.classes_per_task))
+    publish_prototype_model(run)
 
     start = len(S3_REQUESTS)
-    ev, shards = evaluate_on_ray(config)
+    ev, shards = evaluate_prototype_model(run)
     assert s3_lists(start, bucket, "data") == 0  # the actors read the val index, never a listing
     assert [(s["start"], s["stop"], s["n_images"]) for s in shards] == [(0, 4, 4), (4, 8, 4), (8, 12, 4)]
     assert len({s["worker"] for s in shards}) == N_CPUS
@@ -190,7 +193,7 @@ def test_evaluation_shards_read_the_val_index_on_a_pool_and_list_nothing(cluster
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors' own count: the same arithmetic
     try:
-        local = evaluate_model(model, ImageFolderSource(str(tmp_path / "val")), make_preprocess(config),
+        local = evaluate_model(model, ImageFolderSource(str(tmp_path / "val")), run.preprocess,
                                batch_size=config.compute.batch_size, workers=0)
     finally:
         torch.set_num_threads(threads)

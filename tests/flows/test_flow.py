@@ -101,13 +101,14 @@ def task_attempts(flow_run_id) -> dict[str, int]:
 
 def extracted(config, classes):
     """A run stopped after extracting ``classes``: the prepared (pinned) config."""
-    from tasks.extract import extract_on_ray
-    from tasks.prepare import prepare_on_ray
+    from protonmf.pipeline import Run
+    from tasks.extract import extract_features
+    from tasks.prepare import prepare_run
 
-    run = prepare_on_ray(parse_config(config))
+    prepared = prepare_run(Run(parse_config(config)))
     if classes:
-        extract_on_ray(run, list(classes))
-    return run.config
+        extract_features(prepared, list(classes))
+    return prepared.run.config
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +132,11 @@ def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runti
     assert [(s["start"], s["stop"], s["n_images"], s["n_skipped"]) for s in shards] == [(0, 8, 8, 0), (8, 16, 8, 0), (16, 20, 4, 0)]
     workers = {s["worker"] for s in shards}
     assert len(workers) == 2 and os.getpid() not in workers  # a pool of one actor per CPU, both evaluated images
-    from tasks.publish_and_evaluate import evaluate_on_ray
+    from protonmf.pipeline import Run
+    from tasks.evaluate import evaluate_prototype_model
 
     one_task = parse_config(tree(bucket, "e2e", evaluation__shard_images=1000, evaluation__report=False))
-    single, (only,) = evaluate_on_ray(one_task)  # every image in one shard, as the evaluation ran before
+    single, (only,) = evaluate_prototype_model(Run(one_task))  # every image in one shard, as the evaluation ran before
     assert only["n_images"] == N_CLASSES * 5 and "report" not in single
     assert single == same(ev)  # the very same JSON, every number to the bit
     assert ev["top1_prototype"] == ev["top1_black_box"]
@@ -167,14 +169,14 @@ def assert_same_prototypes(uri, reference_uri):
 
 
 def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference):
-    from protonmf.pipeline.staging import class_groups
-    from tasks.fit import fit_on_ray
+    from protonmf.pipeline import Run, class_groups
+    from tasks.fit import fit_prototype_groups
 
     assert reference["work"] == {"classes_extracted": N_CLASSES, "groups_fitted": 2}
     # A run that stopped mid-way: two classes extracted, one group of classes fitted, no model.
     config = tree(bucket, "resumed")
     pinned = extracted(config, [0, 1])
-    fit_on_ray(pinned, class_groups(N_CLASSES, 2)[:1])
+    fit_prototype_groups(Run(pinned), class_groups(N_CLASSES, 2)[:1])
 
     result = run(config)
     assert result["work"] == {"classes_extracted": 2, "groups_fitted": 1}  # only what was missing
@@ -250,8 +252,9 @@ def test_a_deterministic_error_in_a_ray_task_is_attempted_once(runtime, bucket, 
     from prefect import flow
 
     from flows.build import fit_prototype_groups
-    from flows.shared import retrying
+    from flows.shared import with_retries
     from protonmf.data.store import StoreError
+    from protonmf.pipeline import Run
 
     config = tree(bucket, "unextracted", prototypes__classes_per_task=N_CLASSES)  # one group, one Ray task
     pinned = extracted(config, ())
@@ -259,7 +262,8 @@ def test_a_deterministic_error_in_a_ray_task_is_attempted_once(runtime, bucket, 
 
     @flow
     def fit_only():
-        return retrying(fit_prototype_groups, pinned)(pinned, N_CLASSES)
+        pinned_run = Run(pinned)
+        return with_retries(pinned_run, fit_prototype_groups)[0](pinned_run, N_CLASSES)
 
     attempt_log.write_text("")
     state = fit_only(return_state=True)
@@ -276,9 +280,10 @@ def test_prefect_retries_what_can_heal_and_nothing_else(runtime):
     import ray
     from prefect import flow
 
-    from flows.shared import retrying, step
+    from flows.shared import step, with_retries
     from protonmf.config import Config
     from protonmf.data.store import StoreError
+    from protonmf.pipeline import Run
 
     wrapped = ray.exceptions.RayTaskError("fit_group_task", "traceback", StoreError("class 0 is damaged")).as_instanceof_cause()
     errors = {"lost connection": ConnectionResetError("connection reset by peer"), "damaged store": wrapped}
@@ -293,7 +298,7 @@ def test_prefect_retries_what_can_heal_and_nothing_else(runtime):
 
     @flow
     def attempt(which: str):
-        return retrying(flaky, Config()).with_options(retry_delay_seconds=0)(which)
+        return with_retries(Run(Config()), flaky)[0].with_options(retry_delay_seconds=0)(which)
 
     healed = attempt("lost connection", return_state=True)
     assert healed.result() == "done" and len(calls) == 2

@@ -171,7 +171,7 @@ def test_flow_runs_every_task_on_the_worker_node_of_an_authenticated_cluster(clu
     ran += [(t["func_or_class_name"].split(".")[0], t["node_id"]) for t in tasks
             if t["type"] == "NORMAL_TASK" or (t["type"] == "ACTOR_TASK" and t["actor_id"] in working)]
     assert {name for name, node in ran if node != worker} == set(), ran
-    assert {"_prepare", "_fit_group", "_publish", "HeldOutEvaluator", "_finish",
+    assert {"_prepare_run", "_fit_prototype_group", "_publish_prototype_model", "HeldOutEvaluator", "_finish",
             "MapWorker(MapBatches(_decode)->MapBatches(FeatureExtractor))"} <= {name for name, _ in ran}
     bookkeeping = {(a["class_name"], a["node_id"]) for a in actors if not a["required_resources"]}
     assert bookkeeping <= {(name, head) for name in RAY_DATA_BOOKKEEPING}, bookkeeping

@@ -8,7 +8,7 @@ import torch
 from protonmf import BackboneSpec, build_backbone
 from protonmf.config import parse_config
 from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
-from protonmf.pipeline.prototype_run import index_data, make_split_source, prepare_store
+from protonmf.pipeline import Run, index_data, make_split_source, prepare_store
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def config(tmp_path, **data):
 def prepare(cfg, backbone):
     """As the run's prepare step does it: the data listed once into its index, then the store."""
     cfg = index_data(cfg)
-    return prepare_store(cfg, backbone, make_split_source(cfg, "train", labels=[]))
+    return prepare_store(Run(cfg), backbone, list(make_split_source(cfg, "train", labels=[]).classes))
 
 
 def test_p_above_the_feature_dimension(folders, backbone):

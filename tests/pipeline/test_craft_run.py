@@ -11,9 +11,10 @@ from PIL import Image
 from protonmf.artifact import ArtifactError, list_versions
 from protonmf.config import parse_config
 from protonmf.craft.artifact import ConceptSet
-from protonmf.pipeline.craft_run import craft_group, predicted_images, publish_concepts
-from protonmf.pipeline.staging import class_groups
-from protonmf.pipeline.prototype_run import extract_group, make_split_source, prepare_store, resolve_backbone
+from protonmf.pipeline import (
+    Run, class_groups, extract_features, learn_concept_group, plan_concept_images, prepare_store, publish_concept_set,
+    resolve_backbone,
+)
 from protonmf.storage import read_bytes, to_fs
 
 
@@ -29,13 +30,13 @@ def run(tmp_path_factory):
         "craft": {"n_concepts": 3, "crop": 32, "stride": 16, "n_design": 8, "sub_layers": ["layer2"], "sub_concepts": 2,
                   "recurse": 1, "classes_per_task": 2, "figure_classes": 1, "top_crops": 4, "max_iter": 50},
     })
-    config, backbone = resolve_backbone(config)
-    train, val = make_split_source(config, "train"), make_split_source(config, "val")
-    store = prepare_store(config, backbone, train)
-    extract_group(config, backbone, train, store, [0, 1, 2], workers=0)
-    plan = predicted_images(config, store)
-    groups = [craft_group(config, backbone, store, plan, g, train, val) for g in class_groups(3, 2)]
-    return config, backbone, store, plan, groups, train, val
+    run, backbone = resolve_backbone(Run(config))
+    train, val = run.source("train"), run.source("val")
+    store = prepare_store(run, backbone, list(train.classes))
+    extract_features(run, [0, 1, 2], workers=0)
+    plan = plan_concept_images(run)
+    groups = [learn_concept_group(run, backbone, plan, g, train, val) for g in class_groups(3, 2)]
+    return run.config, backbone, store, plan, groups, train, val
 
 
 def test_plan_takes_the_predicted_images_most_confident_first(run):
@@ -52,9 +53,9 @@ def test_plan_takes_the_predicted_images_most_confident_first(run):
 def test_groups_resume_and_publish_round_trips(run):
     config, backbone, store, plan, groups, train, val = run
     assert [g["resumed"] for g in groups] == [False, False]
-    again = craft_group(config, backbone, store, plan, [0, 1], train, val)
+    again = learn_concept_group(Run(config), backbone, plan, [0, 1], train, val)
     assert again["resumed"] and again["info"] == json.loads(json.dumps(groups[0]["info"]))
-    uri = publish_concepts(config, backbone, store, train, val)
+    uri = publish_concept_set(Run(config), backbone, train, val)
     fs, root = to_fs(uri)
     assert fs.ls(root + ".staging") == []  # the run's staged groups are removed once published
     cs = ConceptSet.load(uri)
@@ -94,7 +95,7 @@ def test_groups_resume_and_publish_round_trips(run):
     assert "Fidelity in concept space" in page and "Concept localization against part masks" in page
     assert sorted(re.findall(r'src="([^"]+)"', page)) == sorted(pngs)  # every figure shown, each one there
     before = fs.info(f"{root}/manifest.json")["mtime"]
-    assert publish_concepts(config, backbone, store, train, val) == uri  # same key: kept as it is
+    assert publish_concept_set(Run(config), backbone, train, val) == uri  # same key: kept as it is
     assert fs.info(f"{root}/manifest.json")["mtime"] == before
     assert list_versions(uri) == [manifest["version"]]  # nothing republished
     with open(f"{root}/classes.json", "ab") as f:
@@ -108,4 +109,5 @@ def test_a_stored_image_that_disappeared_is_named(run):
     k = next(k for k, v in plan.items() if v)
     bad = {k: [{**plan[k][0], "image_id": "nope/none.png"}]}
     with pytest.raises(ValueError, match="image 'nope/none.png' of the feature store is no longer in the data"):
-        craft_group(config.model_copy(update={"craft": config.craft.model_copy(update={"seed": 7})}), backbone, store, bad, [k], train, val)
+        learn_concept_group(Run(config.model_copy(update={"craft": config.craft.model_copy(update={"seed": 7})})), backbone, bad, [k], train,
+                            val)

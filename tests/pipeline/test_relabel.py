@@ -12,7 +12,7 @@ from protonmf.config import parse_config
 from protonmf.data import Preprocess, make_source
 from protonmf.data.sources.relabel import RelabeledSource, relabel_by_name
 from protonmf.demo.synthetic import write_image_folder
-from protonmf.pipeline.prototype_run import index_data, make_split_source
+from protonmf.pipeline import index_data, make_split_source
 
 PRE = {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
 

@@ -8,7 +8,14 @@ from protonmf import BackboneSpec, build_backbone
 from protonmf.backbones import weights_sha256
 from protonmf.config import parse_config
 from protonmf.data.store import StoreError
-from protonmf.pipeline.prototype_run import load_backbone, make_split_source, prepare_store, resolve_backbone
+from protonmf.pipeline import Run, load_backbone, make_split_source, prepare_store
+from protonmf.pipeline import resolve_backbone as resolve_run_backbone
+
+
+def resolve_backbone(config):
+    """(the pinned config, the backbone loaded)."""
+    run, backbone = resolve_run_backbone(Run(config))
+    return run.config, backbone
 
 
 def _checkpoint(path, seed):
@@ -41,13 +48,13 @@ def test_a_checkpoint_overwritten_at_the_same_path_never_reuses_its_features(tmp
     ckpt = tmp_path / "ckpt.safetensors"
     first = _checkpoint(ckpt, seed=0)
     pinned, backbone = resolve_backbone(_config(tmp_path, str(ckpt)))
-    prepare_store(pinned, backbone, make_split_source(pinned, "train"))
+    prepare_store(Run(pinned), backbone, list(make_split_source(pinned, "train").classes))
     second = _checkpoint(ckpt, seed=1)  # a retrained network, saved over the old file
     assert second != first
     pinned2, backbone2 = resolve_backbone(_config(tmp_path, str(ckpt)))
     assert pinned2.backbone.weights.endswith(f"/weights/{second}.safetensors")
     with pytest.raises(StoreError, match="was made with other settings"):
-        prepare_store(pinned2, backbone2, make_split_source(pinned2, "train"))
+        prepare_store(Run(pinned2), backbone2, list(make_split_source(pinned2, "train").classes))
     # the first run's workers still load the network the first run started with
     assert weights_sha256(load_backbone(pinned).model) == first
 

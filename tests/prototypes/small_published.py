@@ -2,10 +2,9 @@
 prepare → extract → fit (staged groups) → publish. Its model has a gallery."""
 
 from protonmf.config import parse_config
-from protonmf.pipeline.prototype_run import (
-    extract_group, fit_group, make_split_source, prepare_store, publish_model, resolve_backbone,
+from protonmf.pipeline import (
+    Run, class_groups, extract_features, fit_prototype_group, prepare_store, publish_prototype_model, resolve_backbone,
 )
-from protonmf.pipeline.staging import class_groups
 
 N_CLASSES = 3
 
@@ -23,9 +22,8 @@ def small_config(root, **prototypes):
 
 def published_run(root, **prototypes):
     """(config, store, the GroupFits of the first fit, the model URI)."""
-    config, backbone = resolve_backbone(small_config(root, **prototypes))
-    train = make_split_source(config, "train")
-    store = prepare_store(config, backbone, train)
-    extract_group(config, backbone, train, store, list(range(N_CLASSES)), workers=0)
-    fits = [fit_group(config, store, g) for g in class_groups(N_CLASSES, config.prototypes.classes_per_task)]
-    return config, store, fits, publish_model(config, backbone, store)
+    run, backbone = resolve_backbone(Run(small_config(root, **prototypes)))
+    store = prepare_store(run, backbone, list(run.source("train").classes))
+    extract_features(run, list(range(N_CLASSES)), workers=0)
+    fits = [fit_prototype_group(run, g) for g in class_groups(N_CLASSES, run.config.prototypes.classes_per_task)]
+    return run.config, store, fits, publish_prototype_model(run)

@@ -49,7 +49,7 @@ def test_a_rows_image_box_and_pixels_are_its_feature_cell(run):
     h, w = store.grid
     cell = row["row"] % (h * w)
     assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (8 * (cell % w), 8 * (cell // w), 8 * (cell % w) + 8, 8 * (cell // w) + 8)
-    from protonmf.pipeline.prototype_run import make_split_source
+    from protonmf.pipeline import make_split_source
 
     source = make_split_source(config, "train", labels=[row["class_idx"]])
     img = np.asarray(source.load(next(r for r in source.records if r.image_id == row["image_id"]))[0])
@@ -92,29 +92,27 @@ def test_a_cell_maps_back_through_resize_and_centre_crop_by_hand():
 
 
 def test_a_rerun_resumes_the_staged_gallery_and_a_refit_publishes_its_own(run, tmp_path):
-    from protonmf.pipeline.prototype_run import fit_group, fit_key, publish_model, resolve_backbone
-    from protonmf.pipeline.staging import staging_dir
+    from protonmf.pipeline import Run, fit_prototype_group, publish_prototype_model
 
     config, store, fits, uri = run
     assert not any(f.resumed for f in fits)
     # A run that stopped after fitting: the staged gallery is read again, not recomputed.
-    config2 = config.model_copy(update={"storage": config.storage.model_copy(update={"model": str(tmp_path / "m2")})})
-    fit_group(config2, store, [0, 1])
-    fs, staging = staging_dir(config2.storage.model, fit_key(config2, store))
+    run2 = Run(config.model_copy(update={"storage": config.storage.model_copy(update={"model": str(tmp_path / "m2")})}))
+    fit_prototype_group(run2, [0, 1])
+    fs, staging = run2.fit.fs, run2.fit.folder
     staged = {p: fs.info(p)["mtime"] for p in fs.ls(staging, detail=False)}
     assert len(staged) == 2  # the group's fit and its gallery
-    again = fit_group(config2, store, [0, 1])
+    again = fit_prototype_group(run2, [0, 1])
     assert again.resumed and {p: fs.info(p)["mtime"] for p in fs.ls(staging, detail=False)} == staged
-    fit_group(config2, store, [2])
-    _, backbone = resolve_backbone(config2)
-    publish_model(config2, backbone, store)
+    fit_prototype_group(run2, [2])
+    publish_prototype_model(run2)
     assert PrototypeModel.load(str(tmp_path / "m2")).gallery(3).equals(PrototypeModel.load(uri).gallery(3))
     # Another gallery size is another fit key: refit, and the published gallery follows it.
-    config3 = config2.model_copy(update={"prototypes": config2.prototypes.model_copy(update={"gallery": 2})})
-    assert fit_key(config3, store) != fit_key(config2, store)
+    run3 = Run(run2.config.model_copy(update={"prototypes": run2.config.prototypes.model_copy(update={"gallery": 2})}))
+    assert run3.fit.key != run2.fit.key
     for g in ([0, 1], [2]):
-        assert not fit_group(config3, store, g).resumed
-    publish_model(config3, backbone, store)
+        assert not fit_prototype_group(run3, g).resumed
+    publish_prototype_model(run3)
     small = PrototypeModel.load(str(tmp_path / "m2")).gallery(3)
     assert small.num_rows == N_CLASSES * 3 * 2 and set(small["rank"].to_pylist()) == {0, 1}
     assert PrototypeModel.load(str(tmp_path / "m2")).settings["gallery"] == 2
@@ -140,7 +138,7 @@ def test_explain_draws_each_prototype_beside_its_gallery(run, tmp_path):
     import json
 
     from flows.cli import main
-    from protonmf.pipeline.prototype_run import make_split_source
+    from protonmf.pipeline import make_split_source
     from protonmf.viz.prototype_figures import PROTOTYPE_COLORS
 
     config, _, _, uri = run
@@ -165,7 +163,7 @@ def test_a_fit_reads_the_record_tables_only_for_its_gallery(run, tmp_path, monke
     """The gallery names images by their records; without it a fit reads each class's marker and
     chunks only (on S3 a request per class fewer), and its prototypes are the same."""
     from protonmf.data.store import FeatureStore
-    from protonmf.pipeline.prototype_run import fit_group
+    from protonmf.pipeline import Run, fit_prototype_group
 
     config, store, _, uri = run
     tables: list[int] = []
@@ -176,6 +174,6 @@ def test_a_fit_reads_the_record_tables_only_for_its_gallery(run, tmp_path, monke
         update = {"prototypes": config.prototypes.model_copy(update={"gallery": gallery}),
                   "storage": config.storage.model_copy(update={"model": str(tmp_path / f"m{gallery}")})}
         tables.clear()
-        fits[gallery] = fit_group(config.model_copy(update=update), store, [0, 1, 2])
+        fits[gallery] = fit_prototype_group(Run(config.model_copy(update=update)), [0, 1, 2])
         assert sorted(tables) == ([] if gallery == 0 else [0, 1, 2]), gallery
     assert fits[0].feature_error == fits[2].feature_error and fits[0].n_iter == fits[2].n_iter

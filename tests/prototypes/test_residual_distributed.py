@@ -60,7 +60,7 @@ def test_manifest_records_the_distributed_residual(tmp_path, resnet, resnet_data
 
 
 def test_only_the_distributed_residual_changes_the_fit_settings_and_key():
-    from protonmf.pipeline.prototype_run import _settings
+    from protonmf.pipeline.staging import fit_settings_of as _settings
 
     assert fit_settings(residual="equal") == fit_settings() and "residual" not in fit_settings()
     assert fit_settings(residual="distributed") == {**fit_settings(), "residual": "distributed"}

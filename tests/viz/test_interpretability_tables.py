@@ -1,6 +1,6 @@
 """Consistency and stability reach the HTML report and the flow's run summary, with their numbers."""
 
-from flows.build import _interpretability_table
+from protonmf.viz.summaries import interpretability_markdown as _interpretability_table
 from protonmf.viz.report import _evaluation_tables
 
 EVALUATION = {

@@ -14,8 +14,11 @@ from protonmf.data.sources.webdataset import WebDatasetSource
 
 __all__ = [
     "SOURCE_KINDS", "CUBSource", "DigitsSource", "ImageFolderSource", "ImageSource", "ParquetSource", "WebDatasetSource",
-    "make_source",
+    "IN_MEMORY_KINDS", "make_source",
 ]
+
+#: Kinds whose images are made in memory (nothing to list or index, nothing read from storage).
+IN_MEMORY_KINDS = ("synthetic", "digits")
 
 SOURCE_KINDS: dict[str, type[ImageSource]] = {
     "imagefolder": ImageFolderSource,

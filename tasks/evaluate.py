@@ -1,11 +1,9 @@
-"""Merge and publish, and evaluate, as Ray tasks: they run where the storage and GPUs are.
-
-Evaluation is spread over the cluster like the extraction:
+"""Step 5 on Ray: the evaluation, spread over the cluster like the extraction:
 
     held-out records ──▶ shards ──▶ HeldOutEvaluator actors (a pool) ──▶ merged statistics ──▶ finish task
 
 - the held-out records (read from the run's dataset index, never listed) are cut into contiguous
-  shards of ``evaluation.shard_images`` records (:func:`~protonmf.pipeline.prototype_run.evaluation_shards`);
+  shards of ``evaluation.shard_images`` records (:func:`~protonmf.pipeline.evaluation_shards`);
 - a pool of **HeldOutEvaluator** actors, each loading the published model and the held-out source
   once (``num_gpus=compute.extract_gpus``), as many as the cluster holds now
   (:func:`tasks.extract.extract_pool_size`), measures the shards, a free actor taking the next one;
@@ -17,65 +15,44 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.util import ActorPool
 
-from protonmf.config import Config
-from protonmf.data.store import FeatureStore
+from protonmf import pipeline
 from protonmf.evaluation.held_out import HeldOutStats, merge_held_out
-from protonmf.pipeline.prototype_run import (
-    evaluate_run,
-    evaluate_shard,
-    evaluation_shards,
-    load_backbone,
-    load_published_model,
-    make_split_source,
-    publish_model,
-)
+from protonmf.pipeline import Run
 from tasks.extract import extract_pool_size
-
-
-@ray.remote(max_retries=2)
-def _publish(config_json: str) -> str:
-    config = Config.model_validate_json(config_json)
-    store = FeatureStore.open(config.storage.features, storage_options=config.storage.storage_options or None)
-    return publish_model(config, load_backbone(config), store)
 
 
 class HeldOutEvaluator:
     """An actor: ``__init__`` loads the published model and the held-out source (its index rows)
     once, :meth:`evaluate` measures one shard of the records."""
 
-    def __init__(self, config_json: str):
+    def __init__(self, run: Run):
         self.failed: Exception | None = None
+        self.run = run
         try:
-            self.config = Config.model_validate_json(config_json)
-            self.model = load_published_model(self.config)
-            self.source = make_split_source(self.config, "val")
+            self.model = pipeline.load_published_model(run)
+            self.source = run.source("val")
         except Exception as err:  # noqa: BLE001 - raised by evaluate, where it keeps its type (a dead actor would not)
             self.failed = err
 
     def evaluate(self, start: int, stop: int) -> tuple[HeldOutStats, dict]:
         if self.failed is not None:
             raise self.failed
-        stats = evaluate_shard(self.config, self.model, self.source, start, stop)
+        stats = pipeline.evaluate_shard(self.run, self.model, self.source, start, stop)
         return stats, {"start": start, "stop": stop, "n_images": stats.n_images, "n_skipped": stats.n_skipped,
                        "worker": os.getpid()}
 
 
 @ray.remote(max_retries=2)
-def _finish(config_json: str, stats: HeldOutStats) -> dict:
-    config = Config.model_validate_json(config_json)
-    return evaluate_run(config, make_split_source(config, "val"), stats)
+def _finish(run: Run, stats: HeldOutStats) -> dict:
+    return pipeline.evaluate_prototype_model(run, run.source("val"), stats)
 
 
-def publish_on_ray(config: Config) -> str:
-    """Merge the staged groups into the model artifact; its URI."""
-    return ray.get(_publish.remote(config.model_dump_json()))
-
-
-def evaluate_on_ray(config: Config, on_shard: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+def evaluate_prototype_model(run: Run, on_shard: Callable[[dict], None] | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate the published model on the held-out images, shard by shard on a pool of actors,
     and write its report.
 
@@ -84,19 +61,19 @@ def evaluate_on_ray(config: Config, on_shard: Callable[[dict], None] | None = No
     ``n_images``, ``n_skipped`` and ``worker`` (the pid of the actor that measured it);
     ``on_shard`` is called with each row as it comes (progress).
     """
-    compute = config.compute
-    config_json = config.model_dump_json()
-    source = make_split_source(config, "val")  # from the index: the records' count, nothing listed
-    shards = evaluation_shards(config, len(source.records))
+    compute = run.config.compute
+    source = run.source("val")  # from the index: the records' count, nothing listed
+    shards = pipeline.evaluation_shards(run, len(source.records))
     if not shards:
         raise ValueError(f"evaluation: no held-out images in {source!r}")
+    ref = ray.put(run)
     # A fixed pool, so only the actors the cluster holds now: one that could never be placed would
     # keep the shards handed to it waiting forever.
     size = extract_pool_size(ray.cluster_resources(), compute.extract_gpus, len(shards), compute.max_extract_workers)
     # A lost actor is restarted and its shard measured again, as Ray retries a task (max_retries).
     actor = ray.remote(HeldOutEvaluator).options(num_gpus=compute.extract_gpus, num_cpus=1, max_restarts=2,
                                                  max_task_retries=2)
-    actors = [actor.remote(config_json) for _ in range(size)]
+    actors = [actor.remote(ref) for _ in range(size)]
     parts, rows = [], []
     try:
         for stats, row in ActorPool(actors).map(lambda a, bounds: a.evaluate.remote(*bounds), shards):
@@ -108,4 +85,4 @@ def evaluate_on_ray(config: Config, on_shard: Callable[[dict], None] | None = No
         for a in actors:  # their GPUs go back before the finishing task asks for one
             ray.kill(a)
     finish = _finish.options(num_gpus=compute.extract_gpus)
-    return ray.get(finish.remote(config_json, merge_held_out(parts))), rows
+    return ray.get(finish.remote(ref, merge_held_out(parts))), rows
