@@ -26,7 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _print_result(result: dict) -> None:
-    from protonmf.viz.summaries import evaluation_lines
+    from protonmf.viz import evaluation_lines
 
     ev = result["evaluation"]
     print()
@@ -90,12 +90,10 @@ def _device(args):
 
 def _evaluate(args) -> int:
     from protonmf.config import parse_config
-    from protonmf.data import make_source
-    from protonmf.data.sources.relabel import relabel_by_name
-    from protonmf.data.store import FeatureStore
-    from protonmf.evaluation.published import evaluate_published_model
-    from protonmf.prototypes.model import PrototypeModel
+    from protonmf.data import FeatureStore, make_source, relabel_by_name
+    from protonmf.evaluation import evaluate_published_model
     from protonmf.pipeline import Run
+    from protonmf.prototypes import PrototypeModel
 
     model = PrototypeModel.load(args.model, map_location=_device(args))
     if args.config:
@@ -130,8 +128,8 @@ def _evaluate(args) -> int:
 
 
 def _explain(args) -> int:
-    from protonmf.prototypes.explain_images import explain_images, parse_interventions
-    from protonmf.prototypes.model import PrototypeModel
+    from protonmf.prototypes import PrototypeModel, parse_interventions
+    from protonmf.viz import explain_images
 
     model = PrototypeModel.load(args.model, map_location=_device(args))
     results = explain_images(model, args.images, args.out, interventions=parse_interventions(args.intervene))

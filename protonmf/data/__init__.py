@@ -15,9 +15,11 @@ from protonmf.data.records import Batch, Record, Skipped
 from protonmf.data.sources import SOURCE_KINDS, CUBSource, DigitsSource, ImageFolderSource, ImageSource, make_source
 from protonmf.data.sources.imagefolder import IMAGE_EXTENSIONS
 from protonmf.data.sources.in_memory import SyntheticSource
+from protonmf.data.sources.relabel import relabel_by_name
+from protonmf.data.store import FeatureStore, StoreError
 
 __all__ = [
     "ALPHA_BACKGROUND", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCE_KINDS", "Batch", "CUBSource",
-    "DigitsSource", "ImageFolderSource", "ImageSource", "Preprocess", "Record", "Skipped", "SyntheticSource",
-    "decode_image", "iter_batches", "load_image", "load_images", "make_source", "to_rgb",
+    "DigitsSource", "FeatureStore", "ImageFolderSource", "ImageSource", "Preprocess", "Record", "Skipped", "StoreError", "SyntheticSource",
+    "decode_image", "iter_batches", "load_image", "load_images", "make_source", "relabel_by_name", "to_rgb",
 ]

@@ -1,29 +1,23 @@
-"""Explain single images with a prototype model: numbers as JSON, pictures as PNG (Figure 3 / 9).
+"""Explain single images with a prototype model, as numbers (Figure 3 / 9's; the pictures are
+drawn by :mod:`protonmf.viz.explanations`).
 
-For each image: the predicted class, each prototype's contribution to that logit, the residual's
-share, the bias, and a picture with, per prototype, its heatmap in its own colour, its
-contribution and coefficient, and its gallery (the training patches where it is most present, when
-the model has one: :mod:`protonmf.prototypes.gallery`). With interventions
-(paper A.4), the same again for the edited model, so the two can be compared.
+For each image: the predicted class, each prototype's contribution to that logit, its
+coefficient, the residual's share and the bias (:func:`describe`); the class's gallery as numbers
+(:func:`gallery_entries`); interventions (paper A.4) as the command line gives them
+(:func:`parse_interventions`, :func:`class_key`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from protonmf.data import Preprocess, load_image
-from protonmf.prototypes.gallery import class_patches
-from protonmf.viz.prototype_figures import explanation_figure
-from protonmf.prototypes.model import PrototypeModel
-from protonmf.viz.png import figure_png
-from protonmf.storage import join, to_fs, write_bytes_atomic
+from protonmf.prototypes.model import Explanation, PrototypeModel
 
-__all__ = ["explain_images", "parse_interventions"]
+__all__ = ["class_key", "describe", "gallery_entries", "parse_interventions"]
 
 
 def parse_interventions(text: str) -> dict[str, list[int]]:
@@ -39,11 +33,13 @@ def parse_interventions(text: str) -> dict[str, list[int]]:
     return out
 
 
-def _class_key(model: PrototypeModel, key: str) -> int | str:
+def class_key(model: PrototypeModel, key: str) -> int | str:
+    """A class given on the command line: its index if ``key`` is a number that is not a class name, else its name."""
     return int(key) if key.isdigit() and key not in model.class_names else key
 
 
-def _describe(model: PrototypeModel, images: torch.Tensor) -> tuple[list[dict[str, Any]], Any]:
+def describe(model: PrototypeModel, images: torch.Tensor) -> tuple[list[dict[str, Any]], Explanation]:
+    """Per image of ``images`` (B, 3, S, S), preprocessed: its predicted class and how its logit is made."""
     exp = model.explain(images)
     rows = []
     for b in range(images.shape[0]):
@@ -63,7 +59,7 @@ def _describe(model: PrototypeModel, images: torch.Tensor) -> tuple[list[dict[st
     return rows, exp
 
 
-def _gallery_entries(gallery, c: int, p: int) -> list[list[dict[str, Any]]]:
+def gallery_entries(gallery: pa.Table, c: int, p: int) -> list[list[dict[str, Any]]]:
     """Class c's gallery as numbers, per prototype: image id, URI, box (x0, y0, x1, y1) in the image's pixels, E."""
     rows = gallery.filter(pc.equal(gallery["class_idx"], c)).select(
         ["prototype", "image_id", "uri", "x0", "y0", "x1", "y1", "score"]).to_pylist()
@@ -72,52 +68,3 @@ def _gallery_entries(gallery, c: int, p: int) -> list[list[dict[str, Any]]]:
         out[r.pop("prototype")].append({"image_id": r["image_id"], "uri": r["uri"], "score": r["score"],
                                         "box": [r["x0"], r["y0"], r["x1"], r["y1"]]})
     return out
-
-
-def explain_images(
-    model: PrototypeModel,
-    uris: Sequence[str],
-    out: str,
-    *,
-    interventions: Mapping[str, Sequence[int]] | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Write ``<out>/<i>_<name>.png`` and ``<out>/explanations.json`` for the images at ``uris``.
-
-    Images that cannot be read are reported with their reason instead of stopping the rest.
-    """
-    pre = Preprocess(**model.preprocess) if model.preprocess else Preprocess()
-    fs, root = to_fs(out, storage_options)
-    edited = model.intervene({_class_key(model, k): list(v) for k, v in interventions.items()}) if interventions else None
-    gallery = model.gallery() if model.has_gallery else None  # the same p for the intervened model
-    results = []
-    for i, uri in enumerate(uris):
-        img, reason = load_image(uri)
-        if img is None:
-            results.append({"image": uri, "skipped": reason})
-            continue
-        x = pre(img).unsqueeze(0)
-        display = pre.undo(x)[0]
-        entry: dict[str, Any] = {"image": uri}
-        for name, m in (("model", model), ("intervened", edited)):
-            if m is None:
-                continue
-            rows, exp = _describe(m, x)
-            row = rows[0]
-            stem = f"{i:03d}_{name}"
-            c = row["predicted_class"]
-            fig = explanation_figure(
-                display, exp.heatmaps[0].numpy(), exp.residual_heatmap[0].numpy(), row["contributions"],
-                title=f"{'intervened: ' if name == 'intervened' else ''}{row['predicted_name']} "
-                      f"(logit {row['logit']:.3f}, p {row['probability']:.2f})",
-                residual=None if row["residual_spread_over_prototypes"] else row["residual"],
-                coefficients=row["coefficients"],
-                patches=class_patches(gallery, c, m.p) if gallery is not None else None,
-            )
-            write_bytes_atomic(fs, join(root, f"{stem}.png"), figure_png(fig, dpi=100))
-            entry[name] = {**row, "picture": join(out, f"{stem}.png")}
-            if gallery is not None:
-                entry[name]["gallery"] = _gallery_entries(gallery, c, m.p)
-        results.append(entry)
-    write_bytes_atomic(fs, join(root, "explanations.json"), json.dumps(results, indent=2).encode())
-    return results
