@@ -1,49 +1,55 @@
 """CRAFT: concepts by NMF on crops and their Sobol importance (:mod:`~protonmf.craft.concepts`), concept
 attribution maps (:mod:`~protonmf.craft.maps`), fidelity (:mod:`~protonmf.craft.fidelity`), the measurements of
-§4.3 (:mod:`~protonmf.craft.evaluation`) and the concept set artifact (:mod:`~protonmf.craft.artifact`)."""
+§4.3 (:mod:`~protonmf.craft.evaluation`) and the concept set artifact (:mod:`~protonmf.craft.artifact`).
 
-from protonmf.craft.settings import CraftSettings  # noqa: F401
-from protonmf.craft.concepts import (  # noqa: F401
-    Bank, ClassConcepts, class_concepts, crop_images, crops_at, encode, encode_positions, extract_concepts,
-    pool, pooled_activations, pooled_head, unit_concepts,
-)
-from protonmf.craft.maps import METHODS, concept_maps, concept_values, maps_from_features  # noqa: F401
-from protonmf.craft.fidelity import concept_fidelity, directional_derivatives, tcav_ranking  # noqa: F401
-from protonmf.craft.evaluation import (  # noqa: F401
-    MAP_METHODS, compare_rankings, evaluate_class, predicted_val_images, rank_and_measure, summarize_concepts,
-)
-from protonmf.craft.artifact import ConceptSet, TOP_CROP_SCHEMA, class_tensors, split_class_tensors, top_crops_table  # noqa: F401
+The names below are imported on first use (importing the package costs nothing: the run's config
+imports :mod:`~protonmf.craft.settings`, and a ProtoNMF run needs none of CRAFT's machinery).
+"""
 
-__all__ = [
-    "Bank",
-    "ClassConcepts",
-    "ConceptSet",
-    "CraftSettings",
-    "MAP_METHODS",
-    "METHODS",
-    "TOP_CROP_SCHEMA",
-    "class_concepts",
-    "class_tensors",
-    "compare_rankings",
-    "concept_fidelity",
-    "concept_maps",
-    "concept_values",
-    "crop_images",
-    "crops_at",
-    "directional_derivatives",
-    "encode",
-    "encode_positions",
-    "evaluate_class",
-    "extract_concepts",
-    "maps_from_features",
-    "pool",
-    "pooled_activations",
-    "pooled_head",
-    "predicted_val_images",
-    "rank_and_measure",
-    "split_class_tensors",
-    "summarize_concepts",
-    "tcav_ranking",
-    "top_crops_table",
-    "unit_concepts",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Each public name and the module that defines it.
+_HOMES = {
+    "Bank": "concepts",
+    "ClassConcepts": "concepts",
+    "ConceptSet": "artifact",
+    "CraftSettings": "settings",
+    "MAP_METHODS": "evaluation",
+    "METHODS": "maps",
+    "TOP_CROP_SCHEMA": "artifact",
+    "class_concepts": "concepts",
+    "class_tensors": "artifact",
+    "compare_rankings": "evaluation",
+    "concept_fidelity": "fidelity",
+    "concept_maps": "maps",
+    "concept_values": "maps",
+    "crop_images": "concepts",
+    "crops_at": "concepts",
+    "directional_derivatives": "fidelity",
+    "encode": "concepts",
+    "encode_positions": "concepts",
+    "evaluate_class": "evaluation",
+    "extract_concepts": "concepts",
+    "maps_from_features": "maps",
+    "pool": "concepts",
+    "pooled_activations": "concepts",
+    "pooled_head": "concepts",
+    "predicted_val_images": "evaluation",
+    "rank_and_measure": "evaluation",
+    "split_class_tensors": "artifact",
+    "summarize_concepts": "evaluation",
+    "tcav_ranking": "fidelity",
+    "top_crops_table": "artifact",
+    "unit_concepts": "concepts",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'protonmf.craft' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"protonmf.craft.{_HOMES[name]}"), name)

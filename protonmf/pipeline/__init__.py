@@ -17,7 +17,6 @@ Everything a step writes is keyed by a hash of the settings it depends on, so a 
 complete classes and groups are read, not recomputed.
 """
 
-from protonmf.pipeline.craft import Plan, learn_concept_group, plan_concept_images, publish_concept_set
 from protonmf.pipeline.datasets import images_per_class, in_memory, index_data, list_split, make_split_source
 from protonmf.pipeline.evaluate import evaluate_prototype_model, evaluate_shard, evaluation_shards, load_published_model
 from protonmf.pipeline.extract import class_state, decode_group, extract_features, forward_group
@@ -35,3 +34,14 @@ __all__ = [
     "make_split_source", "plan_concept_images", "preflight", "prepare_run", "prepare_store", "publish_concept_set",
     "publish_prototype_model", "published_fits", "resolve_backbone", "run_key",
 ]
+
+#: CRAFT's steps, imported on first use: a ProtoNMF run does not load CRAFT (its maps import torch.func's machinery).
+_CRAFT = ("Plan", "learn_concept_group", "plan_concept_images", "publish_concept_set")
+
+
+def __getattr__(name: str):
+    if name in _CRAFT:
+        from protonmf.pipeline import craft
+
+        return getattr(craft, name)
+    raise AttributeError(f"module 'protonmf.pipeline' has no attribute {name!r}")

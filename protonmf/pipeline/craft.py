@@ -26,10 +26,9 @@ from protonmf.craft.artifact import ConceptSet, class_tensors, split_class_tenso
 from protonmf.craft.concepts import ClassConcepts, class_concepts
 from protonmf.craft.evaluation import evaluate_class, summarize_concepts
 from protonmf.data import ImageSource, load_images
+from protonmf.data.sources.base import find_records
 from protonmf.pipeline.run import Run
 from protonmf.pipeline.staging import class_groups
-from protonmf.viz.concept_sheets import class_figures, mean_fidelity_figure, training_records
-from protonmf.viz.report import render_craft_page
 
 __all__ = ["Plan", "learn_concept_group", "plan_concept_images", "publish_concept_set"]
 
@@ -72,7 +71,7 @@ def learn_concept_group(
     info: dict[int, dict] = {}
     todo, images, records = [], [], []
     for k in classes:
-        x, used = load_images(train, run.preprocess, training_records(train, plan.get(k, [])), batch_size=batch, workers=0)
+        x, used = load_images(train, run.preprocess, find_records(train, plan.get(k, [])), batch_size=batch, workers=0)
         if not used:
             info[k] = {"class_idx": k, "skipped": "no training image is predicted as this class"}
             continue
@@ -102,6 +101,9 @@ def publish_concept_set(run: Run, backbone: FeatureBackbone, train: ImageSource,
 
     An artifact at ``storage.concepts`` from the same key is kept as it is.
     """
+    from protonmf.viz.concept_sheets import class_figures, mean_fidelity_figure  # matplotlib: only here
+    from protonmf.viz.report import render_craft_page
+
     config, store = run.config, run.store
 
     def merge(groups: list[dict[str, bytes]]) -> None:

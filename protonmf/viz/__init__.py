@@ -39,7 +39,6 @@ _HOMES = {
     "prototype_overlay": "prototype_figures",
     "render_craft_page": "report",
     "render_report": "report",
-    "training_records": "concept_sheets",
 }
 
 __all__ = sorted(_HOMES)

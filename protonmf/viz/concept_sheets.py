@@ -11,31 +11,19 @@ from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.craft.concepts import ClassConcepts, crops_at
 from protonmf.craft.evaluation import predicted_val_images
 from protonmf.craft.maps import concept_maps
-from protonmf.data import ImageSource, Preprocess, Record, load_images
+from protonmf.data import ImageSource, Preprocess, load_images
+from protonmf.data.sources.base import find_records
 from protonmf.storage import class_stem
 from protonmf.viz.concept_figures import (
     attribution_overlays, concept_sheet, concept_tree, fidelity_curves, importance_bars,
 )
 from protonmf.viz.png import figure_png
 
-__all__ = ["class_figures", "mean_fidelity_figure", "training_records"]
+__all__ = ["class_figures", "mean_fidelity_figure"]
 
 
 def tight_png(fig) -> bytes:
     return figure_png(fig, tight=True)
-
-
-def training_records(source: ImageSource, wanted: list[dict]) -> list[Record]:
-    """The records of ``wanted`` (``image_id`` and ``label`` of each), in that order; an image no
-    longer in the data is named."""
-    by_label: dict[int, dict[str, Record]] = {}
-    out = []
-    for w in wanted:
-        index = by_label.setdefault(w["label"], {r.image_id: r for r in source.records_of(w["label"])})
-        if w["image_id"] not in index:
-            raise ValueError(f"data.train: image {w['image_id']!r} of the feature store is no longer in the data")
-        out.append(index[w["image_id"]])
-    return out
 
 
 def class_figures(
@@ -48,7 +36,7 @@ def class_figures(
     ``info``: the class's ``classes.json`` entry; ``top_crops`` crops per concept are drawn, and
     the maps of up to 6 of ``eval_images`` held-out images predicted as the class."""
     stem = class_stem(cc.class_idx)
-    x, used = load_images(train, pre, training_records(train, info["images"]), workers=0)
+    x, used = load_images(train, pre, find_records(train, info["images"]), workers=0)
     if len(used) != len(info["images"]):
         raise ValueError(f"class {name}: {len(info['images']) - len(used)} of its images can no longer be read")
     k = top_crops

@@ -83,3 +83,16 @@ def open_fs(root: str, storage_options: dict[str, Any] | None) -> tuple[Any, str
     fs, path = to_fs(root, storage_options)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     return fs, path.rstrip("/") or path, "file" in protocols
+
+
+def find_records(source: ImageSource, wanted: Sequence[dict[str, Any]]) -> list[Record]:
+    """The records of ``wanted`` (``image_id`` and ``label`` of each), in that order; an image no
+    longer in the data is named."""
+    by_label: dict[int, dict[str, Record]] = {}
+    out = []
+    for w in wanted:
+        index = by_label.setdefault(w["label"], {r.image_id: r for r in source.records_of(w["label"])})
+        if w["image_id"] not in index:
+            raise ValueError(f"data.train: image {w['image_id']!r} of the feature store is no longer in the data")
+        out.append(index[w["image_id"]])
+    return out
