@@ -6,10 +6,7 @@ The names below are imported on first use (importing the package costs nothing: 
 imports :mod:`~protonmf.craft.settings`, and a ProtoNMF run needs none of CRAFT's machinery).
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from protonmf.lazy import lazy_exports
 
 #: Each public name and the module that defines it.
 _HOMES = {
@@ -46,10 +43,4 @@ _HOMES = {
     "unit_concepts": "concepts",
 }
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'protonmf.craft' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"protonmf.craft.{_HOMES[name]}"), name)
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)

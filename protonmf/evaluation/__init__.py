@@ -6,10 +6,7 @@ consistency / stability (:mod:`~protonmf.evaluation.localization`, :mod:`~proton
 The names below are imported on first use.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from protonmf.lazy import lazy_exports
 
 #: Each public name and the module that defines it.
 _HOMES = {
@@ -42,10 +39,4 @@ _HOMES = {
     "summarize_held_out": "held_out",
 }
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'protonmf.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"protonmf.evaluation.{_HOMES[name]}"), name)
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)

@@ -17,6 +17,7 @@ Everything a step writes is keyed by a hash of the settings it depends on, so a 
 complete classes and groups are read, not recomputed.
 """
 
+from protonmf.lazy import lazy_exports
 from protonmf.pipeline.datasets import images_per_class, in_memory, index_data, list_split, make_split_source
 from protonmf.pipeline.evaluate import evaluate_prototype_model, evaluate_shard, evaluation_shards, load_published_model
 from protonmf.pipeline.extract import class_state, decode_group, extract_features, forward_group
@@ -27,21 +28,15 @@ from protonmf.pipeline.run import Run, load_backbone
 from protonmf.pipeline.staging import Staged, class_groups, craft_key, features_key, fit_key, run_key
 
 __all__ = [
-    "GroupFit", "Plan", "Prepared", "Run", "Staged", "check_data", "class_groups", "class_state", "craft_key",
+    "GroupFit", "Prepared", "Run", "Staged", "check_data", "class_groups", "class_state", "craft_key",
     "decode_group", "evaluate_prototype_model", "evaluate_shard", "evaluation_shards", "extract_features",
     "features_key", "fit_key", "fit_prototype_group", "forward_group", "held_out_data", "images_per_class",
-    "in_memory", "index_data", "learn_concept_group", "list_split", "load_backbone", "load_published_model",
-    "make_split_source", "plan_concept_images", "preflight", "prepare_run", "prepare_store", "publish_concept_set",
+    "in_memory", "index_data", "list_split", "load_backbone", "load_published_model",
+    "make_split_source", "preflight", "prepare_run", "prepare_store",
     "publish_prototype_model", "published_fits", "resolve_backbone", "run_key",
 ]
 
-#: CRAFT's steps, imported on first use: a ProtoNMF run does not load CRAFT (its maps import torch.func's machinery).
-_CRAFT = ("Plan", "learn_concept_group", "plan_concept_images", "publish_concept_set")
-
-
-def __getattr__(name: str):
-    if name in _CRAFT:
-        from protonmf.pipeline import craft
-
-        return getattr(craft, name)
-    raise AttributeError(f"module 'protonmf.pipeline' has no attribute {name!r}")
+#: CRAFT's steps, imported on first use: a ProtoNMF run does not load CRAFT's modules (about 2 s of imports).
+__getattr__, _CRAFT = lazy_exports(__name__, dict.fromkeys(("Plan", "learn_concept_group", "plan_concept_images",
+                                                            "publish_concept_set"), "craft"))
+__all__ += _CRAFT

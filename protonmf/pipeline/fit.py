@@ -69,9 +69,9 @@ def fit_prototype_group(run: Run, classes: list[int], *, device: str | None = No
     # alone (fit_classes), and the run goes on; the run summary names it.
     pr, store = run.config.prototypes, run.store
     if pr.gallery:  # the record tables only for the gallery: a request per class fewer without it
-        stored, records = map(list, zip(*store.read_classes_with_records(classes)))
+        stored, record_tables = map(list, zip(*store.read_classes_with_records(classes)))
     else:
-        stored, records = store.read_classes(classes), []
+        stored, record_tables = store.read_classes(classes), []
     features = [F.reshape(-1, store.dim) for F in stored]  # (n_k·h·w, D) float16
     V, bias = store.head()
     by_p, codes = fit_classes_and_codes(  # every p in one pass over A per NMF update
@@ -80,15 +80,15 @@ def fit_prototype_group(run: Run, classes: list[int], *, device: str | None = No
         device=device or step_device(run.config.compute.fit_gpus, "compute.fit_gpus"),
     )
     tensors = {f"p{p}.{name}": t for p, fit in by_p.items() for name, t in fit.to_tensors().items()}
-    run.fit.write(classes, {".gallery.parquet": write_gallery(_group_gallery(run, classes, codes, records)),
+    run.fit.write(classes, {".gallery.parquet": write_gallery(_group_gallery(run, classes, codes, record_tables)),
                             ".safetensors": save_safetensors(tensors)})
     return GroupFit.of(classes, by_p, resumed=False)
 
 
-def _group_gallery(run: Run, classes: list[int], codes: dict[int, TopCodes], records: list[pa.Table]) -> pa.Table:
+def _group_gallery(run: Run, classes: list[int], codes: dict[int, TopCodes], record_tables: list[pa.Table]) -> pa.Table:
     """The gallery rows of ``classes`` (:mod:`protonmf.prototypes.gallery`): the images the largest
     E entries name are read again (only those), for their size and the patches' pixels.
-    ``records``: each class's record table, as read with its features (none without a gallery)."""
+    ``record_tables``: each class's record table, as read with its features (none without a gallery)."""
     if run.config.prototypes.gallery == 0:
         return GALLERY_SCHEMA.empty_table()
     source = run.source("train", labels=classes)
@@ -98,7 +98,7 @@ def _group_gallery(run: Run, classes: list[int], codes: dict[int, TopCodes], rec
         record = by_id.get(image_id)
         return (None, "no longer in the training data") if record is None else source.load(record)
 
-    return gallery_table(codes, classes, records, load, run.preprocess, run.store.grid)
+    return gallery_table(codes, classes, record_tables, load, run.preprocess, run.store.grid)
 
 
 def published_fits(run: Run, groups: list[list[int]]) -> list[GroupFit] | None:

@@ -4,10 +4,7 @@ reports, and the one rendering of an evaluation (:mod:`~protonmf.viz.summaries`)
 The names below are imported on first use (matplotlib is slow to import, and the flows need only
 :mod:`~protonmf.viz.summaries`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from protonmf.lazy import lazy_exports
 
 #: Each public name and the module that defines it.
 _HOMES = {
@@ -41,10 +38,4 @@ _HOMES = {
     "render_report": "report",
 }
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'protonmf.viz' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"protonmf.viz.{_HOMES[name]}"), name)
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)
