@@ -13,7 +13,7 @@ from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.data import ImageSource
 from protonmf.devices import step_device
 from protonmf.pipeline import Plan, Run
-from tasks.runtime import gather, maybe_fail_for_test
+from tasks.runtime import gather
 
 
 def _open(run: Run, gpus: float, train_labels: list[int] | None = None,
@@ -32,7 +32,6 @@ def _plan_concept_images(run: Run) -> Plan:
 
 @ray.remote(max_retries=3)
 def _learn_concept_group(run: Run, plan: Plan, classes: list[int]) -> dict[str, Any]:
-    maybe_fail_for_test()
     # the images predicted as these classes carry their own (true) labels; the GPUs are the ones learn_concept_groups asks Ray for
     labels = sorted({w["label"] for k in classes for w in plan.get(k, [])})
     backbone, train, val = _open(run, run.config.compute.extract_gpus, labels, classes)

@@ -30,9 +30,9 @@ import ray
 import torch
 
 from protonmf.data.extract import ClassExtraction, DecodedClass
-from protonmf.pipeline import Prepared, Run, class_state, decode_group, forward_group
-from protonmf.storage import class_stem, concurrently
-from tasks.runtime import die_before_writing_for_test
+from protonmf import pipeline
+from protonmf.pipeline import Prepared, Run, class_state, decode_group
+from protonmf.storage import concurrently
 
 def extract_pool_size(capacity: Mapping[str, float], extract_gpus: float, n_classes: int, cap: int | None = None) -> int:
     """The most extraction actors worth starting: as many as ``capacity`` holds, at most ``cap``
@@ -152,19 +152,13 @@ class FeatureExtractor:
             images = torch.from_numpy(np.array(batch["images"][0]))  # a writable copy of the object store's view
             decoded = [replace(d, images=x) for d, x, resumed in zip(bundle.classes, images.split(bundle.counts), bundle.resumed)
                        if not resumed]
-            die_before_writing_for_test(self.run.store.fs, {self.run.store.marker_path(d.k): d.k for d in decoded}, self._written)
-            done = {d.k: d for d in forward_group(self.run, decoded)}
+            done = {d.k: d for d in pipeline.forward_group(self.run, decoded)}
             rows = [done.get(k, ClassExtraction(k, 0, 0, 0, 0.0, resumed=True)) for k in classes]
             rows = [replace(r, worker=os.getpid(), decoder=bundle.decoder) for r in rows]
             errors: list[Exception | None] = [None] * len(rows)
         except Exception as err:  # noqa: BLE001 - sent back whole (Ray Data's UserCodeException loses its type)
             rows, errors = [ClassExtraction(classes[0], 0, 0, 0, 0.0, resumed=False)], [_with_worker_note(err)]
         return {"extraction": _column(rows), "error": _column(errors)}
-
-    def _written(self, k: int) -> list[str]:
-        """The store's objects of class k now (what a fault-injection test records; lists the store)."""
-        store = self.run.store
-        return sorted(p.removeprefix(store.root).lstrip("/") for p in store.fs.find(store.root) if class_stem(k) in p)
 
 
 def _column(values: list) -> np.ndarray:

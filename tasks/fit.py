@@ -8,12 +8,11 @@ import ray
 
 from protonmf import pipeline
 from protonmf.pipeline import GroupFit, Run
-from tasks.runtime import gather, maybe_fail_for_test
+from tasks.runtime import gather
 
 
 @ray.remote(max_retries=3)
 def _fit_prototype_group(run: Run, classes: list[int]) -> GroupFit:
-    maybe_fail_for_test()
     return pipeline.fit_prototype_group(run, classes)
 
 

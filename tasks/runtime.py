@@ -13,7 +13,6 @@ once, naming what is wrong.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -26,8 +25,7 @@ from protonmf.pipeline import Run
 
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "PROTONMF_CACHE", "PROTONMF_FAULT_KILL_ONCE",
-    "PROTONMF_ATTEMPT_LOG", "PROTONMF_FAULT_KILL_EXTRACT_ONCE",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "PROTONMF_CACHE",
 )
 
 #: Ray's own failures that another attempt can get past: a lost worker, actor, node or object, a
@@ -89,42 +87,6 @@ def ray_session(run: Run):
         yield
     finally:
         ray.shutdown()
-
-
-def maybe_fail_for_test() -> None:
-    """Fault injection for tests: if ``PROTONMF_FAULT_KILL_ONCE`` names a file that does not exist,
-    create it and kill this worker process (as a lost node or OOM kill would). If
-    ``PROTONMF_ATTEMPT_LOG`` names a file, append a line to it first: tests count attempts."""
-    log = os.environ.get("PROTONMF_ATTEMPT_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{os.getpid()}\n")
-    marker = os.environ.get("PROTONMF_FAULT_KILL_ONCE")
-    if marker and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(137)
-
-
-def die_before_writing_for_test(fs: Any, paths: dict[str, Any], written: Callable[[Any], list[str]]) -> None:
-    """Fault injection for tests: if ``PROTONMF_FAULT_KILL_EXTRACT_ONCE`` names a file that does not
-    exist, this worker process dies when ``fs`` is about to write one of ``paths`` (as a lost node
-    or OOM kill would), after writing into that file its pid, the path, and what
-    ``written(paths[path])`` lists then."""
-    marker = os.environ.get("PROTONMF_FAULT_KILL_EXTRACT_ONCE")
-    if not marker or os.path.exists(marker) or not paths:
-        return
-    pipe_file = fs.pipe_file
-
-    def pipe_file_or_die(target, *args, **kwargs):
-        for path, what in paths.items():
-            if str(target).startswith(path):  # the object itself, or the temporary file renamed to it
-                with open(marker, "w") as f:
-                    json.dump({"pid": os.getpid(), "path": path, "written": written(what)}, f)
-                os._exit(137)
-        return pipe_file(target, *args, **kwargs)
-
-    fs.pipe_file = pipe_file_or_die
 
 
 def gather(refs: list, on_result: Callable[[Any], None] | None = None) -> list:

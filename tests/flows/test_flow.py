@@ -14,7 +14,7 @@ from protonmf.config import ConfigError, parse_config
 
 pytestmark = pytest.mark.slow
 
-from tests.flows.small_run import module_bucket, N_CLASSES, assert_gives_the_black_box_logits, tree
+from tests.small_run import module_bucket, N_CLASSES, assert_gives_the_black_box_logits, tree
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,14 @@ def fault_marker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def attempt_log(tmp_path_factory):
-    """Each attempt of a fit (or CRAFT) Ray task appends a line here (tasks.runtime.maybe_fail_for_test)."""
+    """Each attempt of a fit (or CRAFT) Ray task appends a line here (tests/faults.py)."""
     return tmp_path_factory.mktemp("attempts") / "attempts"
 
 
 @pytest.fixture(scope="module")
 def extract_fault_marker(tmp_path_factory):
     """While this file exists no extraction actor is killed; a test deletes it to have one killed
-    just before it writes a class's completion marker (tasks.runtime.die_before_writing_for_test)."""
+    just before it writes a class's completion marker (tests/faults.py)."""
     marker = tmp_path_factory.mktemp("fault") / "extract-killed"
     marker.write_text("")
     return marker
@@ -53,18 +53,19 @@ def runtime(bucket, fault_marker, attempt_log, extract_fault_marker):
     from prefect.testing.utilities import prefect_test_harness
 
     from tasks.runtime import worker_env
+    from tests import faults
 
-    os.environ["PROTONMF_FAULT_KILL_ONCE"] = str(fault_marker)
-    os.environ["PROTONMF_ATTEMPT_LOG"] = str(attempt_log)
-    os.environ["PROTONMF_FAULT_KILL_EXTRACT_ONCE"] = str(extract_fault_marker)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
+    os.environ[faults.KILL_ONCE] = str(fault_marker)
+    os.environ[faults.ATTEMPT_LOG] = str(attempt_log)
+    os.environ[faults.KILL_EXTRACT_ONCE] = str(extract_fault_marker)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=faults.runtime_env({"env_vars": worker_env()}))
     with prefect_test_harness():
         _first_flow()  # Prefect binds its console to the stdout of its first run: not a test's capsys
         yield
     ray.shutdown()
-    os.environ.pop("PROTONMF_FAULT_KILL_ONCE", None)
-    os.environ.pop("PROTONMF_ATTEMPT_LOG", None)
-    os.environ.pop("PROTONMF_FAULT_KILL_EXTRACT_ONCE", None)
+    os.environ.pop(faults.KILL_ONCE, None)
+    os.environ.pop(faults.ATTEMPT_LOG, None)
+    os.environ.pop(faults.KILL_EXTRACT_ONCE, None)
 
 
 def _first_flow():

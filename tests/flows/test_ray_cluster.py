@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from protonmf import BackboneSpec, PrototypeModel, build_backbone
-from tests.flows.small_run import N_CLASSES, assert_gives_the_black_box_logits, tree
+from tests.small_run import N_CLASSES, assert_gives_the_black_box_logits, tree
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The small run every flow test starts from: 4 synthetic classes, a random resnet18, stores on S3."""
+"""The small run the flow and task tests start from: 4 synthetic classes, a random resnet18, stores on S3."""
 
 N_CLASSES = 4
 

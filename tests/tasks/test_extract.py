@@ -8,7 +8,7 @@ from protonmf.config import parse_config
 from protonmf.data.store import FeatureStore
 from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
 from tests.conftest import S3_REQUESTS, s3_lists
-from tests.flows.small_run import module_bucket
+from tests.small_run import module_bucket
 
 pytestmark = pytest.mark.slow
 
