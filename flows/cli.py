@@ -198,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"protonmf: error: {err}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # classes that failed apart (tasks.extract.ClassesFailed)
+        if group.split((ConfigError, ValueError, FileNotFoundError))[1] is not None:
+            raise
+        print(f"protonmf: error: {group.message}", file=sys.stderr)
+        for err in group.exceptions:
+            print(f"  {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -136,6 +136,11 @@ class StorageConfig(_Section):
     lease: Literal["wait", "fail"] = "wait"
     lease_seconds: float = Field(120.0, gt=0)
     lease_timeout: float = Field(86400.0, ge=0)
+    # A failed read of an image's bytes (throttled, reset, timed out, 5xx) is tried read_attempts
+    # times in all, the waits doubling from read_backoff seconds (capped at 20 s, jittered), on top
+    # of the client's own retries; then its class fails (and is retried), it is never skipped.
+    read_attempts: int = Field(6, ge=1)
+    read_backoff: float = Field(0.5, ge=0)
 
     @property
     def options(self) -> dict[str, Any] | None:

@@ -50,10 +50,13 @@ def fs_options(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
     listings cache (see :func:`to_fs`), and on S3 one GET per read: s3fs otherwise asks for an
     object's size (a HEAD request) before every read, to split large ones into parallel ranges,
     which doubles the requests for the small objects a run reads by the thousand (images,
-    markers, record tables, Zarr chunks)."""
+    markers, record tables, Zarr chunks); botocore's adaptive retry mode."""
     options: dict[str, Any] = {"use_listings_cache": False}
     if str(uri).split("://", 1)[0] in ("s3", "s3a"):
         options["max_concurrency"] = 1
+        # botocore's adaptive retries: throttled clients also slow down (the reads of a class retry
+        # on top of these: protonmf.data.decode.ReadRetry)
+        options["config_kwargs"] = {"retries": {"mode": "adaptive"}}
     return {**options, **(storage_options or {})}
 
 

@@ -10,6 +10,9 @@
   class, chunk-aligned), returning a few numbers.
 
 Ray Data streams one into the other, so every CPU of the cluster decodes while the GPUs forward.
+A class that fails (its images cannot be read, its store objects not written) fails alone: its
+error travels down the pipeline as a value, the other classes are finished, and the step then
+raises :class:`ClassesFailed` naming the failed ones.
 The actor pool starts with what the cluster holds and grows to what it can hold
 (:func:`extract_pool_bounds`). With
 ``extract_gpus: 0`` both stages ask for the same resources and Ray Data fuses them: each CPU actor
@@ -31,7 +34,7 @@ import torch
 
 from protonmf.data.extract import ClassExtraction, DecodedClass
 from protonmf import pipeline
-from protonmf.pipeline import Prepared, Run, class_state, decode_group
+from protonmf.pipeline import Prepared, Run, class_state
 from protonmf.storage import concurrently
 
 def extract_pool_size(capacity: Mapping[str, float], extract_gpus: float, n_classes: int, cap: int | None = None) -> int:
@@ -101,6 +104,7 @@ class DecodedBundle:
     counts: list[int]  # images of each class in the images column
     resumed: list[bool]
     decoder: int  # pid of the process that decoded the bundle
+    error: Exception | None = None  # why the bundle could not be decoded (its classes fail, the others go on)
 
 
 def _one(value: object) -> np.ndarray:
@@ -115,11 +119,16 @@ def _decode(batch: dict[str, np.ndarray], run: Run) -> dict[str, np.ndarray]:
     marked complete (read back against their checksums: an intact class is passed on as resumed,
     undecoded) and decode the others; the bundle goes on as one row, its images concatenated."""
     classes, marked = batch["classes"][0].tolist(), batch["marked"][0].tolist()
-    states = dict(zip(classes, concurrently(lambda km: class_state(run, *km), list(zip(classes, marked)))))
-    todo = [k for k in classes if states[k][0]]
-    decoded = {d.k: d for d in decode_group(run, todo)} if todo else {}  # one read of the index for all
     S = run.config.data.preprocess.crop
     none = torch.zeros(0, 3, S, S, dtype=torch.uint8)
+    try:
+        states = dict(zip(classes, concurrently(lambda km: class_state(run, *km), list(zip(classes, marked)))))
+        todo = [k for k in classes if states[k][0]]
+        decoded = {d.k: d for d in pipeline.decode_group(run, todo)} if todo else {}  # one read of the index for all
+    except Exception as err:  # noqa: BLE001 - these classes fail; the pipeline goes on with the others
+        failed = DecodedBundle([DecodedClass(k, none, []) for k in classes], [0] * len(classes), [False] * len(classes),
+                               os.getpid(), error=_with_worker_note(err))
+        return {"images": none.numpy()[None], "bundle": _one(failed)}
     parts = [decoded.get(k, DecodedClass(k, none, [])) for k in classes]
     bundle = DecodedBundle(
         classes=[replace(d, images=none, damage=states[d.k][1]) for d in parts],
@@ -149,6 +158,8 @@ class FeatureExtractor:
         try:
             if self.failed is not None:
                 raise self.failed
+            if bundle.error is not None:
+                raise bundle.error
             images = torch.from_numpy(np.array(batch["images"][0]))  # a writable copy of the object store's view
             decoded = [replace(d, images=x) for d, x, resumed in zip(bundle.classes, images.split(bundle.counts), bundle.resumed)
                        if not resumed]
@@ -157,7 +168,8 @@ class FeatureExtractor:
             rows = [replace(r, worker=os.getpid(), decoder=bundle.decoder) for r in rows]
             errors: list[Exception | None] = [None] * len(rows)
         except Exception as err:  # noqa: BLE001 - sent back whole (Ray Data's UserCodeException loses its type)
-            rows, errors = [ClassExtraction(classes[0], 0, 0, 0, 0.0, resumed=False)], [_with_worker_note(err)]
+            rows = [ClassExtraction(k, 0, 0, 0, 0.0, resumed=False) for k in classes]
+            errors = [_with_worker_note(err)] * len(classes)  # a class of the bundle may be done: a retry finds its marker
         return {"extraction": _column(rows), "error": _column(errors)}
 
 
@@ -197,6 +209,27 @@ def class_bundles(sizes: Sequence[int], classes: Sequence[int], images: int, wor
 WORKER_NOTE = "in the extraction worker:\n"
 
 
+class ClassesFailed(ExceptionGroup):
+    """Some classes of an extraction failed (each error once, with the classes it failed); the
+    other classes are complete in the store. Retryable if each error is (:func:`tasks.runtime.is_retryable`)."""
+
+    @classmethod
+    def of(cls, failed: Mapping[int, Exception], class_names: Sequence[str], total: int) -> ClassesFailed:
+        by_error: dict[int, tuple[Exception, list[int]]] = {}
+        for k, err in sorted(failed.items()):
+            by_error.setdefault(id(err), (err, []))[1].append(k)
+        for err, ks in by_error.values():
+            err.add_note(f"the error of class(es) {_named(ks, class_names)}")
+        return cls(f"extraction failed for {len(failed)} of {total} classes: {_named(sorted(failed), class_names)}; "
+                   "the other classes are in the store, and a retry or a rerun extracts only these",
+                   [err for err, _ in by_error.values()])
+
+
+def _named(classes: Sequence[int], names: Sequence[str], most: int = 20) -> str:
+    shown = ", ".join(f"{k} ({names[k]!r})" for k in classes[:most])
+    return shown + (f" and {len(classes) - most} more" if len(classes) > most else "")
+
+
 def _with_worker_note(err: Exception) -> Exception:
     """``err`` with the worker's traceback as a note (pickling, on its way back, drops tracebacks)."""
     if not any(note.startswith(WORKER_NOTE) for note in getattr(err, "__notes__", [])):
@@ -214,9 +247,11 @@ def extract_features(prepared: Prepared, classes: Sequence[int] | None = None,
     class, in class order (``worker`` and ``decoder``: the pids of the actor that forwarded it and
     of the process that decoded it; classes already complete come back ``resumed`` without any work).
 
-    The classes that had a completion marker when the run's prepare step listed the store (under
-    the run's lease), ``prepared.done``, are read back and checked; the others are extracted
-    without looking for their markers first (a request per class)."""
+    The store's completion markers are listed first (one LIST: under the run's lease nobody else
+    writes them, and a retry of the step starts from what the failed attempt finished); the
+    classes that have one are read back and checked, the others are extracted without looking
+    for their markers (a request per class). A class that fails does not stop the others: once
+    every other class is done, :class:`ClassesFailed` names the failed ones."""
     run = prepared.run
     compute = run.config.compute
     todo = list(range(len(prepared.class_names)) if classes is None else classes)
@@ -226,7 +261,7 @@ def extract_features(prepared: Prepared, classes: Sequence[int] | None = None,
     initial, largest = extract_pool_bounds(ray.cluster_resources(), cluster_most(), compute.extract_gpus, len(todo),
                                            compute.max_extract_workers)
     bundles = class_bundles(prepared.sizes, todo, compute.batch_size, largest)
-    listed = set(prepared.done)
+    listed = set(run.store.done_classes())
     items = [{"classes": b, "marked": [k in listed for k in b]} for b in bundles]
     ds = ray.data.from_items(items, override_num_blocks=len(bundles))
     ds = ds.map_batches(_decode, fn_kwargs={"run": run}, batch_size=1, num_cpus=1)
@@ -238,10 +273,14 @@ def extract_features(prepared: Prepared, classes: Sequence[int] | None = None,
         num_gpus=compute.extract_gpus,
         num_cpus=1,
     )
+    failed: dict[int, Exception] = {}
     for row in ds.iter_rows():
         if row["error"] is not None:
-            raise row["error"]
+            failed[row["extraction"].k] = row["error"]
+            continue
         out.append(row["extraction"])
         if on_class is not None:
             on_class(row["extraction"])
+    if failed:
+        raise ClassesFailed.of(failed, prepared.class_names, len(todo))
     return sorted(out, key=lambda r: r.k)

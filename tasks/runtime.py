@@ -49,11 +49,13 @@ def is_retryable(exc: BaseException) -> bool:
     Yes for a lost worker, actor, node or object (Ray's errors above), the network (connection
     errors, timeouts, other I/O errors) and timeouts. No for everything else: the project's
     errors (``ConfigError``, ``StoreError``, ``ArtifactError``, all ValueErrors), a missing file or
-    a refused access, a bug. An error raised in a Ray task arrives wrapped in a
+    a refused access, a bug. A group of errors (classes that failed apart) is retryable if each is. An error raised in a Ray task arrives wrapped in a
     ``ray.exceptions.RayTaskError``; the error it carries (``.cause``) decides.
     """
     while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException) and exc.cause is not exc:
         exc = exc.cause
+    if isinstance(exc, BaseExceptionGroup):  # several failures (classes of an extraction): each must heal
+        return all(is_retryable(e) for e in exc.exceptions)
     if isinstance(exc, _RAY_HEALABLE):
         return True
     if isinstance(exc, _OS_FINAL):

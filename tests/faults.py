@@ -12,12 +12,16 @@ variables (set by a test, forwarded to the workers) ask:
   kill would;
 - ``PROTONMF_FAULT_KILL_EXTRACT_ONCE``: a file; while it does not exist, an extraction actor dies
   when it is about to write a class's completion marker, after writing to the file its pid, the
-  marker's path and the class's objects in the store then (written whole but for the marker).
+  marker's path and the class's objects in the store then (written whole but for the marker);
+- ``PROTONMF_FAULT_DECODE_FAILS``: a JSON file ``{class: n}``; decoding a bundle that holds class
+  ``class`` fails ``n`` more times with a reset connection (the file counts down).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import json
 import os
 import sys
@@ -27,7 +31,8 @@ from typing import Any
 ATTEMPT_LOG = "PROTONMF_ATTEMPT_LOG"
 KILL_ONCE = "PROTONMF_FAULT_KILL_ONCE"
 KILL_EXTRACT_ONCE = "PROTONMF_FAULT_KILL_EXTRACT_ONCE"
-VARIABLES = (ATTEMPT_LOG, KILL_ONCE, KILL_EXTRACT_ONCE)
+DECODE_FAILS = "PROTONMF_FAULT_DECODE_FAILS"
+VARIABLES = (ATTEMPT_LOG, KILL_ONCE, KILL_EXTRACT_ONCE, DECODE_FAILS)
 
 
 def runtime_env(base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -42,12 +47,38 @@ def runtime_env(base: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def install() -> None:
-    """In a Ray worker: wrap the pipeline's group steps and the forward-and-write of extraction."""
-    from protonmf import pipeline
+    """In a Ray worker, when it starts: wrap the pipeline's group steps, the decoding and the
+    forward-and-write of extraction once :mod:`protonmf.pipeline` is imported (not before: the
+    worker's first task imports torch, after Ray has set its thread count)."""
+    if "protonmf.pipeline" in sys.modules:
+        _wrap(sys.modules["protonmf.pipeline"])
+        return
+    sys.meta_path.insert(0, _WrapOnImport())
 
+
+class _WrapOnImport(importlib.abc.MetaPathFinder):
+    """Finds ``protonmf.pipeline`` as usual, and wraps its steps once it has been executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "protonmf.pipeline":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_and_wrap(module):
+            execute(module)
+            _wrap(module)
+
+        spec.loader.exec_module = exec_and_wrap
+        return spec
+
+
+def _wrap(pipeline) -> None:
     for name in ("fit_prototype_group", "learn_concept_group"):
         setattr(pipeline, name, _logged_and_killable(getattr(pipeline, name)))
     pipeline.forward_group = _dies_before_a_marker(pipeline.forward_group)
+    pipeline.decode_group = _fails_for_some_classes(pipeline.decode_group)
 
 
 def _logged_and_killable(step: Callable) -> Callable:
@@ -96,3 +127,21 @@ def _die_at_marker_write(store, markers: dict[str, int], record: str) -> None:
         return pipe_file(target, *args, **kwargs)
 
     fs.pipe_file = pipe_file_or_die
+
+
+def _fails_for_some_classes(decode_group: Callable) -> Callable:
+    @functools.wraps(decode_group)
+    def wrapped(run, classes, *args, **kwargs):
+        path = os.environ.get(DECODE_FAILS)
+        if path and os.path.exists(path):
+            left = json.loads(open(path).read() or "{}")
+            hit = [k for k in classes if left.get(str(k), 0) > 0]
+            if hit:
+                for k in hit:
+                    left[str(k)] -= 1
+                with open(path, "w") as f:
+                    f.write(json.dumps(left))
+                raise ConnectionResetError(f"injected: the images of class {hit[0]} could not be read")
+        return decode_group(run, classes, *args, **kwargs)
+
+    return wrapped

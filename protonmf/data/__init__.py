@@ -9,7 +9,7 @@
 """
 
 from protonmf.data.batching import iter_batches, load_images
-from protonmf.data.decode import ALPHA_BACKGROUND, decode_image, load_image, to_rgb
+from protonmf.data.decode import ALPHA_BACKGROUND, READ_RETRY, ImageReadError, ReadRetry, decode_image, load_image, to_rgb
 from protonmf.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from protonmf.data.records import Batch, Record, Skipped
 from protonmf.data.sources import SOURCE_KINDS, CUBSource, DigitsSource, ImageFolderSource, ImageSource, make_source
@@ -19,7 +19,7 @@ from protonmf.data.sources.relabel import relabel_by_name
 from protonmf.data.store import FeatureStore, StoreError
 
 __all__ = [
-    "ALPHA_BACKGROUND", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCE_KINDS", "Batch", "CUBSource",
+    "ALPHA_BACKGROUND", "IMAGENET_MEAN", "READ_RETRY", "ImageReadError", "ReadRetry", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCE_KINDS", "Batch", "CUBSource",
     "DigitsSource", "FeatureStore", "ImageFolderSource", "ImageSource", "Preprocess", "Record", "Skipped", "StoreError", "SyntheticSource",
     "decode_image", "iter_batches", "load_image", "load_images", "make_source", "relabel_by_name", "to_rgb",
 ]

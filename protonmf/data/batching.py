@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFile
 from torch import Tensor
 
-from protonmf.data.decode import describe_error
+from protonmf.data.decode import ImageReadError, describe_error
 from protonmf.data.records import Batch, Record, Skipped
 from protonmf.data.sources.base import ImageSource
 
@@ -29,7 +29,9 @@ def _default_workers() -> int:
 def _load_one(source: ImageSource, preprocess: Callable[[Image.Image], Tensor], record: Record) -> tuple[Tensor | None, str | None]:
     try:
         img, reason = source.load(record)
-    except Exception as err:  # a source's load must not raise, but never let one stop the run
+    except (ImageReadError, PermissionError):
+        raise  # the bytes could not be read: the class fails, nothing is dropped
+    except Exception as err:  # any other error of a source's load is the image's: skipped and recorded
         return None, f"load failed: {record.uri}: {describe_error(err)}"
     if img is None:
         return None, reason or f"load failed: {record.uri}"

@@ -8,18 +8,29 @@
     truncated and non-image files give ``(None, reason)``; PIL's global
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone (False), so a truncated file is skipped and
     reported rather than loaded half-grey.
+
+    A failed *read* is not a bad image: what the bytes show (empty, not an image, truncated, too
+    large) and a missing object are skips, but a throttled, reset, timed-out or failed request is
+    retried with backoff (:class:`ReadRetry`) and then raises :class:`ImageReadError`, so the
+    class fails (and is retried) instead of losing the image without a word.
 """
 
 from __future__ import annotations
 
 import io
+import random
+import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from protonmf.storage import to_fs
+
+T = TypeVar("T")
 
 #: The background that transparent pixels are composited on.
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
@@ -32,6 +43,45 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 def describe_error(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class ImageReadError(OSError):
+    """The bytes of an image could not be read (the network, the object store), as opposed to
+    bytes that are no usable image: never a skip. An OSError: a step that raises it is retried."""
+
+
+#: Errors that say the object is not there, or is a folder: the same answer on every attempt.
+_ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+@dataclass(frozen=True)
+class ReadRetry:
+    """How a read is retried: ``attempts`` in all, waiting ``backoff`` seconds before the second,
+    twice as long before each next one up to ``cap``, each wait drawn uniformly below that
+    ("full jitter": readers throttled together do not come back together)."""
+
+    attempts: int = 6
+    backoff: float = 0.5
+    cap: float = 20.0
+
+    def read(self, uri: str, read: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+        """``read()``, retried on any error but a missing object (raised at once: a skip to the
+        caller) and a refused access (raised at once: a retry gets the same answer); when every
+        attempt failed, :class:`ImageReadError` naming ``uri``, the attempts and the last error."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return read()
+            except (*_ABSENT, PermissionError):
+                raise
+            except Exception as err:  # noqa: BLE001 - throttling, resets, timeouts, 5xx: all "try again"
+                if attempt == self.attempts:
+                    raise ImageReadError(f"read error: {uri}: {describe_error(err)} (after {attempt} attempt(s))") from err
+                sleep(random.uniform(0, min(self.cap, self.backoff * 2 ** (attempt - 1))))
+        raise AssertionError("unreachable")
+
+
+#: The default of every source (``storage.read_attempts`` and ``storage.read_backoff`` in a run).
+READ_RETRY = ReadRetry()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -90,7 +140,7 @@ def decode_image(data: bytes, name: str = "<bytes>") -> tuple[Image.Image | None
     return rgb, None
 
 
-def load_image(uri: str, fs: Any = None) -> tuple[Image.Image | None, str | None]:
+def load_image(uri: str, fs: Any = None, retry: ReadRetry = READ_RETRY) -> tuple[Image.Image | None, str | None]:
     """Read and decode the image at ``uri``.
 
     Parameters
@@ -98,23 +148,26 @@ def load_image(uri: str, fs: Any = None) -> tuple[Image.Image | None, str | None
     uri : str, a path in ``fs`` or a full URI (``s3://bucket/key``, ``file:///x``, a local path).
     fs : fsspec filesystem or None (then the one of ``uri``, with credentials from the
         environment).
+    retry : how a failed read is retried (:class:`ReadRetry`).
 
     Returns
     -------
     (image, None) with an RGB PIL image (see :func:`to_rgb`), or (None, reason) where reason
-    starts with ``"missing file"``, ``"read error"``, ``"empty file"``, ``"not an image"``,
-    ``"truncated image"``, ``"corrupt image"`` or ``"image too large"``. Never raises.
+    starts with ``"missing file"``, ``"read error"`` (a folder), ``"empty file"``, ``"not an image"``,
+    ``"truncated image"``, ``"corrupt image"`` or ``"image too large"``.
+
+    Raises
+    ------
+    ImageReadError : every attempt to read the bytes failed. PermissionError : access refused.
     """
+    if fs is None:
+        fs, path = to_fs(uri)
+    else:
+        path = uri
     try:
-        if fs is None:
-            fs, path = to_fs(uri)
-        else:
-            path = uri
-        data = fs.cat_file(path)
+        data = retry.read(uri, lambda: fs.cat_file(path))
     except FileNotFoundError as err:
         return None, f"missing file: {uri}: {describe_error(err)}"
-    except IsADirectoryError as err:
+    except (IsADirectoryError, NotADirectoryError) as err:
         return None, f"read error: {uri} is a directory: {describe_error(err)}"
-    except Exception as err:
-        return None, f"read error: {uri}: {describe_error(err)}"
     return decode_image(data, uri)

@@ -21,6 +21,7 @@ import numpy as np
 
 from protonmf.config import Config
 from protonmf.data import ImageSource, make_source
+from protonmf.data.decode import ReadRetry
 from protonmf.data.sources import IN_MEMORY_KINDS
 from protonmf.data.index import class_sizes, index_table, open_index, read_index, write_index
 from protonmf.data.sources.relabel import relabel_by_name
@@ -134,8 +135,8 @@ def make_split_source(
     index = config.data.train_index if split == "train" else config.data.val_index
     if split == "train" or in_memory(config):
         if index:
-            return open_index(index, labels=labels, storage_options=opts)
-        source = list_split(config, split)
+            return _reading(config, open_index(index, labels=labels, storage_options=opts))
+        source = _reading(config, list_split(config, split))
         return source if labels is None else _only(source, labels)
     reference = list(classes) if classes is not None else _training_classes(config)
     if index:
@@ -144,7 +145,14 @@ def make_split_source(
         source = open_index(index, labels=wanted, storage_options=opts)
     else:
         source = list_split(config, split)
-    return relabel_by_name(source, reference, unknown=config.data.unknown_val_classes, what="data.val")
+    return relabel_by_name(_reading(config, source), reference, unknown=config.data.unknown_val_classes, what="data.val")
+
+
+def _reading(config: Config, source: ImageSource) -> ImageSource:
+    """``source`` reading its images with the run's retries (``storage.read_attempts``, ``storage.read_backoff``)."""
+    s = config.storage
+    source.read_retry = ReadRetry(attempts=s.read_attempts, backoff=s.read_backoff)
+    return source
 
 
 def _only(source: ImageSource, labels: Sequence[int]) -> ImageSource:

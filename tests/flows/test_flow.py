@@ -239,7 +239,12 @@ def test_a_damaged_class_whose_images_are_gone_fails_the_run_once_naming_it(runt
     for image in sorted((tmp_path / "train" / name).iterdir())[:3]:
         image.unlink()
 
-    error, attempts = run_counted(config)
+    from tasks.extract import ClassesFailed
+
+    group, attempts = run_counted(config)
+    assert isinstance(group, ClassesFailed), repr(group)
+    assert str(group).startswith(f"extraction failed for 1 of {N_CLASSES} classes: 1 ('{name}')")
+    (error,) = group.exceptions  # the other classes are checked and left as they are
     assert isinstance(error, StoreError), repr(error)
     assert str(error).startswith(
         f"class 1 ('{name}') of the feature store at 's3://flows/gone/features' is damaged: chunk 0 (images 0–9) is "

@@ -1,6 +1,11 @@
 """Extraction on Ray: the data listed once (by prepare), workers that never list it, an actor pool
 sized to the cluster, and features bit-identical to extraction in one process."""
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +19,8 @@ pytestmark = pytest.mark.slow
 
 N_CPUS = 2
 N_CLASSES = 4
+#: How often decoding each class fails (tests/faults.py), for the cluster's workers.
+DECODE_FAILS = Path(tempfile.mkdtemp(prefix="decode-fails-")) / "fails.json"
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +36,18 @@ def cluster(bucket):
     import ray
 
     from tasks.runtime import worker_env
+    from tests import faults
 
+    os.environ[faults.DECODE_FAILS] = str(DECODE_FAILS)  # no failures until a test writes some
     ray.init(num_cpus=N_CPUS, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker_env()})
+             runtime_env=faults.runtime_env({"env_vars": worker_env()}))
     # The pool starts at its full size; dispatch once every actor is up, so each one takes classes.
     ctx = ray.data.DataContext.get_current()
     saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
     yield
     ctx.wait_for_min_actors_s = saved
     ray.shutdown()
+    os.environ.pop(faults.DECODE_FAILS)
 
 
 def test_pool_size_is_what_the_cluster_holds_or_the_cap(cluster):
@@ -198,3 +208,69 @@ def test_evaluation_shards_read_the_val_index_on_a_pool_and_list_nothing(cluster
     finally:
         torch.set_num_threads(threads)
     assert ev == {**local, "n_skipped_unknown_class": 0, "unknown_classes": {}}
+
+
+def test_a_failed_class_does_not_stop_the_others_and_a_retry_extracts_it_alone(cluster, bucket, prepared):
+    """Decoding class 2 fails (a reset connection): the other classes are extracted and marked, the
+    step fails naming class 2 with an error Prefect retries, and the retry, from the markers as they
+    are now, reads the three complete classes back and extracts class 2 alone."""
+    from protonmf.pipeline import Run
+    from tasks.extract import ClassesFailed, extract_features
+    from tasks.prepare import prepare_run
+    from tasks.runtime import is_retryable
+
+    tree = {**prepared, "storage": {"features": f"s3://{bucket}/one-fails/features", "model": f"s3://{bucket}/one-fails/model"}}
+    ready = prepare_run(Run(parse_config(tree)))
+    DECODE_FAILS.write_text(json.dumps({"2": 1}))
+    name = ready.class_names[2]
+    with pytest.raises(ClassesFailed, match=rf"^extraction failed for 1 of 4 classes: 2 \('{name}'\); the other classes "
+                                            r"are in the store, and a retry or a rerun extracts only these") as failed:
+        extract_features(ready)
+    (err,) = failed.value.exceptions
+    assert isinstance(err, ConnectionResetError) and f"the error of class(es) 2 ('{name}')" in err.__notes__
+    assert is_retryable(failed.value)
+    store = FeatureStore.open(f"s3://{bucket}/one-fails/features")
+    assert store.done_classes() == [0, 1, 3]
+    rows = extract_features(ready)  # what a Prefect retry of the step runs: the same prepared run
+    assert [(r.k, r.resumed) for r in rows] == [(0, True), (1, True), (2, False), (3, True)]
+    assert rows[2].n_images == 5 and store.done_classes() == [0, 1, 2, 3] and store.check_class(2) is None
+    reference = FeatureStore.open(f"s3://{bucket}/features")  # the first test's store: the same features
+    for k in range(N_CLASSES):
+        assert torch.equal(store.read_class(k), reference.read_class(k)), k
+
+
+def test_throttled_reads_lose_no_image_and_an_outage_fails_its_class_until_it_ends(cluster, bucket, prepared, s3_server):
+    """Every request of the run through a fault-injecting proxy in front of moto, the client's own
+    retries cut to one attempt: throttling and resets past them are retried by the run
+    (``storage.read_attempts``) and every image ends in the store; an outage longer than that
+    fails its class, never skips an image, and once it ends a retry extracts that class alone."""
+    from protonmf.data import ImageReadError
+    from protonmf.pipeline import Run
+    from tasks.extract import ClassesFailed, extract_features
+    from tasks.prepare import prepare_run
+    from tests.s3_proxy import Fault, S3Proxy
+
+    with S3Proxy(s3_server) as proxy:
+        options = {"client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+        tree = {**prepared, "storage": {"features": f"s3://{bucket}/throttled/features", "model": f"s3://{bucket}/throttled/model",
+                                        "storage_options": options, "read_attempts": 4, "read_backoff": 0.01}}
+        ready = prepare_run(Run(parse_config(tree)))
+        train = ready.run.source("train")
+        key = {k: [r.uri.removeprefix("s3://") for r in train.records_of(k)] for k in range(N_CLASSES)}
+        proxy.faults = [Fault("slowdown", key[0][1], times=12), Fault("slowdown", key[1][4], times=7),
+                        Fault("reset", key[3][0], times=6), Fault("slowdown", key[2][2], times=1000)]
+        with pytest.raises(ClassesFailed, match=r"^extraction failed for 1 of 4 classes: 2 ") as failed:
+            extract_features(ready)
+        (err,) = failed.value.exceptions
+        assert isinstance(err, ImageReadError) and f"read error: s3://{key[2][2]}" in str(err)
+        assert proxy.injected[("slowdown", f"/{key[2][2]}")] == 4 * 5  # the run's 4 attempts, s3fs's 5 each
+        assert proxy.injected[("slowdown", f"/{key[0][1]}")] == 12 and proxy.injected[("reset", f"/{key[3][0]}")] == 6
+        proxy.faults = []  # the outage ends
+        rows = extract_features(ready)
+    assert [(r.k, r.resumed, r.n_skipped) for r in rows] == [(0, True, 0), (1, True, 0), (2, False, 0), (3, True, 0)]
+    store = FeatureStore.open(f"s3://{bucket}/throttled/features")
+    records = store.read_records()
+    assert records.num_rows == 5 * N_CLASSES and records["skipped"].null_count == 5 * N_CLASSES  # every image, none skipped
+    reference = FeatureStore.open(f"s3://{bucket}/features")
+    for k in range(N_CLASSES):
+        assert torch.equal(store.read_class(k), reference.read_class(k)), k

@@ -8,7 +8,9 @@ from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 
 from protonmf.artifact import ArtifactError
 from protonmf.config import ConfigError
+from protonmf.data import ImageReadError
 from protonmf.data.store import StoreError
+from tasks.extract import ClassesFailed
 from tasks.runtime import is_retryable
 
 
@@ -30,6 +32,9 @@ HEALS = {
     "an S3 read timed out": ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
     "a reset connection, raised in a Ray task": from_ray_task(ConnectionResetError("reset")),
     "a Ray task's worker died inside another Ray task": from_ray_task(ray.exceptions.WorkerCrashedError()),
+    "an image read that failed every attempt": ImageReadError("read error: s3://b/x.png: SlowDown (after 6 attempt(s))"),
+    "classes of an extraction that failed on the network": ClassesFailed.of(
+        {2: ConnectionResetError("reset"), 5: ImageReadError("read error")}, [f"c{k}" for k in range(8)], 8),
 }
 
 FINAL = {
@@ -45,6 +50,8 @@ FINAL = {
     "a missing file, raised in a Ray task": from_ray_task(FileNotFoundError("gone")),
     "an error of a Ray Data UDF (its cause is lost on the way)": from_ray_task(ray.exceptions.UserCodeException("UDF failed")),
     "a cancelled task": ray.exceptions.TaskCancelledError(),
+    "classes of an extraction, one of them damaged": ClassesFailed.of(
+        {2: ConnectionResetError("reset"), 5: StoreError("class 5 is damaged")}, [f"c{k}" for k in range(8)], 8),
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from protonmf.data.decode import READ_RETRY, ReadRetry
 from protonmf.data.records import Record
 from protonmf.storage import to_fs
 
@@ -24,6 +25,8 @@ class ImageSource:
     records: list[Record]
     #: names of the keypoints every record carries (``Record.keypoints``), or None: no keypoints
     keypoint_names: tuple[str, ...] | None = None
+    #: how a failed read of an image's bytes is retried before it fails (:class:`~protonmf.data.decode.ReadRetry`)
+    read_retry: ReadRetry = READ_RETRY
 
     @property
     def num_classes(self) -> int:

@@ -195,7 +195,7 @@ class CUBSource(ImageSource):
         return full if self._local else self.fs.unstrip_protocol(full)
 
     def load(self, record: Record) -> tuple[Image.Image | None, str | None]:
-        img, reason = load_image(record.uri, self.fs)
+        img, reason = load_image(record.uri, self.fs, self.read_retry)
         if img is None or not self.crop or record.bbox is None:
             return img, reason
         box = _crop_box(record.bbox, img.size)

@@ -200,7 +200,7 @@ class ImageFolderSource(ImageSource):
         return full if self._local else self.fs.unstrip_protocol(full)
 
     def load(self, record: Record) -> tuple[Image.Image | None, str | None]:
-        return load_image(record.uri, self.fs)
+        return load_image(record.uri, self.fs, self.read_retry)
 
     def _describe(self) -> str:
         return repr(self.root)

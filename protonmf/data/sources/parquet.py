@@ -158,17 +158,15 @@ class ParquetSource(ShardSource):
 
     def load(self, record: Record) -> tuple[Image.Image | None, str | None]:
         shard = record.uri.rsplit("#", 1)[0]
+        row = int(record.index)
         try:
-            starts = self._row_starts(shard)
-            row = int(record.index)
+            starts = self.read_retry.read(record.uri, lambda: self._row_starts(shard))
             if row >= starts[-1]:
                 return None, f"missing file: {record.uri}: the shard has {int(starts[-1])} rows"
             group = int(np.searchsorted(starts, row, side="right")) - 1
-            value = self._row_group(shard, group)[row - int(starts[group])]
+            value = self.read_retry.read(record.uri, lambda: self._row_group(shard, group))[row - int(starts[group])]
         except FileNotFoundError as err:
             return None, f"missing file: {record.uri}: {describe_error(err)}"
-        except Exception as err:
-            return None, f"read error: {record.uri}: {describe_error(err)}"
         data = value.as_py()
         if isinstance(data, dict):
             data = data.get("bytes")

@@ -102,11 +102,10 @@ class WebDatasetSource(ShardSource):
         if record.nbytes == 0:  # an empty member: nothing to read (an empty byte range is not one to S3)
             return decode_image(b"", record.uri)
         try:
-            data = self.fs.cat_file(shard, start=record.offset, end=record.offset + record.nbytes)
+            data = self.read_retry.read(record.uri, lambda: self.fs.cat_file(shard, start=record.offset,
+                                                                             end=record.offset + record.nbytes))
         except FileNotFoundError as err:
             return None, f"missing file: {record.uri}: {describe_error(err)}"
-        except Exception as err:
-            return None, f"read error: {record.uri}: {describe_error(err)}"
         if len(data) != record.nbytes:
             return None, f"truncated image: {record.uri}: {len(data)} of {record.nbytes} bytes (the shard changed since it was listed)"
         return decode_image(data, record.uri)
