@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go: ``benchmarks/results/``, or ``$PROTONMF_BENCH_RESULTS`` (the CPU run of the
+#: GPU smoke script in the tests writes there, not over the measured files).
+RESULTS = Path(os.environ.get("PROTONMF_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def feature_matrix(n: int, D: int = 512, rank: int = 24, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

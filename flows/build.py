@@ -21,7 +21,7 @@ import tasks.evaluate  # noqa: E402
 import tasks.fit  # noqa: E402
 import tasks.publish  # noqa: E402
 from flows.shared import (  # noqa: E402
-    Stopwatch, coerce_config, extract_features, prepare_run, progress, run_owner, step, with_retries,
+    Stopwatch, coerce_config, extract_features, prepare_run, progress, run_owner, step, still_held, with_retries,
 )
 from protonmf.config import Config  # noqa: E402
 from protonmf.data.extract import ClassExtraction  # noqa: E402
@@ -74,14 +74,18 @@ def _report(config: Config, class_names: list[str], extraction: list[ClassExtrac
     images = sum(r.n_images for r in extraction)
     skipped = sum(r.n_skipped for r in extraction)
     resumed = sum(r.resumed for r in extraction)
+    retried = [(class_names[r.k], r.retried) for r in extraction if r.retried]
+    retries = (f"Reads retried (throttled, reset or timed out, then read): {sum(n for _, n in retried)}, in "
+               f"{', '.join(f'{name} ({n})' for name, n in retried[:20])}{' …' if len(retried) > 20 else ''}.\n"
+               if retried else "")
     markdown = f"""# Prototype model: {config.backbone.arch}
 
 Published at `{uri}` (p = {p0}; also {', '.join(map(str, config.prototypes.p[1:])) or 'no other p'}; residual {config.prototypes.residual}).
 Report: `{evaluation.get('report', 'not written')}`.
 
 {evaluation_markdown(evaluation)}
-Classes: {len(class_names)} done ({resumed} resumed from an earlier run); images used {images}, skipped {skipped}.
-{_no_images_note(no_images)}
+Classes: {len(class_names)} done ({resumed} up to date from an earlier run); images used {images}, skipped {skipped}.
+{retries}{_no_images_note(no_images)}
 Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in timings.items())}
 """
     create_markdown_artifact(markdown, key="run-summary", description="build_prototype_model summary")
@@ -101,7 +105,7 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
         run, prepare_run, extract_features, fit_prototype_groups, publish_prototype_model, evaluate_prototype_model)
     timed = Stopwatch()
     # one run at a time on the store and the model (the driver takes the leases: they are only storage)
-    with run.leases(("model",), owner=run_owner()), ray_session(run):
+    with run.leases(("model",), owner=run_owner()) as held, ray_session(run):
         with timed("prepare"):
             prepared = prepare(run)
         run, class_names = prepared.run, prepared.class_names
@@ -110,12 +114,15 @@ def build_prototype_model(config: dict[str, Any] | str, overrides: list[str] | N
         with timed("fit"):
             fits = fit(run, len(class_names))
         with timed("publish"):
+            still_held(held)  # a run whose lease was taken over publishes nothing
             uri = publish(run)
         with timed("evaluate"):
             evaluation, shards = evaluate(run)
     summary = _report(run.config, class_names, extraction, fits, evaluation, uri, timed.seconds)
     get_run_logger().info(summary)
     work = {"classes_extracted": sum(not r.resumed for r in extraction), "groups_fitted": sum(not g.resumed for g in fits)}
+    retried = {class_names[r.k]: r.retried for r in extraction if r.retried}
     no_images = [class_names[k] for g in fits for k in g.no_images]
     return {"model": uri, "evaluation": evaluation, "evaluation_shards": shards, "timings": timed.seconds,
-            "classes": len(class_names), "work": work, "classes_without_images": no_images, "summary": summary}
+            "classes": len(class_names), "work": work, "classes_without_images": no_images, "reads_retried": retried,
+            "summary": summary}

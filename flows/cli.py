@@ -34,6 +34,14 @@ def _print_result(result: dict) -> None:
     if ev.get("report"):
         print(f"report:           {ev['report']}")
     print(f"classes:          {result['classes']}")
+    if "work" in result:
+        w = result["work"]
+        fresh = " (up to date: nothing extracted, fitted or published)" if not any(w.values()) else ""
+        print(f"work:             {w['classes_extracted']} classes extracted, {w['groups_fitted']} groups fitted{fresh}")
+    if result.get("reads_retried"):
+        retried = result["reads_retried"]
+        print(f"reads retried:    {sum(retried.values())} (throttled, reset or timed out, then read), in "
+              + ", ".join(f"{name} ({n})" for name, n in list(retried.items())[:10]) + (" …" if len(retried) > 10 else ""))
     for line in evaluation_lines(ev):
         print(line)
 
@@ -155,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the whole flow on a config")
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--verify", action="store_true",
+                     help="read every extracted class back against its checksums, extracting again what is damaged "
+                          "(storage.verify); a rerun otherwise trusts the markers and the listing")
     cr = sub.add_parser("craft", help="CRAFT concepts of every class: importance, sub-concepts, maps, figures")
     cr.add_argument("config")
     cr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(str(demo_config), [f"storage.features={out}/features", f"storage.model={out}/model",
                                             f"storage.concepts={out}/concepts"])
         if args.command == "run":
-            return _run(args.config, args.set)
+            return _run(args.config, args.set + (["storage.verify=true"] if args.verify else []))
         if args.command == "craft":
             return _craft(args.config, args.set)
         if args.command == "explain":

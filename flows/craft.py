@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 import tasks.craft  # noqa: E402
 from flows.shared import (  # noqa: E402
-    Stopwatch, coerce_config, extract_features, prepare_run, progress, run_owner, step, with_retries,
+    Stopwatch, coerce_config, extract_features, prepare_run, progress, run_owner, step, still_held, with_retries,
 )
 from protonmf.config import Config  # noqa: E402
 from protonmf.craft.artifact import ConceptSet  # noqa: E402
@@ -103,7 +103,7 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
     prepare, extract, plan_images, learn, publish = with_retries(
         run, prepare_run, extract_features, plan_concept_images, learn_concept_groups, publish_concept_set)
     timed = Stopwatch()
-    with run.leases(("concepts",), owner=run_owner()), ray_session(run):
+    with run.leases(("concepts",), owner=run_owner()) as held, ray_session(run):
         with timed("prepare"):
             prepared = prepare(run)
         run, class_names = prepared.run, prepared.class_names
@@ -113,6 +113,7 @@ def craft_concepts(config: dict[str, Any] | str, overrides: list[str] | None = N
             plan = plan_images(run)
             groups = learn(run, plan, len(class_names))
         with timed("publish"):
+            still_held(held)  # a run whose lease was taken over publishes nothing
             uri = publish(run)
     summary = ConceptSet.read_manifest(uri, storage_options=run.storage_options)["summary"]
     get_run_logger().info(_report(run.config, class_names, groups, summary, uri, timed.seconds))

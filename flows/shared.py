@@ -24,6 +24,7 @@ import tasks.extract  # noqa: E402
 import tasks.prepare  # noqa: E402
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
 from protonmf.data.extract import ClassExtraction  # noqa: E402
+from protonmf.lease import Lease  # noqa: E402
 from protonmf.pipeline import Prepared, Run  # noqa: E402
 from tasks.runtime import is_retryable  # noqa: E402
 
@@ -75,6 +76,13 @@ def with_retries(run: Run, *steps: Task) -> tuple[Task, ...]:
     return tuple(s.with_options(retries=run.config.compute.retries) for s in steps)
 
 
+def still_held(leases: dict[str, Lease]) -> None:
+    """Raise :class:`~protonmf.lease.LeaseLost` unless every lease of ``leases`` is still this run's
+    (each renewed now): called before a publish."""
+    for lease in leases.values():
+        lease.check()
+
+
 def run_owner() -> str:
     """Who holds a run's leases: the flow run's name and id (the process id outside Prefect)."""
     from prefect.runtime import flow_run
@@ -98,9 +106,9 @@ class Stopwatch:
 @step
 def prepare_run(run: Run) -> Prepared:
     """The run with the black box's weights and the dataset index pinned, the class names, the
-    classes already extracted, the images of each class."""
+    images of each class."""
     prepared = tasks.prepare.prepare_run(run)
-    get_run_logger().info("%d classes, %d already extracted", len(prepared.class_names), len(prepared.done))
+    get_run_logger().info("%d classes, %d images", len(prepared.class_names), sum(prepared.sizes))
     return prepared
 
 

@@ -33,7 +33,7 @@ from protonmf.storage import join, read_bytes, sha256, to_fs, write_bytes_atomic
 
 __all__ = [
     "MANIFEST", "POINTER", "VERSIONS", "ArtifactError", "ArtifactReader", "attach_file", "current_manifest",
-    "list_versions", "open_artifact", "write_artifact",
+    "list_versions", "open_artifact", "read_attached", "write_artifact",
 ]
 
 MANIFEST = "manifest.json"
@@ -207,6 +207,16 @@ def current_manifest(uri: str, *, storage_options: dict[str, Any] | None = None)
         return None
     path = join(folder, MANIFEST)
     return json.loads(read_bytes(fs, path)) if fs.exists(path) else None
+
+
+def read_attached(uri: str, version: str | None, name: str, *, storage_options: dict[str, Any] | None = None) -> bytes | None:
+    """The file ``name`` that :func:`attach_file` put beside ``version``, or None if there is none."""
+    fs, root = to_fs(uri, storage_options)
+    parts = (VERSIONS, version, name) if version else (name,)
+    try:
+        return read_bytes(fs, join(root, *parts))
+    except FileNotFoundError:
+        return None
 
 
 def attach_file(uri: str, version: str | None, name: str, data: bytes, *, storage_options: dict[str, Any] | None = None) -> str:

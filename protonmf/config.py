@@ -46,6 +46,10 @@ class DataConfig(_Section):
     # Held-out classes are matched to the training classes by name; one the model does not know
     # is an error ("error") or its images are left out and counted ("skip").
     unknown_val_classes: Literal["error", "skip"] = "error"
+    # A class whose share of skipped images (not an image, truncated, empty, too large, gone,
+    # features not finite) is above this fails, naming its count and the first reasons: a skip is
+    # what the bytes show, and more than a few of them is a broken copy of the data, not noise.
+    max_skipped_fraction: float = Field(0.01, ge=0, le=1)
     # Set by the run's prepare step, not by hand: the dataset index of each split (one Parquet
     # file next to the feature store), which every worker reads instead of listing the data.
     train_index: str | None = None
@@ -53,7 +57,7 @@ class DataConfig(_Section):
 
     #: Keys that say how the data is listed or evaluated, not which features are extracted.
     NOT_IN_FEATURES_KEY: ClassVar[frozenset[str]] = frozenset(
-        {"val", "val_images_per_class", "unknown_val_classes", "train_index", "val_index"})
+        {"val", "val_images_per_class", "unknown_val_classes", "train_index", "val_index", "max_skipped_fraction"})
 
 
 class BackboneConfig(_Section):
@@ -111,6 +115,9 @@ class ComputeConfig(_Section):
     max_extract_workers: int | None = Field(None, ge=1)
     precision: Literal["float32", "bfloat16"] = "float32"  # extraction forward pass (bfloat16: GPU workers)
     channels_last: bool = False  # NHWC convolutions in extraction (GPU workers)
+    # Reads in flight per decode task (its threads): object storage answers a GET in tens of
+    # milliseconds, so a task needs many reads waiting on the network to keep its core decoding.
+    read_threads: int = Field(16, ge=1)
     # Prefect's retries of a step after an error that can heal (tasks.runtime.is_retryable); other
     # errors fail at once. 0 leaves only Ray's retries of a task whose worker died.
     retries: int = Field(2, ge=0)
@@ -141,6 +148,11 @@ class StorageConfig(_Section):
     # of the client's own retries; then its class fails (and is retried), it is never skipped.
     read_attempts: int = Field(6, ge=1)
     read_backoff: float = Field(0.5, ge=0)
+    # A rerun trusts a class whose marker says it was made from the images the listing shows
+    # (their ids and ETags or sizes and mtimes) without reading its features; verify: true
+    # (``protonmf run --verify``) also reads every such class back against its checksums and
+    # extracts again what is damaged. The fit checks what it reads either way.
+    verify: bool = False
 
     @property
     def options(self) -> dict[str, Any] | None:

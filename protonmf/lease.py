@@ -210,6 +210,7 @@ class Lease:
         self._stop = threading.Event()
         self.lost: str | None = None
         self.renewals = 0
+        self._reported = False  # a lost lease already raised by check(): release() does not raise it again
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease {uri}", daemon=True)
         self._thread.start()
 
@@ -232,10 +233,24 @@ class Lease:
         self.renewals += 1
         return True
 
+    def check(self) -> None:
+        """Renew the lease now and raise :class:`LeaseLost` unless it is still ours: a run calls
+        it before it publishes, so a run whose lease was taken over publishes nothing."""
+        if not self.lost:
+            self.renew()
+        if self.lost:
+            self._reported = True
+            raise LeaseLost(f"{self.name}: the lease on {self.uri} was lost ({self.lost}), so nothing was published: "
+                            "another run may be writing there; rerun once it is done (raise storage.lease_seconds "
+                            "if this run was too slow to renew it)")
+
     def release(self) -> None:
-        """Stop renewing and delete the record (if it is still ours); raise :class:`LeaseLost` if it was not."""
+        """Stop renewing and delete the record (if it is still ours); raise :class:`LeaseLost` if it
+        was not (unless :meth:`check` raised it already)."""
         self._stop.set()
         self._thread.join()
+        if self.lost and self._reported:
+            return
         if self.lost:
             raise LeaseLost(f"{self.name}: the lease on {self.uri} was lost during the run ({self.lost}): "
                             f"another run may have written there too; raise storage.lease_seconds")

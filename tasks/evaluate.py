@@ -59,8 +59,12 @@ def evaluate_prototype_model(run: Run, on_shard: Callable[[dict], None] | None =
     Returns the evaluation's JSON (as :func:`~protonmf.evaluation.held_out.evaluate_model` and
     ``protonmf evaluate`` give it) and one row per shard, in record order: ``start``, ``stop``,
     ``n_images``, ``n_skipped`` and ``worker`` (the pid of the actor that measured it);
-    ``on_shard`` is called with each row as it comes (progress).
+    ``on_shard`` is called with each row as it comes (progress). A rerun whose model, held-out
+    data and settings are those of the evaluation kept beside the model takes that one: no image read.
     """
+    kept = pipeline.published_evaluation(run)
+    if kept is not None:
+        return kept
     compute = run.config.compute
     source = run.source("val")  # from the index: the records' count, nothing listed
     shards = pipeline.evaluation_shards(run, len(source.records))
@@ -85,4 +89,6 @@ def evaluate_prototype_model(run: Run, on_shard: Callable[[dict], None] | None =
         for a in actors:  # their GPUs go back before the finishing task asks for one
             ray.kill(a)
     finish = _finish.options(num_gpus=compute.extract_gpus)
-    return ray.get(finish.remote(ref, merge_held_out(parts))), rows
+    evaluation = ray.get(finish.remote(ref, merge_held_out(parts)))
+    pipeline.keep_evaluation(run, evaluation, rows)
+    return evaluation, rows

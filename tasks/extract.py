@@ -115,9 +115,9 @@ def _one(value: object) -> np.ndarray:
 
 
 def _decode(batch: dict[str, np.ndarray], run: Run) -> dict[str, np.ndarray]:
-    """Ray Data stage 1 (CPU): check the classes of the batch's one bundle that prepare found
-    marked complete (read back against their checksums: an intact class is passed on as resumed,
-    undecoded) and decode the others; the bundle goes on as one row, its images concatenated."""
+    """Ray Data stage 1 (CPU): check the classes of the batch's one bundle that the plan found
+    complete (``storage.verify``: read back against their checksums; an intact class is passed on
+    as resumed, undecoded) and decode the others; the bundle goes on as one row, its images concatenated."""
     classes, marked = batch["classes"][0].tolist(), batch["marked"][0].tolist()
     S = run.config.data.preprocess.crop
     none = torch.zeros(0, 3, S, S, dtype=torch.uint8)
@@ -247,22 +247,28 @@ def extract_features(prepared: Prepared, classes: Sequence[int] | None = None,
     class, in class order (``worker`` and ``decoder``: the pids of the actor that forwarded it and
     of the process that decoded it; classes already complete come back ``resumed`` without any work).
 
-    The store's completion markers are listed first (one LIST: under the run's lease nobody else
-    writes them, and a retry of the step starts from what the failed attempt finished); the
-    classes that have one are read back and checked, the others are extracted without looking
-    for their markers (a request per class). A class that fails does not stop the others: once
-    every other class is done, :class:`ClassesFailed` names the failed ones."""
+    What to do is planned first, from the markers as they are now and the dataset index
+    (:func:`~protonmf.pipeline.plan_extraction`: under the run's lease nobody else writes them,
+    and a retry of the step starts from what the failed attempt finished): a class made from the
+    images the listing shows is not touched (no decode task, no chunk read; with
+    ``storage.verify`` it is read back and checked), the others are extracted. With nothing to
+    extract no pipeline starts. A class that fails does not stop the others: once every other
+    class is done, :class:`ClassesFailed` names the failed ones."""
     run = prepared.run
     compute = run.config.compute
-    todo = list(range(len(prepared.class_names)) if classes is None else classes)
-    out: list[ClassExtraction] = []
+    plan = pipeline.plan_extraction(run, list(range(len(prepared.class_names)) if classes is None else classes))
+    out: list[ClassExtraction] = list(plan.current)
+    for row in plan.current:
+        if on_class is not None:
+            on_class(row)
+    todo = sorted(plan.extract + plan.check)
     if not todo:
-        return out
+        return sorted(out, key=lambda r: r.k)
     initial, largest = extract_pool_bounds(ray.cluster_resources(), cluster_most(), compute.extract_gpus, len(todo),
                                            compute.max_extract_workers)
     bundles = class_bundles(prepared.sizes, todo, compute.batch_size, largest)
-    listed = set(run.store.done_classes())
-    items = [{"classes": b, "marked": [k in listed for k in b]} for b in bundles]
+    checked = set(plan.check)
+    items = [{"classes": b, "marked": [k in checked for k in b]} for b in bundles]
     ds = ray.data.from_items(items, override_num_blocks=len(bundles))
     ds = ds.map_batches(_decode, fn_kwargs={"run": run}, batch_size=1, num_cpus=1)
     ds = ds.map_batches(
@@ -282,5 +288,5 @@ def extract_features(prepared: Prepared, classes: Sequence[int] | None = None,
         if on_class is not None:
             on_class(row["extraction"])
     if failed:
-        raise ClassesFailed.of(failed, prepared.class_names, len(todo))
+        raise ClassesFailed.of(failed, prepared.class_names, len(todo) + len(plan.current))
     return sorted(out, key=lambda r: r.k)

@@ -17,7 +17,7 @@ def _fit_prototype_group(run: Run, classes: list[int]) -> GroupFit:
 
 
 @ray.remote(max_retries=2)
-def _published_fits(run: Run, groups: list[list[int]]) -> list[GroupFit] | None:
+def _published_fits(run: Run, groups: list[list[int]]) -> list[GroupFit | None]:
     return pipeline.published_fits(run, groups)
 
 
@@ -25,14 +25,15 @@ def fit_prototype_groups(run: Run, groups: list[list[int]],
                          on_group: Callable[[GroupFit], None] | None = None) -> list[GroupFit]:
     """Fit every group in parallel (GPU tasks when ``compute.fit_gpus`` > 0); results in group order.
 
-    If the model at ``storage.model`` was published from this very fit, its fits are read instead.
+    The groups that the model at ``storage.model`` holds as this fit makes them (an unchanged
+    rerun: all of them; grown data: those whose classes did not change) are read from it instead.
     """
     ref = ray.put(run)  # once, for every task
     published = ray.get(_published_fits.remote(ref, groups))
-    if published is not None:
-        for result in published:
-            if on_group is not None:
-                on_group(result)
-        return published
+    for result in published:
+        if result is not None and on_group is not None:
+            on_group(result)
+    todo = [g for g, result in zip(groups, published) if result is None]
     task = _fit_prototype_group.options(num_gpus=run.config.compute.fit_gpus, num_cpus=1)
-    return gather([task.remote(ref, g) for g in groups], on_group)
+    fitted = iter(gather([task.remote(ref, g) for g in todo], on_group))
+    return [result if result is not None else next(fitted) for result in published]

@@ -14,7 +14,10 @@ variables (set by a test, forwarded to the workers) ask:
   when it is about to write a class's completion marker, after writing to the file its pid, the
   marker's path and the class's objects in the store then (written whole but for the marker);
 - ``PROTONMF_FAULT_DECODE_FAILS``: a JSON file ``{class: n}``; decoding a bundle that holds class
-  ``class`` fails ``n`` more times with a reset connection (the file counts down).
+  ``class`` fails ``n`` more times with a reset connection (the file counts down);
+- ``PROTONMF_FAULT_STEAL_LEASE``: a file; when it exists, the next fit group task to start reads
+  the lease location it names, removes the file, and writes over that lease a live one of another
+  run (as a run that took it over would).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ ATTEMPT_LOG = "PROTONMF_ATTEMPT_LOG"
 KILL_ONCE = "PROTONMF_FAULT_KILL_ONCE"
 KILL_EXTRACT_ONCE = "PROTONMF_FAULT_KILL_EXTRACT_ONCE"
 DECODE_FAILS = "PROTONMF_FAULT_DECODE_FAILS"
-VARIABLES = (ATTEMPT_LOG, KILL_ONCE, KILL_EXTRACT_ONCE, DECODE_FAILS)
+STEAL_LEASE = "PROTONMF_FAULT_STEAL_LEASE"
+VARIABLES = (ATTEMPT_LOG, KILL_ONCE, KILL_EXTRACT_ONCE, DECODE_FAILS, STEAL_LEASE)
 
 
 def runtime_env(base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -77,6 +81,7 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
 def _wrap(pipeline) -> None:
     for name in ("fit_prototype_group", "learn_concept_group"):
         setattr(pipeline, name, _logged_and_killable(getattr(pipeline, name)))
+    pipeline.fit_prototype_group = _steals_a_lease(pipeline.fit_prototype_group)
     pipeline.forward_group = _dies_before_a_marker(pipeline.forward_group)
     pipeline.decode_group = _fails_for_some_classes(pipeline.decode_group)
 
@@ -94,6 +99,26 @@ def _logged_and_killable(step: Callable) -> Callable:
                 f.write(str(os.getpid()))
             os._exit(137)
         return step(*args, **kwargs)
+
+    return wrapped
+
+
+def _steals_a_lease(step: Callable) -> Callable:
+    @functools.wraps(step)
+    def wrapped(run, *args, **kwargs):
+        request = os.environ.get(STEAL_LEASE)
+        if request and os.path.exists(request):
+            with open(request) as f:
+                uri = f.read().strip()
+            os.remove(request)
+            import time
+
+            from protonmf.storage import join, to_fs
+
+            fs, root = to_fs(uri, run.storage_options)
+            record = {"owner": "thief/1", "host": "elsewhere", "pid": 1, "expires": time.time() + 3600}
+            fs.pipe_file(join(root, "lease.json"), json.dumps(record).encode())
+        return step(run, *args, **kwargs)
 
     return wrapped
 

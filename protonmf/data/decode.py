@@ -21,8 +21,9 @@ import io
 import random
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -58,11 +59,19 @@ _ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 class ReadRetry:
     """How a read is retried: ``attempts`` in all, waiting ``backoff`` seconds before the second,
     twice as long before each next one up to ``cap``, each wait drawn uniformly below that
-    ("full jitter": readers throttled together do not come back together)."""
+    ("full jitter": readers throttled together do not come back together).
+
+    ``retried`` counts, by URI, the attempts that failed and were tried again (a run's summary
+    names them: :attr:`~protonmf.data.extract.DecodedClass.retried`)."""
 
     attempts: int = 6
     backoff: float = 0.5
     cap: float = 20.0
+    retried: Counter = field(default_factory=Counter, compare=False, repr=False)
+
+    def retries_of(self, uris: Iterable[str]) -> int:
+        """The failed attempts that were tried again, of reads of ``uris``."""
+        return sum(self.retried.get(u, 0) for u in uris)
 
     def read(self, uri: str, read: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
         """``read()``, retried on any error but a missing object (raised at once: a skip to the
@@ -76,6 +85,7 @@ class ReadRetry:
             except Exception as err:  # noqa: BLE001 - throttling, resets, timeouts, 5xx: all "try again"
                 if attempt == self.attempts:
                     raise ImageReadError(f"read error: {uri}: {describe_error(err)} (after {attempt} attempt(s))") from err
+                self.retried[uri] += 1  # one thread reads a URI at a time: no two threads add to one key
                 sleep(random.uniform(0, min(self.cap, self.backoff * 2 ** (attempt - 1))))
         raise AssertionError("unreachable")
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from protonmf.backbones.feature_backbone import FeatureBackbone
 from protonmf.data import ImageSource, iter_batches
 from protonmf.data.preprocess import Preprocess
-from protonmf.data.records import Record
+from protonmf.data.records import Record, images_sha256
 from protonmf.data.store import RECORD_SCHEMA, FeatureStore
 from protonmf.storage import IN_FLIGHT
 
@@ -45,6 +45,7 @@ class ClassExtraction:
     n_correct: int  # images the black box classifies as their label
     seconds: float
     resumed: bool  # already complete in the store: nothing was recomputed
+    retried: int = 0  # failed reads of its images that were tried again (throttled, reset, timed out)
     worker: int = 0  # pid of the process that forwarded it on Ray (0: in the caller's process)
     decoder: int = 0  # pid of the process that decoded it on Ray (0: in the caller's process)
 
@@ -96,6 +97,17 @@ def _check_same_images(store: FeatureStore, k: int, previous: dict | None, damag
     ))
 
 
+def _check_skipped(store: FeatureStore, k: int, listed: list[tuple[str, str, str | None]], most: float) -> None:
+    """Raise naming class k, its count and its first reasons if more than ``most`` of its images were skipped."""
+    skipped = [(uri, why) for _, uri, why in listed if why]
+    if not listed or len(skipped) <= most * len(listed):
+        return
+    first = "; ".join(f"{uri}: {why}" for uri, why in skipped[:3])
+    raise ValueError(f"data.max_skipped_fraction: class {k} ({store.class_names[k]!r}) skipped {len(skipped)} of its "
+                     f"{len(listed)} images ({100 * len(skipped) / len(listed):.1f}%, more than {100 * most:g}%): {first}"
+                     f"{' …' if len(skipped) > 3 else ''}; repair or remove them, or raise data.max_skipped_fraction")
+
+
 @dataclass
 class DecodedClass:
     """One class read, decoded, resized and cropped: what the CPU half hands to the forward pass.
@@ -108,6 +120,8 @@ class DecodedClass:
         None for an image in ``images``, else why the file was skipped.
     seconds : time spent reading and decoding.
     damage : for a complete class found damaged (extracted again), what was wrong; else None.
+    made_from : :func:`~protonmf.data.records.images_sha256` of the records decoded (the marker keeps it).
+    retried : failed reads of its images that were tried again (:class:`~protonmf.data.decode.ReadRetry`).
     """
 
     k: int
@@ -115,6 +129,8 @@ class DecodedClass:
     entries: list[tuple[str, str, str | None]]
     seconds: float = 0.0
     damage: str | None = None
+    made_from: str | None = None
+    retried: int = 0
 
     @property
     def n_skipped(self) -> int:
@@ -151,14 +167,15 @@ def decode_class(
     chunks = list(_uint8_batches(source, preprocess, records, batch_size, workers, reasons))
     S = preprocess.crop
     images = torch.cat(chunks) if chunks else torch.zeros(0, 3, S, S, dtype=torch.uint8)
-    return DecodedClass(k, images, _entries(records, reasons), time.perf_counter() - start)
+    return DecodedClass(k, images, _entries(records, reasons), time.perf_counter() - start, made_from=images_sha256(records),
+                        retried=source.read_retry.retries_of(r.uri for r in records))
 
 
 class _Forward:
     """The backbone on its device, with the precision and memory layout of the run."""
 
     def __init__(self, backbone: FeatureBackbone, device: torch.device | str | None, precision: str, channels_last: bool,
-                 top_k: int):
+                 top_k: int, max_skipped_fraction: float = 1.0):
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
         self.device = torch.device(device) if device is not None else backbone.device
@@ -168,25 +185,27 @@ class _Forward:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.precision = precision
         self.top_k = min(top_k, backbone.num_classes)
+        self.max_skipped_fraction = max_skipped_fraction
 
     def write_class(
         self, store: FeatureStore, k: int, batches: Iterable[Tensor], preprocess: Preprocess,
         entries: Callable[[], list[tuple[str, str, str | None]]], on_batch: Callable[[int], None] | None = None,
-        previous: tuple[dict | None, str | None] | None = None,
+        previous: tuple[dict | None, str | None] | None = None, made_from: str | None = None,
     ) -> tuple[int, int, int]:
         """Forward uint8 ``batches`` of class k and write the class; (n used, n skipped, n correct)."""
-        return self.forward_class(store, k, batches, preprocess, entries, on_batch, previous).write(store)
+        return self.forward_class(store, k, batches, preprocess, entries, on_batch, previous, made_from).write(store)
 
     def forward_class(
         self, store: FeatureStore, k: int, batches: Iterable[Tensor], preprocess: Preprocess,
         entries: Callable[[], list[tuple[str, str, str | None]]], on_batch: Callable[[int], None] | None = None,
-        previous: tuple[dict | None, str | None] | None = None,
+        previous: tuple[dict | None, str | None] | None = None, made_from: str | None = None,
     ) -> _Forwarded:
         """Forward uint8 ``batches`` of class k: what :meth:`_Forwarded.write` writes to the store.
 
         ``entries`` is called once every batch has been consumed (a streaming decoder knows its
         skipped files only then). ``previous``: the old marker and damage of a damaged class
-        extracted again (see :func:`_check_same_images`).
+        extracted again (see :func:`_check_same_images`); ``made_from``: what the class is made from
+        (:func:`~protonmf.data.records.images_sha256` of its records), kept in its marker.
         """
         F_all, outputs, bad = self._forward_batches(store, batches, preprocess, on_batch)
         listed = entries()
@@ -194,8 +213,9 @@ class _Forward:
         if used != F_all.shape[0]:
             raise ValueError(f"class {k}: {F_all.shape[0]} images forwarded but {used} records marked as used")
         _check_same_images(store, k, *(previous or (None, None)), used, listed)
+        _check_skipped(store, k, listed, self.max_skipped_fraction)
         return _Forwarded(k, F_all, pa.table(rows, schema=RECORD_SCHEMA), used, len(rows["image_id"]) - used,
-                          sum(p == k for p in outputs["pred"]))
+                          sum(p == k for p in outputs["pred"]), made_from)
 
     @torch.no_grad()
     def _forward_batches(
@@ -277,10 +297,11 @@ class _Forwarded:
     used: int
     skipped: int
     correct: int
+    made_from: str | None = None
 
     def write(self, store: FeatureStore) -> tuple[int, int, int]:
         """Write the class (features, records, then its marker); (n used, n skipped, n correct)."""
-        store.write_class(self.k, self.features, self.records)
+        store.write_class(self.k, self.features, self.records, images_sha256=self.made_from)
         return self.used, self.skipped, self.correct
 
 
@@ -296,6 +317,7 @@ def extract_decoded(
     precision: str = "float32",
     channels_last: bool = False,
     writers: int = IN_FLIGHT,
+    max_skipped_fraction: float = 1.0,
 ) -> list[ClassExtraction]:
     """Forward decoded classes in batches of ``batch_size`` and write each to ``store`` (see
     :func:`extract_classes` for the arguments); one result per class, in order.
@@ -307,12 +329,13 @@ def extract_decoded(
     unit, its marker last. An error (a class's images gone, a failed write) is raised once the
     writes already started have ended. ``seconds`` counts decoding, the forward pass and the write.
     """
-    forward = _Forward(backbone, device, precision, channels_last, top_k)
+    forward = _Forward(backbone, device, precision, channels_last, top_k, max_skipped_fraction)
 
-    def write(job: tuple[_Forwarded, float, float]) -> ClassExtraction:
-        done, decode_seconds, start = job
+    def write(job: tuple[_Forwarded, DecodedClass, float]) -> ClassExtraction:
+        done, d, start = job
         used, skipped, correct = done.write(store)
-        return ClassExtraction(done.k, used, skipped, correct, decode_seconds + time.perf_counter() - start, resumed=False)
+        return ClassExtraction(done.k, used, skipped, correct, d.seconds + time.perf_counter() - start, resumed=False,
+                               retried=d.retried)
 
     with ThreadPoolExecutor(max(1, min(writers, len(decoded)))) as pool:
         pending = []
@@ -320,8 +343,8 @@ def extract_decoded(
             start = time.perf_counter()
             previous = (store.read_marker(d.k), d.damage) if d.damage else None
             done = forward.forward_class(store, d.k, d.images.split(batch_size), preprocess, lambda d=d: list(d.entries),
-                                         previous=previous)
-            pending.append(pool.submit(write, (done, d.seconds, start)))
+                                         previous=previous, made_from=d.made_from)
+            pending.append(pool.submit(write, (done, d, start)))
         return [f.result() for f in pending]
 
 
@@ -339,6 +362,7 @@ def extract_classes(
     precision: str = "float32",
     channels_last: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    max_skipped_fraction: float = 1.0,
 ) -> list[ClassExtraction]:
     """Extract and store the features of ``classes`` in this process; complete classes that are
     intact are skipped.
@@ -361,8 +385,10 @@ def extract_classes(
         features are stored as float16 either way, logits are computed in float32 from them.
     channels_last : NHWC memory format for the network and its input (faster convolutions on GPUs).
     on_batch : called with the number of images after each batch (progress bars).
+    max_skipped_fraction : a class with a larger share of skipped images raises (ValueError naming
+        it, its count and its first reasons) and is not written.
     """
-    forward = _Forward(backbone, device, precision, channels_last, top_k)
+    forward = _Forward(backbone, device, precision, channels_last, top_k, max_skipped_fraction)
     results = []
     for k in classes:
         start = time.perf_counter()
@@ -375,6 +401,8 @@ def extract_classes(
         batches = _uint8_batches(source, preprocess, records, batch_size, workers, reasons)
         used, skipped, correct = forward.write_class(
             store, k, batches, preprocess, lambda: _entries(records, reasons), on_batch, previous=(marker, damage),
+            made_from=images_sha256(records),
         )
-        results.append(ClassExtraction(k, used, skipped, correct, time.perf_counter() - start, resumed=False))
+        results.append(ClassExtraction(k, used, skipped, correct, time.perf_counter() - start, resumed=False,
+                                       retried=source.read_retry.retries_of(r.uri for r in records)))
     return results

@@ -15,12 +15,14 @@ Columns (:data:`INDEX_SCHEMA`), one row per image:
 | ``bbox_x``, ``bbox_y``, ``bbox_w``, ``bbox_h`` | CUB's bounding box (else null) |
 | ``index`` | row in an in-memory array or a Parquet shard (else null) |
 | ``offset``, ``size`` | the image's bytes in a tar shard (else null) |
+| ``version`` | what the listing says of the image's bytes (ETag, size and mtime; else null) |
 
 Rows are sorted by label and written in row groups of :data:`ROW_GROUP_ROWS` rows, so reading a
 few classes reads only the row groups whose label range (their min/max statistics) holds them.
 The schema metadata ``protonmf.index`` holds the source kind, what loading needs
 (:meth:`~protonmf.data.sources.base.ImageSource.index_settings`), every class name in label order,
-and the split.
+the split, and each class's :func:`~protonmf.data.records.images_sha256` (``images_sha256``, in
+label order): what a class is made from, read from the footer alone.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from protonmf.data.records import Record
+from protonmf.data.records import Record, images_sha256
 from protonmf.data.sources import SOURCE_KINDS, ImageSource
 from protonmf.storage import join, parquet_bytes, to_fs, write_bytes_atomic
 
-__all__ = ["INDEX_SCHEMA", "ROW_GROUP_ROWS", "class_sizes", "index_bytes", "index_table", "open_index", "read_index", "write_index"]
+__all__ = ["INDEX_SCHEMA", "ROW_GROUP_ROWS", "class_digests", "class_sizes", "index_bytes", "index_table", "open_index", "read_index", "write_index"]
 
 INDEX_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -58,6 +60,7 @@ INDEX_SCHEMA = pa.schema([
     ("width", pa.int32()),  # the loaded image's size, where the source knows it without decoding
     ("height", pa.int32()),
     ("keypoints", pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64()), ("visible", pa.bool_())]))),
+    ("version", pa.string()),
 ])
 
 #: Rows per row group: ImageNet's 1.28M training images make ~160 groups, a class lies in one or two.
@@ -76,9 +79,10 @@ def _kind_of(source: ImageSource) -> str:
 
 def index_table(source: ImageSource, split: str) -> pa.Table:
     """The index of ``source``'s records (sorted by label, stable), its settings in the metadata."""
-    meta = {"kind": _kind_of(source), "settings": source.index_settings(), "classes": list(source.classes), "split": split,
-            "keypoint_names": list(getattr(source, "keypoint_names", None) or [])}
     records = sorted(source.records, key=lambda r: r.label)
+    meta = {"kind": _kind_of(source), "settings": source.index_settings(), "classes": list(source.classes), "split": split,
+            "keypoint_names": list(getattr(source, "keypoint_names", None) or []),
+            "images_sha256": class_digests(records, len(source.classes))}
     columns: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     for r in records:
         columns["image_id"].append(r.image_id)
@@ -88,13 +92,21 @@ def index_table(source: ImageSource, split: str) -> pa.Table:
         columns["split"].append(split)
         for name, value in zip(_BBOX, r.bbox or (None,) * 4):
             columns[name].append(value)
-        for name in ("index", "offset", "nbytes"):
+        for name in ("index", "offset", "nbytes", "version"):
             columns[name].append(getattr(r, name))
         columns["width"].append(r.size[0] if r.size else None)
         columns["height"].append(r.size[1] if r.size else None)
         columns["keypoints"].append(None if r.keypoints is None else [{"x": x, "y": y, "visible": v} for x, y, v in r.keypoints])
     table = pa.table(columns, schema=INDEX_SCHEMA)
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+
+
+def class_digests(records: Sequence[Record], num_classes: int) -> list[str]:
+    """:func:`~protonmf.data.records.images_sha256` of each class's records (in their order), in label order."""
+    by_label: list[list[Record]] = [[] for _ in range(num_classes)]
+    for r in records:
+        by_label[r.label].append(r)
+    return [images_sha256(rs) for rs in by_label]
 
 
 def index_bytes(table: pa.Table) -> bytes:
@@ -164,12 +176,14 @@ def class_sizes(uri: str, *, storage_options: dict[str, Any] | None = None) -> l
 
 
 def _records(table: pa.Table) -> list[Record]:
+    if "version" not in table.column_names:  # an index written before versions: none known
+        table = table.append_column("version", pa.nulls(table.num_rows, pa.string()))
     cols = {name: table[name].to_pylist() for name in INDEX_SCHEMA.names}
     return [
         Record(
             image_id=cols["image_id"][i], uri=cols["uri"][i], label=cols["label"][i],
             bbox=None if cols["bbox_x"][i] is None else tuple(cols[n][i] for n in _BBOX),
-            index=cols["index"][i], offset=cols["offset"][i], nbytes=cols["nbytes"][i],
+            index=cols["index"][i], offset=cols["offset"][i], nbytes=cols["nbytes"][i], version=cols["version"][i],
             size=None if cols["width"][i] is None else (cols["width"][i], cols["height"][i]),
             keypoints=None if cols["keypoints"][i] is None else tuple((k["x"], k["y"], k["visible"]) for k in cols["keypoints"][i]),
         )

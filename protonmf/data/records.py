@@ -3,12 +3,12 @@ preprocessed images with both (:class:`Batch`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
-
-
-
 
 @dataclass(frozen=True)
 class Record:
@@ -24,10 +24,12 @@ class Record:
     index : int or None, row in an in-memory array (digits, synthetic) or in a Parquet shard.
     offset, nbytes : int or None, the image's bytes in a tar shard (WebDataset): ``nbytes`` bytes
         from byte ``offset``.
-    index : int or None, row in an in-memory array (digits, synthetic).
     keypoints : ((x, y, visible), ...) or None, one per part of the source's ``keypoint_names``, in
         pixels of the image :meth:`ImageSource.load` returns (CUB: the cropped image).
     size : (width, height) of that image when the source knows it without decoding (for keypoints).
+    version : str or None, what the listing says of the bytes (an object's ETag, a file's size and
+        mtime, a shard's version): a changed image has another, so a rerun sees it changed
+        (:func:`images_sha256`) without reading it.
     """
 
     image_id: str
@@ -39,6 +41,18 @@ class Record:
     size: tuple[int, int] | None = None
     offset: int | None = None
     nbytes: int | None = None
+    version: str | None = None
+
+
+def images_sha256(records: Sequence[Record]) -> str:
+    """What a class is made from, as one sha256: its records' ids, locations and versions, in order.
+
+    The feature store's marker of a class keeps it (:mod:`protonmf.data.store`), the dataset index
+    holds every class's (:mod:`protonmf.data.index`): a rerun compares the two and extracts again
+    only the classes whose images were added, removed or changed, reading nothing but the listing
+    and the markers."""
+    parts = [[r.image_id, r.uri, r.version, r.index, r.offset, r.nbytes, r.bbox] for r in records]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ Layout under the store's URI (local path or any fsspec URI):
   The marker also holds a copy of the class array's ``zarr.json`` (``array``): a read takes the
   array's metadata from it and fetches only the chunks (on S3 a request per class fewer); the
   array's own ``zarr.json`` is still written, for Zarr and for markers without the copy.
+  And it holds what the class was made from (``images_sha256``,
+  :func:`~protonmf.data.records.images_sha256` of its records): a rerun compares it with the
+  listing's and extracts again only a class whose images changed (:meth:`FeatureStore.made_from`),
+  reading no chunk.
 
 Features are stored after clamping negatives to 0 only if the writer asks; the default stores
 them as the backbone gives them (the NMF clamps its own input).
@@ -193,8 +197,30 @@ class FeatureStore:
         names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(done_dir, detail=False)]
         return sorted(int(n[1:6]) for n in names if n.startswith("c") and n.endswith(".json"))
 
-    def write_class(self, k: int, features: torch.Tensor | np.ndarray, records: pa.Table) -> None:
-        """Write class k's features (n, h, w, D) or (n, h·w, D), its records, then its marker."""
+    def made_from(self) -> dict[int, dict[str, Any]]:
+        """What each complete class was made from, by class: its marker's ``images_sha256`` (None
+        for a marker written before it was kept, or not valid JSON), ``n_images`` and
+        ``n_skipped``: one LIST of the markers, then the markers read at once (no chunk)."""
+        def entry(k: int) -> dict[str, Any]:
+            marker = self.read_marker(k) or {}
+            return {"images_sha256": marker.get("images_sha256"), "n_images": int(marker.get("n_images", 0)),
+                    "n_skipped": int(marker.get("n_skipped", 0))}
+
+        ks = self.done_classes()
+        return dict(zip(ks, concurrently(entry, ks)))
+
+    def retract(self, ks: Sequence[int]) -> None:
+        """Remove the markers of ``ks`` (classes about to be extracted again from other images):
+        until a class is written again it is not complete, and no reader takes its old features
+        for the new ones."""
+        paths = [self.marker_path(k) for k in ks]
+        if paths:
+            self.fs.rm(paths)
+
+    def write_class(self, k: int, features: torch.Tensor | np.ndarray, records: pa.Table,
+                    images_sha256: str | None = None) -> None:
+        """Write class k's features (n, h, w, D) or (n, h·w, D), its records, then its marker
+        (with ``images_sha256``, what the class was made from)."""
         if not 0 <= k < len(self.class_names):
             raise ValueError(f"class index {k} is not in [0, {len(self.class_names)})")
         F = torch.as_tensor(features)
@@ -217,36 +243,39 @@ class FeatureStore:
         marker = {"class": k, "name": self.class_names[k], "n_images": int(F.shape[0]),
                   "n_skipped": records.num_rows - used, "key": self.key, "chunk_images": rows,
                   "features_sha256": _chunk_digests(data, rows), "records_sha256": sha256(table),
-                  "array": json.loads(array[join(self.root, class_stem(k), "zarr.json")])}
+                  "array": json.loads(array[join(self.root, class_stem(k), "zarr.json")]),
+                  "images_sha256": images_sha256}
         write_bytes_atomic(self.fs, self.marker_path(k), json.dumps(marker).encode())
 
-    def read_class(self, k: int) -> torch.Tensor:
+    def read_class(self, k: int, made_from: str | None = None) -> torch.Tensor:
         """Class k's features, (n, h·w, D) float16, in one read of its chunks, checked against its
         marker (its marker and its chunks: the record table is not read).
 
-        Raises :class:`StoreError` if the class is not complete or is damaged.
+        Raises :class:`StoreError` if the class is not complete or is damaged, or, given
+        ``made_from``, if its marker says it was made from other images (``images_sha256``).
         """
-        return self._read_or_raise(k, records=False)[0]
+        return self._read_or_raise(k, records=False, made_from=made_from)[0]
 
-    def read_class_with_records(self, k: int) -> tuple[torch.Tensor, pa.Table]:
+    def read_class_with_records(self, k: int, made_from: str | None = None) -> tuple[torch.Tensor, pa.Table]:
         """:meth:`read_class` and class k's record table, checked against the marker too."""
-        features, table = self._read_or_raise(k, records=True)
+        features, table = self._read_or_raise(k, records=True, made_from=made_from)
         return features, parquet_table(table)
 
-    def read_classes(self, ks: Sequence[int]) -> list[torch.Tensor]:
+    def read_classes(self, ks: Sequence[int], made_from: Sequence[str] | None = None) -> list[torch.Tensor]:
         """:meth:`read_class` of each class of ``ks``, in that order, several classes at once (see
         :meth:`read_classes_with_records`)."""
-        return concurrently(self.read_class, ks)
+        return concurrently(lambda i: self.read_class(ks[i], made_from and made_from[i]), range(len(ks)))
 
-    def read_classes_with_records(self, ks: Sequence[int]) -> list[tuple[torch.Tensor, pa.Table]]:
+    def read_classes_with_records(self, ks: Sequence[int],
+                                  made_from: Sequence[str] | None = None) -> list[tuple[torch.Tensor, pa.Table]]:
         """:meth:`read_class_with_records` of each class of ``ks``, in that order, several classes
         at once: a class is its marker (with the array's metadata), then its chunks and its record
         table, each checked as :meth:`read_class` checks it. The first class of ``ks`` that is not
         complete or is damaged raises its :class:`StoreError`."""
-        return concurrently(self.read_class_with_records, ks)
+        return concurrently(lambda i: self.read_class_with_records(ks[i], made_from and made_from[i]), range(len(ks)))
 
-    def _read_or_raise(self, k: int, *, records: bool) -> tuple[torch.Tensor, bytes | None]:
-        features, table, damage, done = self._read_checked(k, records=records)
+    def _read_or_raise(self, k: int, *, records: bool, made_from: str | None = None) -> tuple[torch.Tensor, bytes | None]:
+        features, table, damage, done = self._read_checked(k, records=records, made_from=made_from)
         if not done:
             raise StoreError(f"class {k} ({self.class_names[k]!r}) is not complete in the store at {self.uri!r}")
         if damage is not None:
@@ -286,7 +315,8 @@ class FeatureStore:
     def _table(self, k: int) -> str:
         return join(self.root, "tables", f"{class_stem(k)}.parquet")
 
-    def _read_checked(self, k: int, *, records: bool = True) -> tuple[np.ndarray | None, bytes | None, str | None, bool]:
+    def _read_checked(self, k: int, *, records: bool = True,
+                      made_from: str | None = None) -> tuple[np.ndarray | None, bytes | None, str | None, bool]:
         """Class k's features, its record table (Parquet bytes; None, unread, unless ``records``),
         what is wrong with what was read (None if nothing), and whether it has a marker.
 
@@ -299,6 +329,8 @@ class FeatureStore:
         damage = _marker_damage(k, marker)
         if damage is not None:
             return None, None, damage, True
+        if made_from is not None and marker.get("images_sha256") != made_from:
+            return None, None, "it was extracted from other images than the data holds now (extract it again)", True
         try:
             array = self._open_array(k, marker)
         except OSError:

@@ -19,8 +19,10 @@ complete classes and groups are read, not recomputed.
 
 from protonmf.lazy import lazy_exports
 from protonmf.pipeline.datasets import images_per_class, in_memory, index_data, list_split, make_split_source
-from protonmf.pipeline.evaluate import evaluate_prototype_model, evaluate_shard, evaluation_shards, load_published_model
-from protonmf.pipeline.extract import class_state, decode_group, extract_features, forward_group
+from protonmf.pipeline.evaluate import (
+    evaluate_prototype_model, evaluate_shard, evaluation_shards, keep_evaluation, load_published_model, published_evaluation,
+)
+from protonmf.pipeline.extract import ExtractionPlan, class_state, decode_group, extract_features, forward_group, plan_extraction
 from protonmf.pipeline.fit import GroupFit, fit_prototype_group, published_fits
 from protonmf.pipeline.prepare import Prepared, check_data, preflight, prepare_run, prepare_store, resolve_backbone
 from protonmf.pipeline.publish import held_out_data, publish_prototype_model
@@ -29,7 +31,7 @@ from protonmf.pipeline.staging import Staged, class_groups, craft_key, features_
 
 __all__ = [
     "GroupFit", "Prepared", "Run", "Staged", "check_data", "class_groups", "class_state", "craft_key",
-    "decode_group", "evaluate_prototype_model", "evaluate_shard", "evaluation_shards", "extract_features",
+    "ExtractionPlan", "plan_extraction", "keep_evaluation", "published_evaluation", "decode_group", "evaluate_prototype_model", "evaluate_shard", "evaluation_shards", "extract_features",
     "features_key", "fit_key", "fit_prototype_group", "forward_group", "held_out_data", "images_per_class",
     "in_memory", "index_data", "list_split", "load_backbone", "load_published_model",
     "make_split_source", "preflight", "prepare_run", "prepare_store",

@@ -23,13 +23,13 @@ from protonmf.config import Config
 from protonmf.data import ImageSource, make_source
 from protonmf.data.decode import ReadRetry
 from protonmf.data.sources import IN_MEMORY_KINDS
-from protonmf.data.index import class_sizes, index_table, open_index, read_index, write_index
+from protonmf.data.index import class_digests, class_sizes, index_table, open_index, read_index, write_index
 from protonmf.data.sources.relabel import relabel_by_name
 from protonmf.data.sources.base import open_fs
 from protonmf.data.sources.shards import fingerprint, list_shards, read_classes_txt, shard_folder
 from protonmf.storage import join, to_fs
 
-__all__ = ["images_per_class", "in_memory", "index_data", "list_split", "make_split_source"]
+__all__ = ["class_images_sha256", "images_per_class", "in_memory", "index_data", "list_split", "make_split_source"]
 
 SHARDED = {"parquet": ".parquet", "webdataset": ".tar"}
 
@@ -169,3 +169,15 @@ def images_per_class(config: Config) -> list[int]:
         return class_sizes(config.data.train_index, storage_options=config.storage.options)
     source = make_split_source(config, "train")
     return np.bincount(np.array([r.label for r in source.records], dtype=np.int64), minlength=len(source.classes)).tolist()
+
+
+def class_images_sha256(config: Config) -> list[str]:
+    """What each training class is made from now (:func:`~protonmf.data.records.images_sha256`), in
+    label order: from the dataset index's footer when the run's prepare step wrote one (no row
+    read), else from the source's records."""
+    if config.data.train_index:
+        info = read_index(config.data.train_index, labels=[], storage_options=config.storage.options)[1]
+        if "images_sha256" in info:
+            return list(info["images_sha256"])
+    source = make_split_source(config, "train")
+    return class_digests(source.records, len(source.classes))

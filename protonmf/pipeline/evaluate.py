@@ -2,22 +2,77 @@
 
 On Ray the held-out records are cut into :func:`evaluation_shards`, measured apart by
 :func:`evaluate_shard`, merged exactly, and finished by :func:`evaluate_prototype_model`; in one
-process, :func:`evaluate_prototype_model` alone does it all.
+process, :func:`evaluate_prototype_model` alone does it all. What it gives is kept beside the
+model's version (:func:`keep_evaluation`) and taken from there by a rerun whose inputs are the
+same (:func:`published_evaluation`): the model (its fit key), the held-out data and the settings.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from protonmf.artifact import attach_file
+from protonmf.artifact import attach_file, current_manifest, read_attached
 from protonmf.data import ImageSource
 from protonmf.devices import step_device
 from protonmf.evaluation.held_out import HeldOutStats, accumulate_held_out, held_out_shards, summarize_held_out
 from protonmf.evaluation.published import finish_evaluation
+from protonmf.pipeline.publish import held_out_data
 from protonmf.pipeline.run import Run
+from protonmf.pipeline.staging import run_key
 from protonmf.prototypes.model import PrototypeModel
 
-__all__ = ["evaluate_prototype_model", "evaluate_shard", "evaluation_shards", "load_published_model"]
+__all__ = ["evaluate_prototype_model", "evaluate_shard", "evaluation_shards", "keep_evaluation", "load_published_model",
+           "published_evaluation"]
+
+
+def _evaluation_file(run: Run) -> str:
+    """Where the evaluation of the run's inputs is kept beside the model's version: named by their key."""
+    config = run.config
+    key = run_key(fit=run.fit.key, data=held_out_data(config), val_index=config.data.val_index,
+                  evaluation=config.evaluation.model_dump())
+    return f"evaluation/{key[:16]}.json"
+
+
+def _current_version(run: Run) -> str | None:
+    manifest = current_manifest(run.config.storage.model, storage_options=run.storage_options)
+    return None if manifest is None or manifest.get("settings", {}).get("fit_key") != run.fit.key else manifest.get("version")
+
+
+def published_evaluation(run: Run) -> tuple[dict[str, Any], list[dict]] | None:
+    """(the evaluation, its shards' rows) kept beside the published model for these very inputs,
+    or None: the model was published from another fit, or evaluated with other data or settings."""
+    version = _current_version(run)
+    data = None if version is None else read_attached(run.config.storage.model, version, _evaluation_file(run),
+                                                      storage_options=run.storage_options)
+    if data is None:
+        return None
+    kept = json.loads(data, object_hook=_untagged)
+    return kept["evaluation"], kept["shards"]
+
+
+def _tagged(value: Any) -> Any:
+    """``value`` for JSON, a dict with keys other than strings (p → numbers) as its items, tagged."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _tagged(v) for k, v in value.items()}
+        return {"__items__": [[k, _tagged(v)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_tagged(v) for v in value]
+    return value
+
+
+def _untagged(obj: dict) -> Any:
+    return {k: v for k, v in obj["__items__"]} if set(obj) == {"__items__"} else obj
+
+
+def keep_evaluation(run: Run, evaluation: dict[str, Any], shards: list[dict]) -> None:
+    """Keep ``evaluation`` beside the published model's version, for :func:`published_evaluation`."""
+    version = _current_version(run)
+    if version is not None:
+        attach_file(run.config.storage.model, version, _evaluation_file(run),
+                    json.dumps(_tagged({"evaluation": evaluation, "shards": shards})).encode(),
+                    storage_options=run.storage_options)
 
 
 def load_published_model(run: Run) -> PrototypeModel:

@@ -30,13 +30,11 @@ class Prepared:
     run: the run with the black box's weights and the dataset index pinned in its config (see
         :func:`resolve_backbone` and :func:`~protonmf.pipeline.datasets.index_data`).
     class_names: the store's class names, in logit order.
-    done: the classes that had a completion marker when prepare listed the store.
     sizes: the training images of each class, in label order.
     """
 
     run: Run
     class_names: list[str]
-    done: list[int]
     sizes: list[int]
 
 
@@ -143,4 +141,4 @@ def prepare_run(run: Run) -> Prepared:
     run, backbone = resolve_backbone(run)
     run = Run(index_data(run.config))
     store = prepare_store(run, backbone, list(make_split_source(run.config, "train", labels=[]).classes))
-    return Prepared(run, store.class_names, store.done_classes(), images_per_class(run.config))
+    return Prepared(run, store.class_names, images_per_class(run.config))

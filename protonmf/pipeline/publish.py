@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from protonmf.backbones.feature_backbone import weights_sha256
 from protonmf.config import Config
-from protonmf.pipeline.fit import prototypes_by_p
+from protonmf.pipeline.fit import prototypes_by_p, published_group_files
 from protonmf.pipeline.run import Run
 from protonmf.pipeline.staging import class_groups, fit_settings_of
 from protonmf.prototypes.fit import ClassPrototypes
@@ -29,7 +29,8 @@ def held_out_data(config: Config) -> dict[str, Any]:
 def publish_prototype_model(run: Run) -> str:
     """Merge every staged group into one artifact at ``storage.model``; its URI.
 
-    If the artifact there already comes from the same fit key, it is kept as it is.
+    If the artifact there already comes from the same fit key, it is kept as it is; the groups it
+    holds as this fit makes them are taken from it, the others from the staging folder.
     """
     config, store = run.config, run.store
 
@@ -43,6 +44,7 @@ def publish_prototype_model(run: Run) -> str:
             store.class_names,
             preprocess=run.preprocess.to_dict(),
             settings={**fit_settings_of(config), "p": list(config.prototypes.p), "fit_key": run.fit.key,
+                      "group_keys": run.fit_group_keys,
                       "features": store.uri, "weights_sha256": weights_sha256(backbone.model),
                       "data": held_out_data(config), "gallery": config.prototypes.gallery},
             gallery=pa.concat_tables([read_gallery(g[".gallery.parquet"]) for g in groups]),
@@ -50,4 +52,4 @@ def publish_prototype_model(run: Run) -> str:
         model.save(config.storage.model, keep_versions=config.storage.keep_versions, storage_options=run.storage_options)
 
     groups = class_groups(len(store.class_names), config.prototypes.classes_per_task)
-    return run.fit.publish(groups, merge, what="fit")
+    return run.fit.publish(groups, merge, what="fit", reused=lambda: published_group_files(run, groups))

@@ -22,8 +22,8 @@ from protonmf.config import Config
 from protonmf.data import ImageSource, Preprocess
 from protonmf.data.store import FeatureStore
 from protonmf.lease import Lease, acquire_lease
-from protonmf.pipeline.datasets import in_memory, make_split_source
-from protonmf.pipeline.staging import Staged, craft_key, fit_key
+from protonmf.pipeline.datasets import class_images_sha256, in_memory, make_split_source
+from protonmf.pipeline.staging import Staged, craft_key, fit_group_keys, fit_key
 from protonmf.storage import to_fs
 
 __all__ = ["Run", "load_backbone"]
@@ -78,9 +78,19 @@ class Run:
         return make_split_source(self.config, split, labels=labels, classes=classes)
 
     @cached_property
+    def images_sha256(self) -> list[str]:
+        """What each training class is made from now, in label order (:func:`~protonmf.pipeline.datasets.class_images_sha256`)."""
+        return class_images_sha256(self.config)
+
+    @cached_property
+    def fit_group_keys(self) -> dict[str, str]:
+        """The key of each group of the fit (:func:`~protonmf.pipeline.staging.fit_group_keys`)."""
+        return fit_group_keys(self.config, self.store.key, self.images_sha256)
+
+    @cached_property
     def fit(self) -> Staged:
         """The staged groups and the publish of the prototype model at ``storage.model``."""
-        return Staged(self.config.storage.model, fit_key(self.config, self.store.key), "fit_key", FIT_FILES,
+        return Staged(self.config.storage.model, fit_key(self.fit_group_keys), "fit_key", FIT_FILES,
                       self.storage_options)
 
     @cached_property

@@ -2,7 +2,9 @@
 
 - :func:`run_key`: a stable hash of the settings a result depends on; :func:`features_key`,
   :func:`fit_key` and :func:`craft_key` are the feature store's, the model's and the concepts';
-  a rerun with the same key reuses what is there.
+  a rerun with the same key reuses what is there. The model's is made of its groups' keys
+  (:func:`fit_group_keys`: the fit's settings, the group's classes and what each was made from),
+  so a rerun on grown data refits only the groups whose classes changed.
 - :func:`class_groups`: the groups of classes that one worker handles, the unit of staging.
 - :class:`Staged`: where each group's result waits before the merge
   (``<artifact URI>.staging/<key[:16]>/g<first>-<last><suffix>``), one resume marker for every
@@ -26,7 +28,7 @@ from protonmf.config import Config
 from protonmf.prototypes.fit import fit_settings
 from protonmf.storage import concurrently, join, read_bytes, to_fs, write_bytes_atomic
 
-__all__ = ["Staged", "class_groups", "craft_key", "features_key", "fit_key", "group_stem", "run_key"]
+__all__ = ["Staged", "class_groups", "craft_key", "features_key", "fit_group_keys", "fit_key", "group_stem", "run_key"]
 
 def run_key(**parts: Any) -> str:
     """A stable hash of everything ``parts`` holds (JSON with sorted keys; unknown types as str)."""
@@ -53,10 +55,19 @@ def fit_settings_of(config: Config) -> dict[str, Any]:
                         residual=pr.residual)
 
 
-def fit_key(config: Config, store_key: str) -> str:
-    """The model's key: the features it is fitted on, every p, the fit's settings, the gallery."""
+def fit_group_keys(config: Config, store_key: str, images_sha256: Sequence[str]) -> dict[str, str]:
+    """Each group's key (by :func:`group_stem`): the features it is fitted on (the store's key, and
+    what each of its classes is made from, ``images_sha256`` in label order), its classes, every
+    p, the fit's settings, the gallery."""
     pr = config.prototypes
-    return run_key(features=store_key, p=pr.p, settings=fit_settings_of(config), gallery=pr.gallery)
+    fit = run_key(features=store_key, p=pr.p, settings=fit_settings_of(config), gallery=pr.gallery)
+    return {group_stem(g): run_key(fit=fit, classes=g, images=[images_sha256[k] for k in g])
+            for g in class_groups(len(images_sha256), pr.classes_per_task)}
+
+
+def fit_key(group_keys: dict[str, str]) -> str:
+    """The model's key: its groups' keys (:func:`fit_group_keys`)."""
+    return run_key(groups=group_keys)
 
 
 def craft_key(config: Config, store_key: str) -> str:
@@ -133,14 +144,22 @@ class Staged:
         manifest = current_manifest(self.uri, storage_options=self.storage_options)
         return manifest is not None and manifest.get("settings", {}).get(self.field) == self.key
 
-    def publish(self, groups: list[list[int]], merge: Callable[[list[dict[str, bytes]]], None], what: str) -> str:
+    def publish(self, groups: list[list[int]], merge: Callable[[list[dict[str, bytes]]], None], what: str,
+                reused: Callable[[], dict[str, dict[str, bytes]]] | None = None) -> str:
         """Publish the artifact once: unless it is published from this key already, read every
         group's files (several at once; a missing group is named with ``what``), ``merge`` them
-        (it saves the artifact, manifest last) and remove the staging folder. Returns ``uri``."""
+        (it saves the artifact, manifest last) and remove the staging folder. Returns ``uri``.
+
+        ``reused``: the files of the groups taken as they are from the artifact published before
+        (by :func:`group_stem`), called only if there is something to publish; those groups are
+        not read from the staging folder."""
         if self.is_published():
             return self.uri
+        kept = reused() if reused is not None else {}
 
         def staged(classes: list[int]) -> dict[str, bytes]:
+            if group_stem(classes) in kept:
+                return kept[group_stem(classes)]
             files = self.read(classes, also=self.suffixes[:-1])
             if files is None:
                 raise FileNotFoundError(f"the {what} of classes {classes[0]}–{classes[-1]}: "
@@ -148,5 +167,6 @@ class Staged:
             return files
 
         merge(concurrently(staged, groups))
-        self.fs.rm(self.folder, recursive=True)
+        if len(kept) < len(groups):  # else nothing was staged
+            self.fs.rm(self.folder, recursive=True)
         return self.uri

@@ -96,12 +96,14 @@ class ClassPrototypes:
         return cls(**{f.name: torch.cat([getattr(part, f.name).cpu() for part in parts]) for f in fields(cls)})
 
 
-def stack_classes(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Pad per-class features into one batch.
+def stack_classes(features: Sequence[Tensor], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Pad per-class features into one batch, made on ``device`` (default: the first class's):
+    moved there once, so the NMF's every pass over A reads it where it runs.
 
     Parameters
     ----------
     features : sequence of K tensors of shape (n_c, h, w, D) or (rows_c, D)
+    device : where A is made.
 
     Returns
     -------
@@ -122,9 +124,9 @@ def stack_classes(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     empty = (n_rows == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"features: class(es) {empty} have no images (empty class)")
-    A = flat[0].new_zeros(len(flat), int(n_rows.max()), dims.pop())
+    A = flat[0].new_zeros(len(flat), int(n_rows.max()), dims.pop(), device=device)
     for k, F in enumerate(flat):
-        A[k, : F.shape[0]] = F
+        A[k, : F.shape[0]] = F.to(A.device, non_blocking=True)
     return A, n_rows
 
 
@@ -335,7 +337,7 @@ def fit_classes_and_codes(
     parts: dict[int, list[ClassPrototypes]] = {p: [] for p in ps}
     codes: dict[int, list[TopCodes]] = {p: [] for p in ps}
     if full:
-        A, n_rows = stack_classes([features[k] for k in full])
+        A, n_rows = stack_classes([features[k] for k in full], device=fit_kwargs.get("device"))
         for p, (fit, res) in fit_prototypes_sweep(A, V[full], bias_of(full), ps, n_rows=n_rows, **fit_kwargs).items():
             parts[p].append(fit)
             codes[p].append(top_codes(res.E, n_rows, top_k))

@@ -260,11 +260,11 @@ class PrototypeModel(nn.Module):
         q = self.p if p is None else int(p)
         if q not in self.available_p:
             raise ValueError(f"p = {q} was not fitted; available: {self.available_p}")
-        table = self._gallery_table()
+        table = self.gallery_table()
         table = table.filter(pc.equal(table["p"], q))
         return table.sort_by([("class_idx", "ascending"), ("prototype", "ascending"), ("rank", "ascending")])
 
-    def _gallery_table(self) -> pa.Table:
+    def gallery_table(self) -> pa.Table:
         """The gallery of every fitted p, read from the artifact the first time it is needed."""
         if callable(self._gallery):
             self._gallery = self._gallery()
@@ -430,7 +430,7 @@ class PrototypeModel(nn.Module):
         for p, fit in sorted(fits.items()):
             files[f"prototypes_p{p}.safetensors"] = save_safetensors(fit.to_tensors())
         if self._gallery is not None:
-            table = self._gallery_table()
+            table = self.gallery_table()
             files[GALLERY_FILE] = write_gallery(table.filter(pc.is_in(table["p"], pa.array(sorted(fits), pa.int32()))))
         meta = {
             "backbone": self.backbone.spec_dict(),

@@ -276,7 +276,8 @@ def test_imagefolder_on_s3_gives_bit_identical_batches(tree, s3, s3_bucket, monk
     s3.put(str(tree), f"s3://{s3_bucket}/imagenet/train", recursive=True)
     local = ImageFolderSource(str(tree))
 
-    # spy (not mock) on the S3 calls made while building the source: one listing, no per-file calls
+    # spy (not mock) on the S3 calls made while building the source: the root listed, then each
+    # class prefix (at once), no per-file calls
     import s3fs
 
     calls: list[str] = []
@@ -289,7 +290,13 @@ def test_imagefolder_on_s3_gives_bit_identical_batches(tree, s3, s3_bucket, monk
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", spy)
     remote = ImageFolderSource(f"s3://{s3_bucket}/imagenet/train/")
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", real)
-    assert calls and set(calls) == {"list_objects_v2"} and len(calls) <= 2, calls
+    assert set(calls) == {"list_objects_v2"} and len(calls) == 1 + len(local.classes), calls
+    # each record keeps what the listing said of its bytes: the object's ETag, the file's size and mtime
+    etags = {info["name"].split("/imagenet/train/", 1)[1]: info["ETag"].strip('"')
+             for info in s3.find(f"{s3_bucket}/imagenet/train", detail=True).values()}
+    assert [r.version for r in remote.records] == [etags[r.image_id] for r in remote.records]
+    assert all(r.version == f"{(tree / r.image_id).stat().st_size}:{(tree / r.image_id).stat().st_mtime}"
+               for r in local.records)
 
     assert remote.classes == local.classes
     assert [(r.image_id, r.label) for r in remote.records] == [(r.image_id, r.label) for r in local.records]

@@ -47,7 +47,13 @@ def extract_fault_marker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runtime(bucket, fault_marker, attempt_log, extract_fault_marker):
+def steal_request(tmp_path_factory):
+    """Write a lease location here to have the next fit task take that lease over (tests/faults.py)."""
+    return tmp_path_factory.mktemp("steal") / "lease-to-steal"
+
+
+@pytest.fixture(scope="module")
+def runtime(bucket, fault_marker, attempt_log, extract_fault_marker, steal_request):
     """One local Ray (workers see the S3 variables) and one Prefect test server for the module."""
     import ray
     from prefect.testing.utilities import prefect_test_harness
@@ -58,6 +64,7 @@ def runtime(bucket, fault_marker, attempt_log, extract_fault_marker):
     os.environ[faults.KILL_ONCE] = str(fault_marker)
     os.environ[faults.ATTEMPT_LOG] = str(attempt_log)
     os.environ[faults.KILL_EXTRACT_ONCE] = str(extract_fault_marker)
+    os.environ[faults.STEAL_LEASE] = str(steal_request)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=faults.runtime_env({"env_vars": worker_env()}))
     with prefect_test_harness():
         _first_flow()  # Prefect binds its console to the stdout of its first run: not a test's capsys
@@ -66,6 +73,7 @@ def runtime(bucket, fault_marker, attempt_log, extract_fault_marker):
     os.environ.pop(faults.KILL_ONCE, None)
     os.environ.pop(faults.ATTEMPT_LOG, None)
     os.environ.pop(faults.KILL_EXTRACT_ONCE, None)
+    os.environ.pop(faults.STEAL_LEASE, None)
 
 
 def _first_flow():
@@ -201,8 +209,9 @@ def test_interrupted_run_resumes_to_the_same_artifact(runtime, bucket, reference
 
 
 def test_a_damaged_store_is_extracted_again_and_refit_as_before(runtime, bucket, reference):
-    """A lost chunk and a garbled one in a finished store: the next run re-extracts exactly those two
-    classes, and the model equals the one fitted on the undamaged store."""
+    """A lost chunk and a garbled one in a finished store: a run trusts the markers and its fit
+    finds the damage, naming the class and how to repair it; a run with ``storage.verify``
+    re-extracts exactly those two classes, and the model equals the one fitted on the undamaged store."""
     import s3fs
 
     from protonmf.data.store import FeatureStore, StoreError
@@ -219,38 +228,106 @@ def test_a_damaged_store_is_extracted_again_and_refit_as_before(runtime, bucket,
     with pytest.raises(StoreError, match=r"class 3 \('c003_[^']+'\) .* chunk 0 \(images 0–9\) cannot be decoded"):
         store.read_class(3)
 
-    result = run(config)
+    with pytest.raises(StoreError, match=r"class 0 .* is missing \(Zarr reads it as zeros\); `protonmf run --verify`"):
+        run(config)
+    result = run(config, ["storage.verify=true"])
     assert result["work"] == {"classes_extracted": 2, "groups_fitted": 2}
     assert same(result["evaluation"]) == same(reference["evaluation"])
     assert_same_prototypes(result["model"], reference["model"])
 
 
-def test_a_damaged_class_whose_images_are_gone_fails_the_run_once_naming_it(runtime, bucket, tmp_path):
-    from protonmf.data.store import StoreError
-    from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
-
+def test_scheduled_reruns_pay_only_for_what_changed(runtime, bucket, tmp_path):
+    """The same run again and again over an ImageFolder on S3 that changes between runs: unchanged,
+    it reads no feature chunk and no image and publishes nothing; grown by two images in one
+    class, it extracts that class alone, refits its group alone (the other group's prototypes bit
+    for bit as before) and publishes what a run from scratch on the grown data publishes; a removed
+    image works the same way."""
     import s3fs
 
-    write_image_folder(make_synthetic_parts(N_CLASSES, 10, image_size=64, seed=0), tmp_path / "train")
-    config = tree(bucket, "gone", data__source="imagefolder", data__train=str(tmp_path / "train"))
-    extracted(config, range(N_CLASSES))
-    name = sorted(p.name for p in (tmp_path / "train").iterdir())[1]
-    s3fs.S3FileSystem(skip_instance_cache=True).rm(f"{bucket}/gone/features/c00001/c/0/0/0")
-    for image in sorted((tmp_path / "train" / name).iterdir())[:3]:
-        image.unlink()
+    from protonmf.artifact import list_versions
+    from protonmf.data.store import FeatureStore
+    from protonmf.demo.synthetic import make_synthetic_parts, write_image_folder
+    from tests.conftest import S3_REQUESTS
 
-    from tasks.extract import ClassesFailed
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    write_image_folder(make_synthetic_parts(N_CLASSES, 8, image_size=64, seed=0), tmp_path / "train")
+    write_image_folder(make_synthetic_parts(N_CLASSES, 3, image_size=64, seed=1), tmp_path / "val")
+    names = sorted(p.name for p in (tmp_path / "train").iterdir())
+    files = {c: sorted((tmp_path / "train" / c).iterdir()) for c in names}
+    data = f"{bucket}/weekly/data"
+    for c in names:  # six images per class now, the last two of class 2 come later
+        for f in files[c][:6]:
+            fs.put(str(f), f"{data}/train/{c}/{f.name}")
+    fs.put(str(tmp_path / "val"), f"{data}/val", recursive=True)
 
-    group, attempts = run_counted(config)
-    assert isinstance(group, ClassesFailed), repr(group)
-    assert str(group).startswith(f"extraction failed for 1 of {N_CLASSES} classes: 1 ('{name}')")
-    (error,) = group.exceptions  # the other classes are checked and left as they are
-    assert isinstance(error, StoreError), repr(error)
-    assert str(error).startswith(
-        f"class 1 ('{name}') of the feature store at 's3://flows/gone/features' is damaged: chunk 0 (images 0–9) is "
-        "missing (Zarr reads it as zeros); it cannot be extracted again: 7 of its images can be used now, 10 when it was extracted"
-    )
-    assert attempts == {"prepare_run": 1, "extract_features": 1}  # Prefect's 2 retries not spent on it
+    def config(name):
+        return tree(bucket, name, data__source="imagefolder", data__train=f"s3://{data}/train",
+                    data__val=f"s3://{data}/val", evaluation__report=False,
+                    evaluation__reconstruction_classes=0)  # its study reads stored features: not here
+
+    def gets(since, part):
+        return [path for m, path, _ in S3_REQUESTS[since:] if m == "GET" and part in path]
+
+    first = run(config("weekly"))
+    assert first["work"] == {"classes_extracted": 4, "groups_fitted": 2}
+    versions = list_versions(f"s3://{bucket}/weekly/model")
+    before = prototypes(first["model"])  # the model's URI loads its current version: kept as it is now
+
+    start = len(S3_REQUESTS)
+    again = run(config("weekly"))
+    assert again["work"] == {"classes_extracted": 0, "groups_fitted": 0}
+    assert gets(start, "/weekly/features/c0") == [] and gets(start, "/weekly/features/tables/") == []
+    assert gets(start, "/weekly/data/") == []  # no training image, no held-out image
+    assert list_versions(f"s3://{bucket}/weekly/model") == versions  # nothing published
+    assert again["evaluation"] == first["evaluation"]  # kept beside the model, not measured again
+
+    for f in files[names[2]][6:]:  # two images added to class 2
+        fs.put(str(f), f"{data}/train/{names[2]}/{f.name}")
+    start = len(S3_REQUESTS)
+    grown = run(config("weekly"))
+    assert grown["work"] == {"classes_extracted": 1, "groups_fitted": 1}
+    read = gets(start, "/weekly/data/train/")
+    assert {p.split("/")[5] for p in read} <= {names[2], names[3]}  # the refit group's gallery reads class 3's
+    assert {f"/{data}/train/{names[2]}/{f.name}" for f in files[names[2]]} <= set(read)
+    assert gets(start, "/weekly/features/c00000/") == gets(start, "/weekly/features/c00001/") == []
+    assert FeatureStore.open(f"s3://{bucket}/weekly/features").read_marker(2)["n_images"] == 8
+    assert len(list_versions(f"s3://{bucket}/weekly/model")) == 2
+    after = prototypes(grown["model"])
+    for p in before:  # the unchanged group (classes 0, 1) bit for bit as published before
+        for name in before[p]:
+            assert torch.equal(after[p][name][:2], before[p][name][:2]), (p, name)
+    assert not all(torch.equal(after[p][name][2], before[p][name][2]) for p in before for name in before[p])
+    scratch = run(config("weekly-scratch"))
+    assert scratch["work"] == {"classes_extracted": 4, "groups_fitted": 2}
+    assert_same_prototypes(grown["model"], scratch["model"])
+    assert PrototypeModel.load(grown["model"]).gallery_table().equals(PrototypeModel.load(scratch["model"]).gallery_table())
+    assert same(grown["evaluation"]) == same(scratch["evaluation"])
+
+    fs.rm(f"{data}/train/{names[0]}/{files[names[0]][0].name}")  # one image of class 0 removed
+    before = after
+    shrunk = run(config("weekly"))
+    assert shrunk["work"] == {"classes_extracted": 1, "groups_fitted": 1}
+    assert FeatureStore.open(f"s3://{bucket}/weekly/features").read_marker(0)["n_images"] == 5
+    after = prototypes(shrunk["model"])
+    assert not all(torch.equal(after[p][name][0], before[p][name][0]) for p in before for name in before[p])
+    for p in before:
+        for name in before[p]:
+            assert torch.equal(after[p][name][2:], before[p][name][2:]), (p, name)
+
+
+def test_a_run_whose_lease_is_taken_over_stops_before_it_publishes(runtime, bucket, steal_request):
+    """Another run takes the model's lease over while this one fits: the check before the publish
+    renews it, finds it gone, and the run ends naming the other run, with nothing published."""
+    from protonmf.artifact import current_manifest
+    from protonmf.lease import LeaseLost, read_lease
+
+    steal_request.write_text(f"s3://{bucket}/stolen/model")
+    with pytest.raises(LeaseLost, match=r"storage.model: the lease on s3://flows/stolen/model was lost \(taken over by "
+                                        r"run thief/1 \(host elsewhere, pid 1;.*\), so nothing was published"):
+        run(tree(bucket, "stolen"))
+    assert not steal_request.exists()  # the fit task took it over
+    assert current_manifest(f"s3://{bucket}/stolen/model") is None
+    assert read_lease(f"s3://{bucket}/stolen/model")["owner"] == "thief/1"  # the other run's lease is left to it
 
 
 def test_a_deterministic_error_in_a_ray_task_is_attempted_once(runtime, bucket, attempt_log):
@@ -601,7 +678,16 @@ def test_a_class_whose_images_are_all_unreadable_is_named_and_the_model_stays_ex
         image.write_bytes(b"not an image")
     config = tree(bucket, "unreadable", data__source="imagefolder", data__train=str(tmp_path / "train"),
                   data__val=str(tmp_path / "val"))
-    result = run(config)
+    from tasks.extract import ClassesFailed
+
+    failed, attempts = run_counted(config)  # by default a class with more than 1% of its images skipped fails
+    assert isinstance(failed, ClassesFailed) and str(failed).startswith(f"extraction failed for 1 of {N_CLASSES} classes: 2 ('{name}')")
+    (error,) = failed.exceptions
+    assert str(error).startswith(f"data.max_skipped_fraction: class 2 ('{name}') skipped 6 of its 6 images (100.0%, more "
+                                 f"than 1%): {sorted((tmp_path / 'train' / name).iterdir())[0]}: ")
+    assert attempts == {"prepare_run": 1, "extract_features": 1}  # what the bytes show is not retried
+
+    result = run(config, ["data.max_skipped_fraction=1"])  # taken as they are: the class keeps the residual alone
     assert result["classes_without_images"] == [name]
     assert f"**1 class(es) without a usable image** (every image unreadable): {name}." in result["summary"]
     ev = result["evaluation"]

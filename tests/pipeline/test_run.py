@@ -8,6 +8,7 @@ import pytest
 from protonmf.config import parse_config
 from protonmf.data.store import FeatureStore
 from protonmf.pipeline import Run, Staged, craft_key, fit_key
+from protonmf.pipeline.staging import fit_group_keys
 from protonmf.storage import to_fs
 
 
@@ -38,7 +39,8 @@ def test_what_a_run_builds_is_built_once_and_none_of_it_is_pickled(tmp_path, mon
     assert len(data) < 5_000  # the config, not the network or the store
     again = pickle.loads(data)
     assert again.config == run.config and "store" not in again.__dict__ and "backbone" not in again.__dict__
-    assert again.fit.key == run.fit.key == fit_key(run.config, "k") and again.concepts.key == craft_key(run.config, "k")
+    groups = fit_group_keys(run.config, "k", run.images_sha256)
+    assert again.fit.key == run.fit.key == fit_key(groups) and again.concepts.key == craft_key(run.config, "k")
     assert len(opened) == 2  # the copy opened the store itself, once
 
 

@@ -103,10 +103,10 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
     tree = prepared
     start = len(S3_REQUESTS)
     prepared = prepare_run(Run(parse_config(tree)))
-    config, done = prepared.run.config, prepared.done
-    # one LIST of the whole tree (a single page here) and one of its top level (empty class folders)
-    assert s3_lists(start, bucket, "data/train") == 2
-    assert config.data.train_index.startswith(f"s3://{bucket}/features/index/train-") and done == []
+    config = prepared.run.config
+    # one LIST of the tree's top level, then one of each class prefix (a single page each here)
+    assert s3_lists(start, bucket, "data/train") == 1 + N_CLASSES
+    assert config.data.train_index.startswith(f"s3://{bucket}/features/index/train-")
 
     start = len(S3_REQUESTS)
     rows = extract_features(prepared)
@@ -138,8 +138,13 @@ def test_prepare_lists_the_data_once_and_extraction_workers_list_nothing(cluster
     same = ["image_id", "label", "row", "pred", "top_classes", "top_logits", "skipped"]
     assert remote.read_records().select(same).equals(store.read_records().select(same))
 
-    again = extract_features(prepare_run(Run(parse_config(tree))))  # a rerun: every class checked where it is read, none redone
-    assert all(r.resumed and r.n_images == 0 for r in again)
+    # A rerun: decided from the listing and the markers; no chunk, no image, no record table read.
+    start = len(S3_REQUESTS)
+    again = extract_features(prepare_run(Run(parse_config(tree))))
+    assert all(r.resumed and r.n_images == 5 for r in again)
+    reads = [path for m, path, _ in S3_REQUESTS[start:] if m == "GET"]
+    assert not [p for p in reads if "/features/c00" in p or "/tables/" in p or "/data/train/" in p], reads
+    assert sorted(p for p in reads if "/done/" in p) == [f"/{bucket}/features/done/c{k:05d}.json" for k in range(N_CLASSES)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a step given GPUs needs CUDA (protonmf.devices.step_device)")
@@ -252,25 +257,37 @@ def test_throttled_reads_lose_no_image_and_an_outage_fails_its_class_until_it_en
 
     with S3Proxy(s3_server) as proxy:
         options = {"client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
-        tree = {**prepared, "storage": {"features": f"s3://{bucket}/throttled/features", "model": f"s3://{bucket}/throttled/model",
-                                        "storage_options": options, "read_attempts": 4, "read_backoff": 0.01}}
-        ready = prepare_run(Run(parse_config(tree)))
+
+        def prepared_at(name):
+            return prepare_run(Run(parse_config({**prepared, "storage": {
+                "features": f"s3://{bucket}/{name}/features", "model": f"s3://{bucket}/{name}/model",
+                "storage_options": options, "read_attempts": 4, "read_backoff": 0.01}})))
+
+        ready = prepared_at("throttled")
         train = ready.run.source("train")
         key = {k: [r.uri.removeprefix("s3://") for r in train.records_of(k)] for k in range(N_CLASSES)}
         proxy.faults = [Fault("slowdown", key[0][1], times=12), Fault("slowdown", key[1][4], times=7),
-                        Fault("reset", key[3][0], times=6), Fault("slowdown", key[2][2], times=1000)]
+                        Fault("reset", key[3][0], times=6)]
+        rows = extract_features(ready)
+        assert proxy.injected[("slowdown", f"/{key[0][1]}")] == 12 and proxy.injected[("reset", f"/{key[3][0]}")] == 6
+        # what the run's summary names: the run's own retries of each class (s3fs tries 5 times per attempt)
+        assert [r.retried for r in rows][:3] == [2, 1, 0] and rows[3].retried >= 1
+        assert [(r.resumed, r.n_images, r.n_skipped) for r in rows] == [(False, 5, 0)] * N_CLASSES
+
+        outage = prepared_at("outage")
+        proxy.faults = [Fault("slowdown", key[2][2], times=1000)]
         with pytest.raises(ClassesFailed, match=r"^extraction failed for 1 of 4 classes: 2 ") as failed:
-            extract_features(ready)
+            extract_features(outage)
         (err,) = failed.value.exceptions
         assert isinstance(err, ImageReadError) and f"read error: s3://{key[2][2]}" in str(err)
         assert proxy.injected[("slowdown", f"/{key[2][2]}")] == 4 * 5  # the run's 4 attempts, s3fs's 5 each
-        assert proxy.injected[("slowdown", f"/{key[0][1]}")] == 12 and proxy.injected[("reset", f"/{key[3][0]}")] == 6
         proxy.faults = []  # the outage ends
-        rows = extract_features(ready)
-    assert [(r.k, r.resumed, r.n_skipped) for r in rows] == [(0, True, 0), (1, True, 0), (2, False, 0), (3, True, 0)]
-    store = FeatureStore.open(f"s3://{bucket}/throttled/features")
-    records = store.read_records()
-    assert records.num_rows == 5 * N_CLASSES and records["skipped"].null_count == 5 * N_CLASSES  # every image, none skipped
+        again = extract_features(outage)
+        assert [(r.k, r.resumed, r.n_skipped) for r in again] == [(0, True, 0), (1, True, 0), (2, False, 0), (3, True, 0)]
     reference = FeatureStore.open(f"s3://{bucket}/features")
-    for k in range(N_CLASSES):
-        assert torch.equal(store.read_class(k), reference.read_class(k)), k
+    for name in ("throttled", "outage"):
+        store = FeatureStore.open(f"s3://{bucket}/{name}/features")
+        records = store.read_records()
+        assert records.num_rows == 5 * N_CLASSES and records["skipped"].null_count == 5 * N_CLASSES  # every image, none skipped
+        for k in range(N_CLASSES):
+            assert torch.equal(store.read_class(k), reference.read_class(k)), (name, k)
