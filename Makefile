@@ -25,7 +25,7 @@ demo: install
 # The report test renders HTML in Debian's headless Chromium.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+		(apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver)
 
 test: install browser
 	$(PY) -m pytest

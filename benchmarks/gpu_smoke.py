@@ -24,7 +24,7 @@ A table is printed at the end and written to ``results/gpu_smoke.json``. Without
 stops at once with exit status 2 and says so.
 
 ``--device cpu`` runs the same checks and benchmarks on the CPU at tiny sizes (the demo at 20
-images per class and p = 3, NMF of 4 classes × 490 rows, extraction of 32 images), its results
+images per class and p = 3, NMF of 4 classes × 490 rows, extraction of 16 images by resnet18), its results
 in the output folder, not ``results/``: the tests run it so, so that it cannot rot while no GPU
 machine is at hand.
 
@@ -98,7 +98,8 @@ def check_api(out: Path) -> str:
     for p in model.available_p:
         variants[f"with_p({p})"] = model.with_p(p)
         variants[f"with_p({p}).with_mode(nmf_only).intervene"] = model.with_p(p).with_mode("nmf_only").intervene({0: [0]})
-    variants["with_mode(residual_only).with_p(1)"] = model.with_mode("residual_only").with_p(1)
+    first = model.available_p[0]
+    variants[f"with_mode(residual_only).with_p({first})"] = model.with_mode("residual_only").with_p(first)
     for name, m in variants.items():
         off = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.device.type != DEVICE]
         if off:
@@ -139,16 +140,16 @@ def check_craft(out: Path) -> str:
     return f"concepts published ({len(manifest.get('files', {}))} files)"
 
 
-def bench_nmf(classes: int, rows: int) -> list[tuple[str, str]]:
+def bench_nmf(classes: int, n_rows: int) -> list[tuple[str, str]]:
     from _common import RESULTS
 
-    script("nmf_sweep.py", "--device", DEVICE, "--classes", str(classes), "--rows", str(rows), "--group", "50", "--repeat", "1")
+    script("nmf_sweep.py", "--device", DEVICE, "--classes", str(classes), "--rows", str(n_rows), "--group", "50", "--repeat", "1")
     r = json.loads((RESULTS / f"nmf_sweep_{DEVICE}.json").read_text())
     rows = []
     for mode in ("fixed_iterations", "paper_stopping_rule"):
         m = r[mode]
         per_p = ", ".join(f"p={p} {t:.1f}" for p, t in m["separate_seconds_per_p"].items())
-        rows.append((f"NMF {classes} × {rows:,} × 512 fp16, {mode.replace('_', ' ')}",
+        rows.append((f"NMF {classes} × {n_rows:,} × 512 fp16, {mode.replace('_', ' ')}",
                      f"sweep {m['sweep_seconds']:.1f} s vs separate {m['separate_seconds']:.1f} s ({per_p}): {m['speedup']}×"))
     return rows
 
@@ -156,13 +157,14 @@ def bench_nmf(classes: int, rows: int) -> list[tuple[str, str]]:
 def bench_extract(images: int) -> list[tuple[str, str]]:
     from _common import RESULTS
 
+    arch = "torchvision:resnet34" if DEVICE == "cuda" else "torchvision:resnet18"  # tiny on the CPU
     rows = []
     for flags, name in (([], f"extract_throughput_{DEVICE}"),
                         (["--precision", "bfloat16", "--channels-last"], f"extract_throughput_{DEVICE}_bfloat16_nhwc")):
-        script("extract_throughput.py", "--arch", "torchvision:resnet34", "--images", str(images), "--batch", "128", "--workers", "8", *flags)
+        script("extract_throughput.py", "--arch", arch, "--images", str(images), "--batch", "128", "--workers", "8", *flags)
         r = json.loads((RESULTS / f"{name}.json").read_text())
         label = "bfloat16 + channels_last" if flags else "float32"
-        rows.append((f"extraction resnet34 224 px, {label}",
+        rows.append((f"extraction {arch.split(':')[1]} 224 px, {label}",
                      f"forward {r['forward_images_per_s']} img/s, whole stage {r['pipeline_images_per_s']} img/s "
                      f"(decode {r['decode_images_per_s']} img/s, {r['bound']}-bound)"))
     return rows
@@ -183,7 +185,7 @@ def main() -> int:
     small = DEVICE == "cpu"
     nmf_classes = args.nmf_classes or (4 if small else 1000)
     nmf_rows = args.nmf_rows or (490 if small else 63700)
-    images = args.images or (32 if small else 2048)
+    images = args.images or (16 if small else 2048)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print(f"gpu_smoke: no CUDA device here (torch {torch.__version__}, CUDA build {torch.version.cuda}, "
               f"device count {torch.cuda.device_count()}): this script needs a GPU machine", file=sys.stderr)

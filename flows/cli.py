@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Prefect's temporary server gets longer than its 20 s to come up: a busy machine misses that.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -46,7 +49,17 @@ def _print_result(result: dict) -> None:
         print(line)
 
 
+def _checked(config: str, overrides: list[str]) -> None:
+    """Read and check the config, its locations and a weights file before Prefect or Ray start:
+    what is wrong reaches the user in seconds, in one line."""
+    from protonmf.config import load_config
+    from protonmf.pipeline import Run, check_before_start
+
+    check_before_start(Run(load_config(config, overrides)))
+
+
 def _run(config, overrides) -> int:
+    _checked(config, overrides)
     from flows.build import build_prototype_model
 
     result = build_prototype_model(config, overrides)
@@ -55,6 +68,7 @@ def _run(config, overrides) -> int:
 
 
 def _craft(config, overrides) -> int:
+    _checked(config, overrides)
     from flows.craft import craft_concepts
 
     result = craft_concepts(config, overrides)
@@ -139,7 +153,11 @@ def _explain(args) -> int:
     from protonmf.prototypes import PrototypeModel, parse_interventions
     from protonmf.viz import explain_images
 
-    model = PrototypeModel.load(args.model, map_location=_device(args))
+    device = _device(args)
+    missing = [uri for uri in args.images if "://" not in uri and not Path(uri).exists()]
+    if missing:  # said before the model is read
+        raise FileNotFoundError(f"explain: {missing[0]!r} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model = PrototypeModel.load(args.model, map_location=device)
     results = explain_images(model, args.images, args.out, interventions=parse_interventions(args.intervene))
     for r in results:
         if "skipped" in r:
@@ -152,11 +170,38 @@ def _explain(args) -> int:
                 print(f"{r['image']} [{name}]: {m['predicted_name']} (logit {m['logit']:.3f}); prototypes {parts}; "
                       f"residual {m['residual']:+.3f}; bias {m['bias']:+.3f}; picture {m['picture']}")
     print(f"explanations: {args.out}/explanations.json")
+    skipped = [r for r in results if "skipped" in r]
+    if skipped:  # an input that is not an image is an error, after the others are explained
+        print(f"protonmf: error: explain: {len(skipped)} of {len(results)} input(s) not explained: "
+              + "; ".join(f"{r['image']}: {r['skipped']}" for r in skipped[:5]), file=sys.stderr)
+        return 2
     return 0
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _message(err: BaseException) -> str:
+    """What the user reads of an error: the error a Ray task raised rather than Ray's wrapper (its
+    remote traceback, in colour, goes to the run's log), without terminal colour codes."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError keeps the task's own error here
+    if isinstance(cause, BaseException):
+        err = cause
+    text = _ANSI.sub("", str(err)).strip()
+    if "ephemeral Prefect API server" in text:
+        text += (f" (its start-up limit is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="
+                 f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s: raise it on a busy machine, "
+                 "or point PREFECT_API_URL at a running server)")
+    return text
+
+
+#: Errors that say what is wrong with the input or the environment: one line, exit status 2.
+_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, RuntimeError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="protonmf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="let errors through with their whole traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole flow on the embedded default (synthetic parts, demo CNN)")
     demo.add_argument("--out", default="out/demo", help="where the feature store and the model go (default out/demo)")
@@ -189,33 +234,41 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     args = parser.parse_args(argv)
 
-    from protonmf.config import ConfigError
-
     try:
-        if args.command == "demo":
-            demo_config = CONFIGS / "demo.yaml"
-            if not demo_config.is_file():
-                raise SystemExit(f"the embedded demo config {demo_config} is missing (run from a checkout)")
-            out = args.out.rstrip("/")
-            return _run(str(demo_config), [f"storage.features={out}/features", f"storage.model={out}/model",
-                                            f"storage.concepts={out}/concepts"])
-        if args.command == "run":
-            return _run(args.config, args.set + (["storage.verify=true"] if args.verify else []))
-        if args.command == "craft":
-            return _craft(args.config, args.set)
-        if args.command == "explain":
-            return _explain(args)
-        return _evaluate(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"protonmf: error: {err}", file=sys.stderr)
-        return 2
+        return _command(args)
     except BaseExceptionGroup as group:  # classes that failed apart (tasks.extract.ClassesFailed)
-        if group.split((ConfigError, ValueError, FileNotFoundError))[1] is not None:
+        if args.debug:
             raise
-        print(f"protonmf: error: {group.message}", file=sys.stderr)
+        print(f"protonmf: error: {_message(group)}", file=sys.stderr)
         for err in group.exceptions:
-            print(f"  {err}", file=sys.stderr)
+            print(f"  {_message(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - one line; --debug for the traceback
+        if args.debug:
+            raise
+        if isinstance(err, _USER_ERRORS) or isinstance(getattr(err, "cause", None), _USER_ERRORS):
+            print(f"protonmf: error: {_message(err)}", file=sys.stderr)
+            return 2
+        print(f"protonmf: error: {type(err).__name__}: {_message(err)} (protonmf --debug ... shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _command(args) -> int:
+    if args.command == "demo":
+        demo_config = CONFIGS / "demo.yaml"
+        if not demo_config.is_file():
+            raise FileNotFoundError(f"the embedded demo config {demo_config} is missing (run from a checkout)")
+        out = args.out.rstrip("/")
+        return _run(str(demo_config), [f"storage.features={out}/features", f"storage.model={out}/model",
+                                        f"storage.concepts={out}/concepts"])
+    if args.command == "run":
+        return _run(args.config, args.set + (["storage.verify=true"] if args.verify else []))
+    if args.command == "craft":
+        return _craft(args.config, args.set)
+    if args.command == "explain":
+        return _explain(args)
+    return _evaluate(args)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def _locate(fs: AbstractFileSystem, root: str, uri: str, what: str, version: str
         return join(root, VERSIONS, vid), join(uri, VERSIONS, vid), vid, pointer.get("manifest_sha256")
     if fs.exists(join(root, MANIFEST)):  # written before versions existed
         return root, str(uri), None, None
+    if not fs.exists(root):
+        raise ArtifactError(f"no {what} at {uri!r}: it does not exist")
     raise ArtifactError(f"no {what} at {uri!r}: neither {POINTER} nor {MANIFEST} (not an artifact, or not finished)")
 
 

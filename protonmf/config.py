@@ -7,6 +7,7 @@ valid integer``). ``--set a.b=value`` overrides any key; the value is read as YA
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -201,27 +202,55 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _format(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
+def _section_fields(loc: tuple) -> list[str]:
+    """The keys allowed where ``loc`` (a path into the config tree) points: its section's fields."""
+    model: Any = Config
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format(err: ValidationError, origin: str, overrides: dict[str, str]) -> str:
+    """One line: ``key: what is wrong`` for each error, with a "did you mean" for an unknown key and
+    where the value came from (the ``--set`` that gave it, else ``origin``)."""
+    parts = []
     for e in err.errors():
-        key = ".".join(str(part) for part in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+        loc = tuple(str(part) for part in e["loc"])
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc[-1], _section_fields(loc[:-1]), n=1)
+            msg = "unknown key" + (f" (did you mean {'.'.join((*loc[:-1], close[0]))!r}?)" if close else "")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        given = next((item for k, item in overrides.items() if key == k or key.startswith(k + ".")), None)
+        parts.append(f"{key}: {msg} ({f'--set {given}' if given else f'in {origin}'})")
+    return "; ".join(parts)
 
 
 def parse_config(tree: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), origin: str = "<dict>") -> Config:
-    """Validate a config tree with ``key.path=value`` overrides applied on top."""
+    """Validate a config tree with ``key.path=value`` overrides applied on top.
+
+    Raises :class:`ConfigError` in one line naming each bad key, what is wrong with it and where
+    it came from (the ``--set`` that gave it, or ``origin``)."""
     tree = dict(tree or {})
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key.strip()}: --set {item}: not a YAML value ({err.problem})") from None
+        _set(tree, key.strip(), value)
+        given[key.strip()] = item
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format(err, origin)) from None
+        raise ConfigError(_format(err, origin, given)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

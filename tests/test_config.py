@@ -43,7 +43,7 @@ def test_issue_example_and_overrides():
         ({"prototypes": {"p": [0, 3]}}, [], "prototype counts must be >= 1, got [0]"),
         ({}, ["compute.batch_size=-1"], "compute.batch_size: Input should be greater than or equal to 1"),
         ({}, ["compute.retries=-1"], "compute.retries: Input should be greater than or equal to 0"),
-        ({}, ["backbone.arch=resnet34"], "backbone.arch: Value error, must be 'library:name'"),
+        ({}, ["backbone.arch=resnet34"], "backbone.arch: must be 'library:name'"),
         ({}, ["prototypes.tol"], "--set expects key=value"),
         ({"storage": {"model": 3}}, [], "storage.model: Input should be a valid string"),
         ({"compute": {"workers": 4}}, [], "compute.workers was removed: the extraction pool sizes itself to the cluster; "

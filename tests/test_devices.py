@@ -201,15 +201,17 @@ def test_step_device_follows_the_gpus_the_config_gives(monkeypatch):
 def _store_and_config(tmp_path, **compute):
     from protonmf.config import parse_config
     from protonmf.data.store import FeatureStore
+    from protonmf.pipeline import Run
     from tests.data.test_store import records
 
     g = torch.Generator().manual_seed(6)
     store = FeatureStore.create(str(tmp_path / "fs"), key="k", class_names=["a", "b"], grid=(2, 2), dim=8,
                                 V=torch.randn(2, 8, generator=g), bias=torch.zeros(2))
-    for k in range(2):
-        store.write_class(k, torch.rand(6, 2, 2, 8, generator=g), records(6))
     config = parse_config({"storage": {"features": store.uri, "model": str(tmp_path / "model")},
                            "prototypes": {"p": [2]}, "compute": compute})
+    made_from = Run(config).images_sha256  # the run's (synthetic) images: the fit checks its features are theirs
+    for k in range(2):
+        store.write_class(k, torch.rand(6, 2, 2, 8, generator=g), records(6), images_sha256=made_from[k])
     return store, config
 
 

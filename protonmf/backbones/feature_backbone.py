@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from protonmf.backbones.hooks import output_of
 from protonmf.devices import back_to, to_model
 
-__all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "load_state_dict", "weights_sha256"]
+__all__ = ["BackboneSpec", "FeatureBackbone", "build_backbone", "is_weights_file", "load_state_dict", "weights_sha256"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,25 @@ def _open(uri: str):
 
 
 def load_state_dict(uri: str) -> dict[str, Tensor]:
-    """A state dict from a local path or fsspec URI, as ``.safetensors`` or a torch pickle."""
-    with _open(uri) as f:
-        data = f.read()
-    if uri.endswith(".safetensors"):
-        from safetensors.torch import load
+    """A state dict from a local path or fsspec URI, as ``.safetensors`` or a torch pickle.
 
-        return load(data)
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    Raises ValueError naming ``backbone.weights`` and the file if it does not exist or is not a
+    checkpoint (a torch pickle or safetensors file of tensors)."""
+    try:
+        with _open(uri) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"backbone.weights: {uri!r} does not exist") from None
+    try:
+        if uri.endswith(".safetensors"):
+            from safetensors.torch import load
+
+            return load(data)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and safetensors each fail their own way on other bytes
+        reader = "safetensors" if uri.endswith(".safetensors") else "torch.load"
+        raise ValueError(f"backbone.weights: {uri!r} is not a checkpoint: {len(data)} bytes that {reader} cannot read "
+                         f"({type(err).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a training checkpoint
     if not isinstance(state, dict):
@@ -70,7 +81,8 @@ def load_state_dict(uri: str) -> dict[str, Tensor]:
     return state
 
 
-def _is_weights_file(weights: str) -> bool:
+def is_weights_file(weights: str) -> bool:
+    """Whether ``backbone.weights`` names a file (a path or URI) rather than weights by name."""
     return "/" in weights or "://" in weights or weights.endswith((".pt", ".pth", ".safetensors", ".bin"))
 
 
@@ -81,7 +93,7 @@ def _build_model(spec: BackboneSpec) -> nn.Module:
     kwargs = dict(spec.arch_kwargs)
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
-    enum_weights = spec.weights if spec.weights and not _is_weights_file(spec.weights) else None
+    enum_weights = spec.weights if spec.weights and not is_weights_file(spec.weights) else None
     if library == "torchvision":
         import torchvision
 
@@ -115,7 +127,7 @@ def _build_model(spec: BackboneSpec) -> nn.Module:
         model = nets.REGISTRY[name](**kwargs)
     else:
         raise ValueError(f"backbone.arch: unknown library {library!r} (torchvision, timm or protonmf)")
-    if spec.weights and _is_weights_file(spec.weights):
+    if spec.weights and is_weights_file(spec.weights):
         state = load_state_dict(spec.weights)
         _check_state_fits(model, state, spec)
         model.load_state_dict(state)

@@ -24,7 +24,7 @@ from protonmf.pipeline.evaluate import (
 )
 from protonmf.pipeline.extract import ExtractionPlan, class_state, decode_group, extract_features, forward_group, plan_extraction
 from protonmf.pipeline.fit import GroupFit, fit_prototype_group, published_fits
-from protonmf.pipeline.prepare import Prepared, check_data, preflight, prepare_run, prepare_store, resolve_backbone
+from protonmf.pipeline.prepare import Prepared, check_before_start, check_data, preflight, prepare_run, prepare_store, resolve_backbone
 from protonmf.pipeline.publish import held_out_data, publish_prototype_model
 from protonmf.pipeline.run import Run, load_backbone
 from protonmf.pipeline.staging import Staged, class_groups, craft_key, features_key, fit_key, run_key
@@ -34,7 +34,7 @@ __all__ = [
     "ExtractionPlan", "plan_extraction", "keep_evaluation", "published_evaluation", "decode_group", "evaluate_prototype_model", "evaluate_shard", "evaluation_shards", "extract_features",
     "features_key", "fit_key", "fit_prototype_group", "forward_group", "held_out_data", "images_per_class",
     "in_memory", "index_data", "list_split", "load_backbone", "load_published_model",
-    "make_split_source", "preflight", "prepare_run", "prepare_store",
+    "make_split_source", "check_before_start", "preflight", "prepare_run", "prepare_store",
     "publish_prototype_model", "published_fits", "resolve_backbone", "run_key",
 ]
 

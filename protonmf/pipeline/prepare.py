@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save as save_safetensors
 
-from protonmf.backbones.feature_backbone import FeatureBackbone, weights_sha256
+from protonmf.backbones.feature_backbone import FeatureBackbone, is_weights_file, weights_sha256
 from protonmf.data.sources.shards import shard_folder
 from protonmf.data.store import FeatureStore
 from protonmf.pipeline.datasets import images_per_class, index_data, make_split_source
@@ -20,7 +20,7 @@ from protonmf.pipeline.run import Run
 from protonmf.pipeline.staging import features_key
 from protonmf.storage import join, write_bytes_atomic
 
-__all__ = ["Prepared", "check_data", "preflight", "prepare_run", "prepare_store", "resolve_backbone"]
+__all__ = ["Prepared", "check_before_start", "check_data", "preflight", "prepare_run", "prepare_store", "resolve_backbone"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,17 @@ def preflight(run: Run) -> None:
                 raise ValueError(f"{key}: cannot reach {uri!r}: {type(err).__name__}: {err}") from None
         if must_exist and not fs.exists(shard_folder(path)):  # a glob of shards: its folder
             raise ValueError(f"{key}: {uri!r} does not exist")
+
+
+def check_before_start(run: Run) -> None:
+    """What can be checked in seconds before a run starts Prefect and Ray, each error naming its
+    config key: the locations (:func:`preflight`), and a black box whose weights are a file: it
+    exists, is a checkpoint, and fits ``backbone.arch`` (the layers that differ named). Weights
+    by name (torchvision, timm) are fetched and checked by the prepare step."""
+    preflight(run)
+    weights = run.config.backbone.weights
+    if weights not in (None, "demo") and is_weights_file(weights):
+        _ = run.backbone  # built once: the prepare step of an in-process run reuses it
 
 
 def resolve_backbone(run: Run) -> tuple[Run, FeatureBackbone]:

@@ -27,7 +27,11 @@ def test_explain_writes_numbers_and_pictures(saved, capsys):
     images = [str(saved / "img0.png"), str(saved / "img1.png"), str(saved / "broken.jpg")]
     out = saved / "out"
     code = main(["explain", str(saved / "model"), *images, "--out", str(out), "--intervene", "class2:1,0:0"])
-    assert code == 0
+    assert code == 2  # one input is not an image: explained are the others, and the command says so
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"protonmf: error: explain: 1 of 3 input(s) not explained: {saved / 'broken.jpg'}: "
+                                    + json.loads((out / "explanations.json").read_text())[2]["skipped"])
+    assert "prototypes" in captured.out
     results = json.loads((out / "explanations.json").read_text())
     assert results[2]["skipped"].startswith("not an image")
     for r in results[:2]:
@@ -44,7 +48,6 @@ def test_explain_writes_numbers_and_pictures(saved, capsys):
             for i in removed:
                 assert e["contributions"][i] == 0.0
             assert e["logit"] == pytest.approx(m["logit"] - sum(m["contributions"][i] for i in removed), abs=1e-4)
-    assert "prototypes" in capsys.readouterr().out
 
 
 def test_parse_interventions():
