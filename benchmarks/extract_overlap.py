@@ -129,8 +129,12 @@ def main() -> None:
 
     import os
 
+    import logging
+
     import s3fs
     from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
     from protonmf.backbones.feature_backbone import FeatureBackbone
     from protonmf.data import Preprocess
@@ -142,7 +146,7 @@ def main() -> None:
                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir("overlap")
     torch.manual_seed(0)
-    backbone = FeatureBackbone.from_model(ZeroCostNet(1000), feature_layer="layer4", head="fc")
+    backbone = FeatureBackbone.from_model(ZeroCostNet(args.classes), feature_layer="layer4", head="fc")
     pre = Preprocess(resize=CROP, crop=CROP)
     g = torch.Generator().manual_seed(0)
     decoded = [DecodedClass(k, torch.randint(0, 256, (args.per_class, 3, CROP, CROP), dtype=torch.uint8, generator=g),
