@@ -46,6 +46,7 @@ h2{border-bottom:1px solid #ddd;padding-bottom:4px}.note{color:#666;font-size:90
 .swatch{display:inline-block;width:.9em;height:.9em;margin-right:.35em;vertical-align:-.1em;border-radius:2px}
 .prototype-panel{margin:.6em 0;padding:.3em .6em;background:#fafafa}.prototype-panel.residual{border-left:8px solid #555}
 .panel-head{font-weight:600;margin-bottom:.2em}.panel-body{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-end}
+.intro{background:#f6f8fa;padding:.2em 1em;border-radius:4px;line-height:1.45}
 """
 
 
@@ -53,13 +54,37 @@ def _png(fig, tight: bool = False) -> str:
     return png_data_uri(figure_png(fig, tight=tight))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], formats: Sequence[str] = ()) -> str:
+    """An HTML table; ``formats``: each column's ``format`` spec ("" or none given: floats to 3 places)."""
+    def cell(v: Any, fmt: str) -> str:
+        if fmt and isinstance(v, (int, float)):
+            return format(v, fmt)
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v, formats[i] if i < len(formats) else '')}</td>" for i, v in enumerate(row))
+                   + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+#: How to read the report, above everything else.
+INTRODUCTION = """<div class='intro'>
+<p>This model gives exactly the black box's logits, and says where they come from. For each
+class it has a few <b>prototypes</b>: parts of the class's feature maps, found by non-negative
+matrix factorization of its training images' features (ProtoNMF). Each prototype has a
+<b>coefficient a</b>, fitted so that the prototypes together rebuild the black box's classifier
+row for the class; what they do not rebuild is the <b>residual</b>. A prototype's
+<b>contribution</b> to an image's logit is its coefficient times how strongly the prototype is
+present in the image (the numbers above each heatmap); the contributions plus the bias are the
+logit, exactly.</p>
+<p>The residual is spread over the prototypes (<code>prototypes.residual</code>: in proportion
+to their coefficients, <code>equal</code>, or shaped like their heatmaps, <code>distributed</code>),
+so its share is inside their contributions; its own heatmap is drawn after the prototypes, to
+show where it lies. A coefficient can be <b>negative</b>: the coefficients are a least-squares fit
+of the classifier row, not a vote, and a prototype whose presence lowers the class's logit gets a
+negative one. Each class's panels read: one colour per prototype, its heatmap on held-out images
+(where the model finds it, with its contribution to each logit), and its gallery (the training
+patches where it is most present).</p></div>"""
 
 
 def _class_images(source: ImageSource, pre: Preprocess, k: int, n: int) -> torch.Tensor:
@@ -166,6 +191,7 @@ def render_report(
     spec = model.backbone.spec_dict()
     parts.append(f"<p class='note'>backbone {html.escape(str(spec.get('arch')))}, feature layer "
                  f"{html.escape(str(spec.get('feature_layer')))}, {model.num_classes} classes, p = {model.available_p}</p>")
+    parts.append(INTRODUCTION)
     parts.extend(_evaluation_tables(evaluation, model.p))
     if reconstruction:
         parts.append(_reconstruction_section(reconstruction))
@@ -184,9 +210,14 @@ def _evaluation_tables(evaluation: dict[str, Any], p: int) -> list[str]:
     (when measured): :func:`~protonmf.viz.summaries.evaluation_tables`, each with its heading."""
     parts = []
     for t in evaluation_tables(evaluation, p):
-        note = f"<p class='note'>{t.note}</p>" if t.note else ""
+        if t.empty:  # nothing to say: said in one line
+            paper = f" <span class='note'>(the paper's {t.paper})</span>" if t.paper else ""
+            parts.append(f"<h2>{t.heading}</h2><p>{t.empty}{paper}</p>")
+            continue
+        said = "; ".join(x for x in (t.note, f"the paper's {t.paper}" if t.paper else "") if x)
+        note = f"<p class='note'>{said}</p>" if said else ""
         footer = f"<p>{t.footer}</p>" if t.footer else ""
-        parts.append(f"<h2>{t.heading}</h2>{note}{_table(t.header, t.rows)}{footer}")
+        parts.append(f"<h2>{t.heading}</h2>{note}{_table(t.header, t.rows, t.formats)}{footer}")
     return parts
 
 
@@ -195,7 +226,7 @@ def _reconstruction_section(reconstruction: dict[int, dict[str, Any]]) -> str:
     rows = _by_p(reconstruction)
 
     def ms(v: dict[str, float]) -> str:
-        return f"{v['mean']:.4f} ± {v['std']:.4f}"
+        return f"{v['mean']:.3f} ± {v['std']:.3f}"
 
     table = _table(
         ["p", "features, NMF", "features, real patches", "head, NMF", "head, real patches", "stability (cosine)"],
@@ -206,13 +237,16 @@ def _reconstruction_section(reconstruction: dict[int, dict[str, Any]]) -> str:
         "features, real patches": [(v["baseline_feature_error"]["mean"], v["baseline_feature_error"]["std"]) for _, v in rows],
         "head, NMF": [(v["head_error"]["mean"], v["head_error"]["std"]) for _, v in rows],
     })
-    return (f"<h2>Table 1 / Figure 5: reconstruction</h2>{table}"
+    return ("<h2>How well the prototypes rebuild the features and the head</h2><p class='note'>relative errors "
+            "against p, NMF against real patches, and the prototypes' stability across seeds; the paper's Table 1 "
+            f"and Figure 5</p>{table}"
             f'<img alt="figure 5: reconstruction errors against p" src="{_png(fig)}">')
 
 
 def _class_sections(model: PrototypeModel, source: ImageSource, pre: Preprocess, chosen: list[int], n: int) -> list[str]:
     """Figures 2–3 for each chosen class, then Figure 4 on the first image of each."""
-    parts = [f"<h2>Figures 2–3: prototypes of {len(chosen)} classes (p = {model.p})</h2>"]
+    parts = [f"<h2>The prototypes of {len(chosen)} of the {model.num_classes} classes (p = {model.p})</h2>"
+             "<p class='note'>the paper's Figures 2–3</p>"]
     firsts, first_labels = [], []
     for k in chosen:
         images = _class_images(source, pre, k, n)
@@ -223,7 +257,8 @@ def _class_sections(model: PrototypeModel, source: ImageSource, pre: Preprocess,
         firsts.append(images[0])
         first_labels.append(k)
     if firsts:
-        parts.append("<h2>Figure 4: the same images with p prototypes</h2>" + _figure4(model, torch.stack(firsts), first_labels, pre))
+        parts.append("<h2>The same images with more prototypes</h2><p class='note'>each prototype's area, one colour "
+                     "each, for every fitted p; the paper's Figure 4</p>" + _figure4(model, torch.stack(firsts), first_labels, pre))
     return parts
 
 

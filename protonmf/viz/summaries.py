@@ -72,6 +72,7 @@ class _PerP:
     note : the HTML report's note under the heading.
     line : the terminal line of one p (after ``p=…``), ``str.format`` of the columns' values
         formatted, in column order.
+    paper : the paper's name of the table (the report's note names it), or "".
     """
 
     heading: str
@@ -80,6 +81,7 @@ class _PerP:
     intro: str = ""
     note: str = ""
     line: str = ""
+    paper: str = ""
 
     def section(self, evaluation: dict[str, Any], name: str) -> dict:
         return evaluation[name] if self.required else (evaluation.get(name) or {})
@@ -94,19 +96,22 @@ class _PerP:
 
 
 _TABLE3 = _PerP(
-    "Table 3: which prototypes carry the decision",
+    "Which prototypes carry the decision",
     (_Column("NMF only", "table3", "nmf_only", ".3f", ".4f"),
      _Column("residual only", "table3", "residual_only", ".3f", ".4f"),
      _Column("NMF + residual", "table3", "augmented", ".3f", ".4f")),
     required=True,
     line="NMF only {0}   residual only {1}   NMF+residual {2}",
+    note="top-1 of the model with the prototypes alone (NMF only), the residual alone, and both (the exact model)",
+    paper="Table 3",
 )
 _INTERVENTION = _PerP(
-    "Table 4: test-time intervention",
-    (_Column("top-1 before", "intervention", "top1_before"),
-     _Column("top-1 after", "intervention", "top1_after"),
-     _Column("corrected", "intervention", "fixed")),
+    "Removing a prototype (test-time intervention)",
+    (_Column("top-1 before", "intervention", "top1_before", ".3f"),
+     _Column("top-1 after", "intervention", "top1_after", ".3f"),
+     _Column("corrected", "intervention", "fixed", "d")),
     note="each wrong prediction loses its predicted class's most important prototype",
+    paper="Table 4",
 )
 _LOCALIZATION = _PerP(
     "Part localization",
@@ -211,10 +216,12 @@ def evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
 # ---- tables (the HTML report) ----
 
 class EvaluationTable(NamedTuple):
-    """One table of the HTML report: raw cell values (the report formats them).
+    """One table of the HTML report: raw cell values, and the format of each column's numbers.
 
     ``heading``, ``note`` (under the heading) and ``footer`` (under the table) are plain text
-    written as they are, ``""`` when there is none.
+    written as they are, ``""`` when there is none; ``paper``: the paper's name of the table;
+    ``formats``: one ``format`` spec per column ("" for text or as it is); ``empty``: when the
+    table has nothing to say, the one line the report writes instead of it.
     """
 
     heading: str
@@ -222,6 +229,9 @@ class EvaluationTable(NamedTuple):
     rows: list[list[Any]]
     note: str = ""
     footer: str = ""
+    paper: str = ""
+    formats: list[str] = []
+    empty: str = ""
 
 
 def _accuracy_table(evaluation: dict[str, Any], p: int | None) -> EvaluationTable:
@@ -231,12 +241,23 @@ def _accuracy_table(evaluation: dict[str, Any], p: int | None) -> EvaluationTabl
     footer = (f"max |logit difference| {evaluation['max_abs_logit_diff']:{_DIFF_FORMAT}} "
               f"(max |logit| {evaluation['max_abs_logit']:.3f})")
     return EvaluationTable("Accuracy", ["", f"top-1 ({evaluation['n_images']} held-out images)"],
-                           [[label(name, key), evaluation[key]] for name, key in _TOP1], footer=footer)
+                           [[label(name, key), evaluation[key]] for name, key in _TOP1], footer=footer,
+                           formats=["", _TOP1_FORMAT])
+
+
+def _nothing_to_correct(table: _PerP, rows: list[tuple[Any, list[Any]]]) -> str:
+    """The intervention's one line when the black box made no mistake to correct, else ""."""
+    if table is _INTERVENTION and rows and all(before == 1 and fixed == 0 for _, (before, _after, fixed) in rows):
+        return ("The black box makes no mistake on these held-out images: there is nothing for removing a prototype "
+                "to correct.")
+    return ""
 
 
 def _per_p_table(table: _PerP, evaluation: dict[str, Any]) -> EvaluationTable:
+    rows = table.rows(evaluation)
     return EvaluationTable(table.heading, ["p"] + [c.header for c in table.columns],
-                           [[p, *values] for p, values in table.rows(evaluation)], note=table.note)
+                           [[p, *values] for p, values in rows], note=table.note, paper=table.paper,
+                           formats=[""] + [c.fmt for c in table.columns], empty=_nothing_to_correct(table, rows))
 
 
 def evaluation_tables(evaluation: dict[str, Any], p: int | None = None) -> list[EvaluationTable]:
