@@ -7,6 +7,7 @@
                                  [--unknown-val-classes error|skip]
                                  (neither: the held-out data its manifest records)
     protonmf explain MODEL_URI IMAGE_URI... [--out DIR] [--intervene CLASS:PROTO,...] [--device D]
+    protonmf atlas MODEL_URI --out DIR [--images N] [--device D]   every class's prototypes, as a static site
 
 evaluate and explain compute on --device, by default CUDA if this machine has it, else the CPU.
 """
@@ -149,6 +150,27 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _atlas(args) -> int:
+    from protonmf.config import parse_config
+    from protonmf.pipeline import Run
+    from protonmf.prototypes import PrototypeModel
+    from protonmf.viz.atlas import atlas_weights, write_atlas
+
+    model = PrototypeModel.load(args.model, map_location=_device(args))
+    source = preprocess = None
+    data = model.settings.get("data")
+    if args.images > 0 and data is not None:  # the held-out data of the run that published it
+        run = Run(parse_config({"data": data}, origin=f"the data recorded in {args.model}'s manifest"))
+        source, preprocess = run.source("val", classes=model.class_names), run.preprocess
+    index = write_atlas(model, args.out, source=source, preprocess=preprocess, images_per_class=args.images)
+    w = atlas_weights(args.out)
+    print(f"atlas:            {index}")
+    print(f"pages:            {w['pages']} ({model.num_classes} classes × p in {model.available_p}); index "
+          f"{w['index'] / 1e3:.0f} kB, largest page {w['largest_page'] / 1e3:.0f} kB"
+          + ("" if source is not None else "; no held-out heatmaps (the model records no held-out data, or --images 0)"))
+    return 0
+
+
 def _explain(args) -> int:
     from protonmf.prototypes import PrototypeModel, parse_interventions
     from protonmf.viz import explain_images
@@ -232,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", default="out/explain")
     ex.add_argument("--intervene", default="", help="CLASS:PROTO,... prototypes to remove (class index or name)")
     ex.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
+    at = sub.add_parser("atlas", help="a static site of every class's prototypes (searchable index, a page per class and p)")
+    at.add_argument("model")
+    at.add_argument("--out", required=True, help="folder (local or URI) the atlas goes to")
+    at.add_argument("--images", type=int, default=3,
+                    help="held-out heatmaps per class, from the held-out data the model's manifest records (0: none)")
+    at.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     args = parser.parse_args(argv)
 
     try:
@@ -268,6 +296,8 @@ def _command(args) -> int:
         return _craft(args.config, args.set)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "atlas":
+        return _atlas(args)
     return _evaluate(args)
 
 

@@ -164,6 +164,10 @@ class StorageConfig(_Section):
 class EvaluationConfig(_Section):
     report: bool = True  # write an HTML report beside the model (<storage.model>/report/index.html)
     report_classes: int = Field(3, ge=0)  # classes shown with their prototype figures
+    # The prototype atlas of every class beside the model (<storage.model>/versions/<id>/atlas/),
+    # with atlas_images held-out heatmaps per class and prototype (0: galleries and coefficients only).
+    atlas: bool = True
+    atlas_images: int = Field(3, ge=0)
     reconstruction_classes: int = Field(20, ge=0)  # classes of the Table 1 / Figure 5 study (0: skip)
     # Held-out images per evaluation shard (rounded up to a multiple of compute.batch_size): the
     # shards are spread over as many workers as the extraction would start (tasks/evaluate.py).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from protonmf.artifact import attach_file, current_manifest, read_attached
+from protonmf.artifact import VERSIONS, attach_file, current_manifest, read_attached
 from protonmf.data import ImageSource
 from protonmf.devices import step_device
 from protonmf.evaluation.held_out import HeldOutStats, accumulate_held_out, held_out_shards, summarize_held_out
@@ -20,6 +20,7 @@ from protonmf.evaluation.published import finish_evaluation
 from protonmf.pipeline.publish import held_out_data
 from protonmf.pipeline.run import Run
 from protonmf.pipeline.staging import run_key
+from protonmf.storage import join
 from protonmf.prototypes.model import PrototypeModel
 
 __all__ = ["evaluate_prototype_model", "evaluate_shard", "evaluation_shards", "keep_evaluation", "load_published_model",
@@ -112,10 +113,17 @@ def evaluate_prototype_model(run: Run, source: ImageSource, stats: HeldOutStats 
     result = finish_evaluation(model, summarize_held_out(stats, repr(source)), source,
                                store=run.store if ev.reconstruction_classes else None,
                                study_classes=ev.reconstruction_classes)
+    if ev.atlas:
+        from protonmf.viz.atlas import write_atlas
+
+        folder = join(config.storage.model, VERSIONS, model.version, "atlas") if model.version else join(config.storage.model, "atlas")
+        result["atlas"] = write_atlas(model, folder, source=source, preprocess=run.preprocess, images_per_class=ev.atlas_images,
+                                      storage_options=run.storage_options)
     if ev.report:
         page = render_report(model, result, source, reconstruction=result.get("reconstruction"),
                              classes=list(range(min(ev.report_classes, model.num_classes))),
-                             title=f"Prototype model: {config.backbone.arch}")
+                             title=f"Prototype model: {config.backbone.arch}",
+                             atlas="../atlas/index.html" if ev.atlas else None)
         result["report"] = attach_file(config.storage.model, model.version, "report/index.html", page.encode(),
                                        storage_options=run.storage_options)
     return result

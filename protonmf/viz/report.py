@@ -178,8 +178,10 @@ def render_report(
     classes: Sequence[int] | None = None,
     images_per_class: int = 10,
     title: str = "Prototype model report",
+    atlas: str | None = None,
 ) -> str:
-    """The report as one HTML string. ``source`` gives the example images (held-out).
+    """The report as one HTML string. ``source`` gives the example images (held-out); ``atlas``:
+    the link (relative to the report) to the atlas of every class, when one is written.
 
     The model stays where it is (its figures are computed there); images are loaded on the CPU and
     the explanations come back there to be drawn (:mod:`protonmf.devices`).
@@ -192,6 +194,10 @@ def render_report(
     parts.append(f"<p class='note'>backbone {html.escape(str(spec.get('arch')))}, feature layer "
                  f"{html.escape(str(spec.get('feature_layer')))}, {model.num_classes} classes, p = {model.available_p}</p>")
     parts.append(INTRODUCTION)
+    if atlas:
+        parts.append(f"<p>Every class's prototypes: <a href='{html.escape(atlas)}'>the prototype atlas</a> "
+                     f"(searchable, one page per class); below, {len(classes) if classes is not None else min(3, model.num_classes)} "
+                     "of them in detail.</p>")
     parts.extend(_evaluation_tables(evaluation, model.p))
     if reconstruction:
         parts.append(_reconstruction_section(reconstruction))

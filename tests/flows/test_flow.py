@@ -166,7 +166,7 @@ def test_flow_on_s3_publishes_a_model_that_gives_the_black_box_predictions(runti
 
 
 def same(ev):
-    return {k: v for k, v in ev.items() if k != "report"}
+    return {k: v for k, v in ev.items() if k not in ("report", "atlas")}  # where they were written differs
 
 
 def assert_same_prototypes(uri, reference_uri):
@@ -465,7 +465,7 @@ EVERY_FIGURE = {
 }
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "results.md"  # the documented tables (moved out of README.md)
 
 
 def _readme_demo_rows(printed: str) -> set[str]:
@@ -535,10 +535,13 @@ def test_cli_demo_and_evaluate(runtime, bucket, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert f"model:            {tmp_path / 'demo'}/model" in out and "black box top-1:  1.0000" in out
-    assert _readme_demo_rows(out) <= set(README.read_text().splitlines()), "README's demo table is not what the demo prints"
+    assert _readme_demo_rows(out) <= set(README.read_text().splitlines()), "docs/results.md's demo table is not what the demo prints"
     model = PrototypeModel.load(str(tmp_path / "demo" / "model"))
     assert model.available_p == [1, 3, 5, 10] and len(model.class_names) == 10
     assert report_figures(_report_of(tmp_path / "demo" / "model")) == EVERY_FIGURE
+    atlas = _report_of(tmp_path / "demo" / "model").parents[1] / "atlas"  # beside the report, in the model's version
+    assert len(list((atlas / "classes").iterdir())) == 10 * 4 and "../atlas/index.html" in _report_of(tmp_path / "demo" / "model").read_text()
+    assert (atlas / "classes" / "c00003-p5.html").read_text().count("held-out heatmap") == 5 * 3
     # The gallery of every p, read off the fit: 5 patches per prototype, each the 8-pixel cell of its row
     # (64 × 64 images, resize and crop 64: the crop is the image; an 8 × 8 grid)
     assert model.gallery().num_rows == 10 * 3 * 5 and model.settings["gallery"] == 5
@@ -584,7 +587,7 @@ def test_craft_flow_on_the_demo_localizes_parts_and_measures_fidelity(runtime, b
     assert s["classes"] == 10 and s["sub_banks"] == 20 and s["skipped_classes"] == []
     # Sobol vs the TCAV-style ranking (CRAFT Fig. 5): what the run measures is what README says;
     # through the linear head every root TCAV score is 0 or 1, from layer2 some are not
-    assert _readme_craft_rows(s) <= set(README.read_text().splitlines()), "README's CRAFT fidelity table is not what the run gives"
+    assert _readme_craft_rows(s) <= set(README.read_text().splitlines()), "docs/results.md's CRAFT fidelity table is not what the run gives"
     assert s["fidelity"]["tcav_scores_between_0_and_1"] == 0 and s["sub_fidelity"]["tcav_scores_between_0_and_1"] > 0
     # concepts localize parts: measured 0.79 / 0.68 / 0.31 on this set (README); chance for a
     # random peak is the object's area share (~0.2) and IoU of a random blob far lower
