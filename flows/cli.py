@@ -50,29 +50,35 @@ def _print_result(result: dict) -> None:
         print(line)
 
 
-def _checked(config: str, overrides: list[str]) -> None:
+def _checked(config: str, overrides: list[str]):
     """Read and check the config, its locations and a weights file before Prefect or Ray start:
-    what is wrong reaches the user in seconds, in one line."""
+    what is wrong reaches the user in seconds, in one line. The checked run."""
     from protonmf.config import load_config
     from protonmf.pipeline import Run, check_before_start
 
-    check_before_start(Run(load_config(config, overrides)))
+    run = Run(load_config(config, overrides))
+    check_before_start(run)
+    return run
 
 
 def _run(config, overrides) -> int:
-    _checked(config, overrides)
+    run = _checked(config, overrides)
     from flows.build import build_prototype_model
+    from flows.shared import started_together
 
-    result = build_prototype_model(config, overrides)
+    with started_together(run):  # Prefect's temporary server and Ray start at once
+        result = build_prototype_model(config, overrides)
     _print_result(result)
     return 0
 
 
 def _craft(config, overrides) -> int:
-    _checked(config, overrides)
+    run = _checked(config, overrides)
     from flows.craft import craft_concepts
+    from flows.shared import started_together
 
-    result = craft_concepts(config, overrides)
+    with started_together(run):
+        result = craft_concepts(config, overrides)
     s = result["summary"]
     print()
     print(f"concepts:         {result['concepts']}")
@@ -265,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _command(args)
     except BaseExceptionGroup as group:  # classes that failed apart (tasks.extract.ClassesFailed)
-        if args.debug:
+        if args.debug or group.split(_USER_ERRORS)[1] is not None:  # a bug among them: its traceback
             raise
-        print(f"protonmf: error: {_message(group)}", file=sys.stderr)
+        print(f"protonmf: error: {_ANSI.sub('', group.message)}", file=sys.stderr)
         for err in group.exceptions:
             print(f"  {_message(err)}", file=sys.stderr)
         return 2
