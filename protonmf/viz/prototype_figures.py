@@ -29,6 +29,9 @@ __all__ = ["PROTOTYPE_COLORS", "colour_hex", "draw_patches", "error_curves", "ex
            "presence_overlay", "presence_strip", "prototype_colour", "prototype_overlay"]
 
 PROTOTYPE_COLORS = np.array(plt.get_cmap("tab10").colors)  # prototype i has colour i % 10
+#: The residual prototype's colour: its bar, its heatmap, its panel (one scheme for every heatmap:
+#: its owner's colour over a grey copy of the image, :func:`presence_overlay`).
+RESIDUAL_COLOUR = np.array([0.25, 0.25, 0.25])
 
 
 def prototype_overlay(image: np.ndarray, heatmaps: np.ndarray, *, threshold: float = 0.3, alpha: float = 0.55) -> np.ndarray:
@@ -76,6 +79,13 @@ def presence_overlay(image: np.ndarray, heatmap: np.ndarray, colour: Sequence[fl
     grey = 0.35 + 0.5 * image.mean(-1, keepdims=True)  # dimmed, so that a colour at full strength stands out
     t = (alpha * np.clip(heatmap / max(float(vmax), 1e-12), 0, 1))[..., None]
     return np.clip((1 - t) * grey + t * np.asarray(colour)[None, None, :3], 0, 1)
+
+
+def residual_overlay(image: np.ndarray, heatmap: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    """The residual prototype's heatmap as every prototype's is drawn (:func:`presence_overlay`),
+    in :data:`RESIDUAL_COLOUR`; ``vmax`` defaults to the heatmap's own largest value."""
+    top = float(np.max(heatmap)) if vmax is None else vmax
+    return presence_overlay(image, heatmap, RESIDUAL_COLOUR, vmax=top if top > 0 else 1.0)
 
 
 def draw_patches(axes: Sequence[Any], patches: Sequence[tuple[np.ndarray | None, tuple[float, float, float, float], float]],
@@ -175,14 +185,13 @@ def _draw_summary_row(fig: Figure, row: Any, image: np.ndarray, residual_heatmap
     ax.set_title("image", fontsize=9)
     ax.axis("off")
     ax = fig.add_subplot(top[0, 1])
-    ax.imshow(image)
-    ax.imshow(residual_heatmap, cmap="magma", alpha=0.6)
+    ax.imshow(residual_overlay(image, residual_heatmap))
     ax.set_title("residual prototype", fontsize=9)
     ax.axis("off")
     ax = fig.add_subplot(top[0, 2])
     labels = [f"prototype {i}" for i in range(p)] + (["residual"] if residual is not None else [])
     values = list(contributions) + ([residual] if residual is not None else [])
-    colours = [prototype_colour(i) for i in range(p)] + ([(0.5, 0.5, 0.5)] if residual is not None else [])
+    colours = [prototype_colour(i) for i in range(p)] + ([RESIDUAL_COLOUR] if residual is not None else [])
     ax.barh(labels, values, color=colours)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)

@@ -28,7 +28,7 @@ import torch
 from protonmf.data import ImageSource, Preprocess, load_images
 from protonmf.prototypes.gallery import class_patches
 from protonmf.viz.prototype_figures import (
-    colour_hex, error_curves, patch_strip, presence_strip, prototype_colour, prototype_overlay,
+    colour_hex, error_curves, patch_strip, presence_strip, prototype_colour, prototype_overlay, residual_overlay,
 )
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import class_of_stem
@@ -44,7 +44,7 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 h2{border-bottom:1px solid #ddd;padding-bottom:4px}.note{color:#666;font-size:90%}
 .legend{margin:.4em 0}.legend .entry{margin-right:1.4em;white-space:nowrap}
 .swatch{display:inline-block;width:.9em;height:.9em;margin-right:.35em;vertical-align:-.1em;border-radius:2px}
-.prototype-panel{margin:.6em 0;padding:.3em .6em;background:#fafafa}.prototype-panel.residual{border-left:8px solid #555}
+.prototype-panel{margin:.6em 0;padding:.3em .6em;background:#fafafa}.prototype-panel.residual{border-left:8px solid #404040}
 .panel-head{font-weight:600;margin-bottom:.2em}.panel-body{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-end}
 .intro{background:#f6f8fa;padding:.2em 1em;border-radius:4px;line-height:1.45}
 """
@@ -122,9 +122,9 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
             f'src="{_png(presence_strip(shown, heat[:, i], prototype_colour(i), contrib[:, i]), tight=True)}"></div>'
             f"<div><div class='note'>where it is most present in training (largest E entries)</div>{gallery}</div></div></div>")
     fig, axes = plt.subplots(1, len(images), figsize=(1.25 * len(images), 1.45), squeeze=False)
+    residual_top = float(exp.residual_heatmap.max())  # one scale over the images, as each prototype's
     for j, ax in enumerate(axes[0]):
-        ax.imshow(shown[j])
-        ax.imshow(exp.residual_heatmap[j].numpy(), cmap="magma", alpha=0.6)
+        ax.imshow(residual_overlay(shown[j], exp.residual_heatmap[j].numpy(), vmax=residual_top))
         if not bool(model.spread[k]):
             ax.set_title(f"{float(exp.residual[j]):+.3g}", fontsize=8)
         ax.axis("off")
