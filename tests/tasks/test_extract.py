@@ -212,6 +212,8 @@ def test_evaluation_shards_read_the_val_index_on_a_pool_and_list_nothing(cluster
                                batch_size=config.compute.batch_size, workers=0)
     finally:
         torch.set_num_threads(threads)
+    atlas = ev.pop("atlas")  # the atlas of every class, beside the version (not part of what is measured)
+    assert atlas == f"{config.storage.model}/versions/{model.version}/atlas/index.html"
     assert ev == {**local, "n_skipped_unknown_class": 0, "unknown_classes": {}}
 
 
