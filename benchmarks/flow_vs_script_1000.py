@@ -60,10 +60,16 @@ P, MAX_ITER, TOL, SEED, BATCH = 3, 200, 1e-4, 0, 256
 # ---------------------------------------------------------------------------------------------
 
 
-class CountingMotoServer:
-    """moto in server mode on 127.0.0.1 (a free port), counting requests by method."""
+def method_kind(method: str, path: str, query: str) -> str:
+    """A request's kind: LIST for a listing, else its method."""
+    return "LIST" if method == "GET" and ("list-type" in query or "prefix=" in query) else method
 
-    def __init__(self):
+
+class CountingMotoServer:
+    """moto in server mode on 127.0.0.1 (a free port), counting requests by ``kind(method, path,
+    query)`` (default :func:`method_kind`)."""
+
+    def __init__(self, kind=method_kind):
         from moto.moto_server.threaded_moto_server import ThreadedMotoServer
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
@@ -78,9 +84,7 @@ class CountingMotoServer:
                 app = DomainDispatcherApplication(create_backend_app)
 
                 def counted(environ, start_response):
-                    method, query = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
-                    kind = "LIST" if method == "GET" and ("list-type" in query or "prefix=" in query) else method
-                    counts[kind] += 1
+                    counts[kind(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))] += 1
                     return app(environ, start_response)
 
                 self._server = make_server(self._ip_address, self._port, counted, True, request_handler=MotoRequestHandler)

@@ -37,57 +37,22 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flow_vs_script_1000 import BUCKET, MEAN, SIZE, STD, flow_stages, s3_env  # noqa: E402
+from flow_vs_script_1000 import BUCKET, MEAN, SIZE, STD, CountingMotoServer, flow_stages, s3_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("GET chunk", "GET train image", "GET val image", "GET other", "LIST", "PUT", "other")
 
 
-class CategorizingMotoServer:
-    """moto in server mode on 127.0.0.1 (a free port), counting requests by :data:`KINDS`."""
-
-    def __init__(self):
-        import logging
-
-        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self.requests: Counter = Counter()
-        counts = self.requests
-
-        def kind(method: str, path: str, query: str) -> str:
-            if method == "GET" and ("list-type" in query or "prefix=" in query):
-                return "LIST"
-            if method == "GET":
-                if "/features/c0" in path:
-                    return "GET chunk"
-                if "/data/train/" in path:
-                    return "GET train image"
-                if "/data/val/" in path:
-                    return "GET val image"
-                return "GET other"
-            return "PUT" if method == "PUT" else "other"
-
-        class Server(ThreadedMotoServer):
-            def _server_entry(self) -> None:
-                app = DomainDispatcherApplication(create_backend_app)
-
-                def counted(environ, start_response):
-                    counts[kind(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))] += 1
-                    return app(environ, start_response)
-
-                self._server = make_server(self._ip_address, self._port, counted, True, request_handler=MotoRequestHandler)
-                self._server_ready_event.set()
-                self._server.serve_forever()
-
-        self._server = Server(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        self.url = f"http://127.0.0.1:{self._server._server.server_port}"
-
-    def stop(self) -> None:
-        self._server.stop()
+def kind(method: str, path: str, query: str) -> str:
+    """A request's kind, of :data:`KINDS`."""
+    if method == "GET" and ("list-type" in query or "prefix=" in query):
+        return "LIST"
+    if method == "GET":
+        for part, name in (("/features/c0", "GET chunk"), ("/data/train/", "GET train image"), ("/data/val/", "GET val image")):
+            if part in path:
+                return name
+        return "GET other"
+    return "PUT" if method == "PUT" else "other"
 
 
 def jpeg(rng, colour) -> bytes:
@@ -141,7 +106,7 @@ def config(n_classes: int) -> dict:
     }
 
 
-def run(argv: list[str], env: dict[str, str], server: CategorizingMotoServer) -> dict:
+def run(argv: list[str], env: dict[str, str], server: CountingMotoServer) -> dict:
     before = Counter(server.requests)
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -169,7 +134,7 @@ def main() -> None:
     from _common import save
 
     work = Path(tempfile.mkdtemp(prefix="protonmf-scheduled-"))
-    server = CategorizingMotoServer()
+    server = CountingMotoServer(kind)
     runs: dict[str, dict] = {}
     try:
         os.environ.update(s3_env(server.url))

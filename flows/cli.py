@@ -144,8 +144,7 @@ def _evaluate(args) -> int:
         if data is None:  # published before runs recorded it
             raise SystemExit("evaluate: give --val IMAGEFOLDER_URI or --config CONFIG for the held-out images "
                              f"(the model at {args.model} does not record its run's held-out data)")
-        run = Run(parse_config({"data": data}, origin=f"the data recorded in {args.model}'s manifest"))
-        source, preprocess = run.source("val"), run.preprocess
+        source, preprocess = _recorded_held_out(args.model, data, model.class_names)
     features = args.features or (model.settings.get("features") if args.reconstruction else None)
     store = FeatureStore.open(features) if features else None
     result = evaluate_published_model(model, source, preprocess, store=store, study_classes=args.classes)
@@ -156,9 +155,17 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _atlas(args) -> int:
+def _recorded_held_out(uri: str, data: dict, class_names: list[str]):
+    """(held-out source, preprocessing) of the data config a model's manifest records
+    (``settings.data``), its classes matched by name to the model's ``class_names``."""
     from protonmf.config import parse_config
     from protonmf.pipeline import Run
+
+    run = Run(parse_config({"data": data}, origin=f"the data recorded in {uri}'s manifest"))
+    return run.source("val", classes=class_names), run.preprocess
+
+
+def _atlas(args) -> int:
     from protonmf.prototypes import PrototypeModel
     from protonmf.viz.atlas import atlas_weights, write_atlas
 
@@ -166,8 +173,7 @@ def _atlas(args) -> int:
     source = preprocess = None
     data = model.settings.get("data")
     if args.images > 0 and data is not None:  # the held-out data of the run that published it
-        run = Run(parse_config({"data": data}, origin=f"the data recorded in {args.model}'s manifest"))
-        source, preprocess = run.source("val", classes=model.class_names), run.preprocess
+        source, preprocess = _recorded_held_out(args.model, data, model.class_names)
     index = write_atlas(model, args.out, source=source, preprocess=preprocess, images_per_class=args.images)
     w = atlas_weights(args.out)
     print(f"atlas:            {index}")
