@@ -35,13 +35,13 @@ class PreprocessConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["imagefolder", "synthetic", "digits", "cub", "parquet", "webdataset"] = "synthetic"
+    source: Literal["imagefolder", "synthetic", "shapes", "digits", "cub", "parquet", "webdataset"] = "synthetic"
     train: str | None = None  # a folder, or for parquet and webdataset also a glob of shards
     val: str | None = None
     classes: list[str] | None = None
     max_images_per_class: int | None = Field(None, ge=1)
     val_images_per_class: int | None = Field(None, ge=1)
-    n_classes: int = Field(10, ge=1)  # synthetic only
+    n_classes: int = Field(10, ge=1)  # synthetic and shapes only
     seed: int = 0  # synthetic and digits: which images, and the digits train/val split
     preprocess: PreprocessConfig = PreprocessConfig()
     # Held-out classes are matched to the training classes by name; one the model does not know

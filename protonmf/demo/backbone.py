@@ -156,7 +156,7 @@ def _stream_seed(seed: int, stream: int) -> int:
 
 def _config(n_classes, n_train_per_class, n_val_per_class, image_size, seed, epochs, dataset="synthetic") -> dict[str, Any]:
     if dataset not in IN_MEMORY_KINDS:
-        raise ValueError(f"dataset must be 'synthetic' or 'digits', got {dataset!r}")
+        raise ValueError(f"dataset must be one of {IN_MEMORY_KINDS}, got {dataset!r}")
     if dataset == "digits" and int(n_classes) != 10:
         raise ValueError(f"n_classes must be 10 for the digits, got {n_classes}")
     return {
@@ -226,7 +226,8 @@ def _accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, batch_size: int) -> 
 def _training_data(config: dict[str, Any]):
     """((train images, labels), (val images, labels), class names) of the configured data set.
 
-    "synthetic": the part set, train and val from independent seed streams; "digits": scikit-learn's
+    "synthetic" (the creatures) and "shapes" (:mod:`protonmf.demo.shapes`): the part sets, train and
+    val from independent seed streams; "digits": scikit-learn's
     digits with :class:`protonmf.data.DigitsSource`'s stratified 80/20 split (images per class are
     fixed by the data set there).
     """
@@ -242,8 +243,12 @@ def _training_data(config: dict[str, Any]):
         train_images, train_labels, names = arrays("train")
         val_images, val_labels, _ = arrays("val")
         return (train_images, train_labels), (val_images, val_labels), list(names)
-    train = make_synthetic_parts(n_classes, config["n_train_per_class"], image_size=size, seed=_stream_seed(seed, 0))
-    val = make_synthetic_parts(n_classes, config["n_val_per_class"], image_size=size, seed=_stream_seed(seed, 1))
+    if config["dataset"] == "shapes":
+        from protonmf.demo.shapes import make_shapes as make
+    else:
+        make = make_synthetic_parts
+    train = make(n_classes, config["n_train_per_class"], image_size=size, seed=_stream_seed(seed, 0))
+    val = make(n_classes, config["n_val_per_class"], image_size=size, seed=_stream_seed(seed, 1))
     return (train.images, train.labels), (val.images, val.labels), list(train.class_names)
 
 

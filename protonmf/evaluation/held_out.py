@@ -24,6 +24,7 @@ from torch import Tensor
 from protonmf.data import ImageSource, iter_batches
 from protonmf.data.records import Record
 from protonmf.devices import to_model
+from protonmf.evaluation.agreement import agreement, patch_parts
 from protonmf.evaluation.interpretability import (
     box_half_size,
     consistency,
@@ -35,11 +36,10 @@ from protonmf.evaluation.interpretability import (
     stability,
 )
 from protonmf.evaluation.localization import localization_rows, part_localization_of_rows
-from protonmf.prototypes.model import MODES, PrototypeModel
+from protonmf.prototypes.model import MAP_KINDS, MODES, PrototypeModel
 
-__all__ = ["HeldOutStats", "accumulate_held_out", "evaluate_model", "held_out_shards", "merge_held_out", "summarize_held_out"]
-
-MAP_KINDS = ("presence", "activation")
+__all__ = ["HeldOutStats", "accumulate_held_out", "evaluate_model", "gallery_parts", "held_out_shards", "merge_held_out",
+           "summarize_held_out"]
 
 
 @dataclass
@@ -194,19 +194,37 @@ def merge_held_out(parts: Sequence[HeldOutStats]) -> HeldOutStats:
     )
 
 
-def summarize_held_out(stats: HeldOutStats, what: str = "the held-out images") -> dict[str, Any]:
-    """The evaluation's JSON (see :func:`evaluate_model`) from the statistics of every image."""
+def gallery_parts(model: PrototypeModel, train: ImageSource | None) -> dict[int, Tensor] | None:
+    """The part under each gallery patch of ``model`` (:func:`~protonmf.evaluation.agreement.patch_parts`),
+    from the part masks of the training source ``train``; None if the model has no gallery or the
+    source no masks."""
+    if train is None or not model.has_gallery or getattr(train, "masks", None) is None:
+        return None
+    by_id = {r.image_id: r for r in train.records}
+    return patch_parts(model.gallery_table(), lambda iid: train.mask(by_id[iid]) if iid in by_id else None, model.num_classes)
+
+
+def summarize_held_out(stats: HeldOutStats, what: str = "the held-out images", *,
+                       parts_of_gallery: dict[int, Tensor] | None = None) -> dict[str, Any]:
+    """The evaluation's JSON (see :func:`evaluate_model`) from the statistics of every image;
+    ``parts_of_gallery`` (:func:`gallery_parts`) adds the agreement of galleries and heatmaps."""
     n = stats.n_images
     if n == 0:
         raise ValueError(f"evaluation: no usable images in {what}")
     table3: dict[int, dict[str, float]] = {}
     for (p, mode), hits in stats.correct.items():
         table3.setdefault(p, {})[mode] = hits / n
-    localization = {}
+    localization, agreed = {}, {}
     if stats.mask_labels is not None:
         for p in stats.available_p:
             result = part_localization_of_rows(stats.peaks[p], stats.ious[p], stats.mask_labels, stats.n_parts)
             localization[p] = {k: v for k, v in result.items() if k != "per_class"}
+            if parts_of_gallery is not None and p in parts_of_gallery:
+                majority = {c: m["majority_part"] for c, m in result["per_class"].items()}
+                result = agreement(majority, parts_of_gallery[p])
+                result["per_class"] = {c: [None if math.isnan(v) else 100.0 * v for v in shares]
+                                       for c, shares in result["per_class"].items()}  # %, None: no gallery
+                agreed[p] = result
     intervention = {
         p: {"top1_before": table3[p]["augmented"], "top1_after": table3[p]["augmented"] + stats.fixed[p] / n,
             "fixed": stats.fixed[p]}
@@ -230,6 +248,7 @@ def summarize_held_out(stats: HeldOutStats, what: str = "the held-out images") -
         "max_abs_logit": stats.max_abs_logit,
         "table3": table3,
         "localization": localization,
+        **({"agreement": agreed} if agreed else {}),
         "intervention": intervention,
         **interpretability,
     }
@@ -243,6 +262,7 @@ def evaluate_model(
     batch_size: int = 64,
     workers: int | None = None,
     noise_seed: int = 0,
+    train: ImageSource | None = None,
 ) -> dict[str, Any]:
     """Top-1 of the black box and of the prototype model (each p, each mode) on ``source``.
 
@@ -259,12 +279,16 @@ def evaluate_model(
     images' true class (see :mod:`protonmf.evaluation.localization`); ``intervention`` (Table 4): {p:
     top1_before, top1_after, fixed} when each wrong prediction loses its predicted class's most
     important prototype. For sources with keypoints (CUB with ``parts/``, the synthetic set) and a
-    :class:`~protonmf.data.Preprocess`, ``consistency`` and ``stability``: {p: {"presence": %,
-    "activation": %}} (Huang et al. 2023, :mod:`protonmf.evaluation.interpretability`), from the
-    presence maps (eq. 9) and from F p̃_iᵀ, each image's noise drawn from ``noise_seed`` and its id.
+    :class:`~protonmf.data.Preprocess`, ``consistency`` and ``stability``: {p: {kind: %}} for each
+    reading of :data:`~protonmf.prototypes.model.MAP_KINDS` (Huang et al. 2023,
+    :mod:`protonmf.evaluation.interpretability`): ``codes`` (the heatmaps' and the gallery's
+    definition, :mod:`protonmf.prototypes.where`), ``presence`` (eq. 9) and ``activation`` (F p̃_iᵀ),
+    each image's noise drawn from ``noise_seed`` and its id. With ``train``, the training source
+    whose part masks the gallery's patches lie on, and a model with a gallery: ``agreement``:
+    {p: %} (:mod:`protonmf.evaluation.agreement`).
     """
     stats = accumulate_held_out(model, source, preprocess, batch_size=batch_size, workers=workers, noise_seed=noise_seed)
-    return summarize_held_out(stats, repr(source))
+    return summarize_held_out(stats, repr(source), parts_of_gallery=gallery_parts(model, train))
 
 
 def _count_logits_of_batch(stats: HeldOutStats, variants: dict[tuple[int, str], PrototypeModel], model: PrototypeModel,
@@ -286,7 +310,7 @@ def _count_logits_of_batch(stats: HeldOutStats, variants: dict[tuple[int, str], 
 def _localization_rows_of_batch(variants: dict[tuple[int, str], PrototypeModel], model: PrototypeModel, images: Tensor,
                                 labels: Tensor, masks: Tensor, n_parts: int, rows: dict[str, list[Tensor]]) -> None:
     """Localization rows (peaks, IoUs) of one batch against its part masks (B, H, W), for every p:
-    where each prototype of the true class is (eq. 9)."""
+    where each prototype of the true class is (the heatmaps of ``explain``, :mod:`protonmf.prototypes.where`)."""
     for p in model.available_p:
         heat = variants[(p, model.mode)].explain(images, target=labels).heatmaps.cpu()
         peak, iou = localization_rows(heat, masks, n_parts)
@@ -304,8 +328,7 @@ def _part_vectors_of_batch(variants, model, images, F, labels, records, preproce
     for p in model.available_p:
         variant = variants[(p, model.mode)]
         for tag, feats in (("clean", F), ("noisy", F_noisy)):
-            presence, activation = variant.prototype_maps(feats, labels)
-            for kind, maps in (("presence", presence), ("activation", activation)):
+            for kind, maps in variant.prototype_maps(feats, labels).items():
                 o = part_vectors(peak_locations(maps.cpu(), size), keypoints, visible, half)
                 parts.setdefault((p, kind, tag), []).append(o)
 

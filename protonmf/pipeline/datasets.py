@@ -59,9 +59,9 @@ def list_split(config: Config, split: str, **kwargs: Any) -> ImageSource:
     data = config.data
     name = f"data.{split}"
     limit = _limit(config, split)
-    if data.source == "synthetic":
+    if data.source in ("synthetic", "shapes"):
         return make_source(
-            "synthetic", name=name, n_classes=data.n_classes, n_per_class=limit or 60,
+            data.source, name=name, n_classes=data.n_classes, n_per_class=limit or 60,
             split=split, image_size=data.preprocess.crop, seed=data.seed,
         )
     if data.source == "digits":

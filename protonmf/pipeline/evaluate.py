@@ -15,7 +15,7 @@ from typing import Any
 from protonmf.artifact import VERSIONS, attach_file, current_manifest, read_attached
 from protonmf.data import ImageSource
 from protonmf.devices import step_device
-from protonmf.evaluation.held_out import HeldOutStats, accumulate_held_out, held_out_shards, summarize_held_out
+from protonmf.evaluation.held_out import HeldOutStats, accumulate_held_out, gallery_parts, held_out_shards, summarize_held_out
 from protonmf.evaluation.published import finish_evaluation
 from protonmf.pipeline.publish import held_out_data
 from protonmf.pipeline.run import Run
@@ -96,6 +96,15 @@ def evaluate_shard(run: Run, model: PrototypeModel, source: ImageSource, start: 
                                batch_size=run.config.compute.batch_size)
 
 
+def _masked_train(run: Run) -> ImageSource | None:
+    """The run's training source if it is made in memory with part masks (the gallery's agreement),
+    else None (a stored source is not listed again for it)."""
+    if not run.in_memory:
+        return None
+    train = run.source("train")
+    return train if getattr(train, "masks", None) is not None else None
+
+
 def evaluate_prototype_model(run: Run, source: ImageSource, stats: HeldOutStats | None = None) -> dict[str, Any]:
     """Evaluate the run's published model on held-out images; write the HTML report beside it.
 
@@ -110,7 +119,8 @@ def evaluate_prototype_model(run: Run, source: ImageSource, stats: HeldOutStats 
     if stats is None:
         stats = evaluate_shard(run, model, source, 0, len(source.records))
     ev = config.evaluation
-    result = finish_evaluation(model, summarize_held_out(stats, repr(source)), source,
+    summary = summarize_held_out(stats, repr(source), parts_of_gallery=gallery_parts(model, _masked_train(run)))
+    result = finish_evaluation(model, summary, source,
                                store=run.store if ev.reconstruction_classes else None,
                                study_classes=ev.reconstruction_classes)
     if ev.atlas:

@@ -125,7 +125,7 @@ def load_backbone(config: Config) -> FeatureBackbone:
     b = config.backbone
     if b.weights == "demo":
         if not in_memory(config) or b.arch != "protonmf:small_cnn":
-            raise ValueError("backbone.weights: 'demo' trains protonmf:small_cnn on the synthetic set or the digits only")
+            raise ValueError("backbone.weights: 'demo' trains protonmf:small_cnn on the synthetic sets or the digits only")
         from protonmf.demo.backbone import train_demo_backbone
 
         n_classes = 10 if config.data.source == "digits" else config.data.n_classes

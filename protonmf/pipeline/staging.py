@@ -26,6 +26,7 @@ from fsspec import AbstractFileSystem
 from protonmf.artifact import current_manifest
 from protonmf.config import Config
 from protonmf.prototypes.fit import fit_settings
+from protonmf.prototypes.where import WHERE
 from protonmf.storage import concurrently, join, read_bytes, to_fs, write_bytes_atomic
 
 __all__ = ["Staged", "class_groups", "craft_key", "features_key", "fit_group_keys", "fit_key", "group_stem", "run_key"]
@@ -58,9 +59,10 @@ def fit_settings_of(config: Config) -> dict[str, Any]:
 def fit_group_keys(config: Config, store_key: str, images_sha256: Sequence[str]) -> dict[str, str]:
     """Each group's key (by :func:`group_stem`): the features it is fitted on (the store's key, and
     what each of its classes is made from, ``images_sha256`` in label order), its classes, every
-    p, the fit's settings, the gallery."""
+    p, the fit's settings, the gallery (its size, and the definition of "where" it ranks:
+    :data:`~protonmf.prototypes.where.WHERE`'s first)."""
     pr = config.prototypes
-    fit = run_key(features=store_key, p=pr.p, settings=fit_settings_of(config), gallery=pr.gallery)
+    fit = run_key(features=store_key, p=pr.p, settings=fit_settings_of(config), gallery=[pr.gallery, WHERE[0]])
     return {group_stem(g): run_key(fit=fit, classes=g, images=[images_sha256[k] for k in g])
             for g in class_groups(len(images_sha256), pr.classes_per_task)}
 

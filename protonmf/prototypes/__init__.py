@@ -4,7 +4,7 @@ single images as numbers (:mod:`~protonmf.prototypes.explain_images`)."""
 
 from protonmf.prototypes.fit import (  # noqa: F401
     ClassPrototypes, fit_classes, fit_classes_and_codes, fit_prototypes, fit_prototypes_sweep, fit_settings,
-    residual_only, stack_classes,
+    head_from_prototypes, residual_only, stack_classes,
 )
 from protonmf.prototypes.model import ArtifactError, Explanation, PrototypeModel  # noqa: F401
 from protonmf.prototypes.gallery import (  # noqa: F401
@@ -31,6 +31,7 @@ __all__ = [
     "fit_prototypes_sweep",
     "fit_settings",
     "gallery_entries",
+    "head_from_prototypes",
     "gallery_table",
     "parse_interventions",
     "patch_picture",

@@ -31,9 +31,11 @@ from protonmf.head import (
 )
 from protonmf.nmf import NMFResult, nmf, nmf_sweep
 from protonmf.prototypes.gallery import TopCodes, top_codes
+from protonmf.prototypes.where import prototype_codes
 
 __all__ = [
-    "ClassPrototypes", "fit_classes", "fit_classes_and_codes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings", "residual_only",
+    "ClassPrototypes", "fit_classes", "fit_classes_and_codes", "fit_prototypes", "fit_prototypes_sweep", "fit_settings",
+    "head_from_prototypes", "residual_only",
     "stack_classes",
 ]
 
@@ -268,6 +270,44 @@ def fit_prototypes_sweep(
             for p, res in sweep.items()}
 
 
+def head_from_prototypes(
+    A: Tensor,
+    V: Tensor,
+    bias: Tensor | None,
+    B: Tensor,
+    *,
+    n_rows: Tensor | None = None,
+    nonneg: bool = False,
+    solver: Solver = "closed_form",
+    residual: Residual = "equal",
+) -> ClassPrototypes:
+    """Step 2 alone, for prototypes B found by any means (another NMF solver, initialisation or
+    penalty): the head rebuilt from them (eq. 4–5, 8), so the model is exact whatever B is.
+
+    Parameters
+    ----------
+    A : (K, n, D) the classes' features (zero-padded, :func:`stack_classes`); read for the
+        features' reconstruction error (E the codes of :mod:`protonmf.prototypes.where`) and, for
+        ``residual="distributed"``, the prototypes' heatmaps.
+    V, bias : the head rows and bias of these K classes. B : (K, p, D), non-negative.
+    n_rows, nonneg, solver, residual : as in :func:`fit_prototypes`.
+
+    Returns
+    -------
+    ClassPrototypes, with ``n_iter`` 0 (no NMF update ran here).
+    """
+    _check_fit_inputs(A, V, residual)
+    if B.ndim != 3 or B.shape[0] != A.shape[0] or B.shape[2] != A.shape[2] or (B < 0).any():
+        raise ValueError(f"B must be non-negative with shape (K={A.shape[0]}, p, D={A.shape[2]}), got {tuple(B.shape)}")
+    E = prototype_codes(A, B.float())
+    Bd = B.double().to(E.device)
+    error = torch.stack([(A[k].double().clamp_min(0) - E[k].double() @ Bd[k]).square().sum() for k in range(A.shape[0])])
+    norm_A = A.double().clamp_min(0).square().sum((1, 2))
+    res = NMFResult(E=E, B=B.float(), error=error, init_error=error, norm_A=norm_A,
+                    n_iter=torch.zeros(A.shape[0], dtype=torch.int64), history=error[:, None])
+    return _head_prototypes(res, V, bias, _row_counts(A, n_rows), nonneg=nonneg, solver=solver, residual=residual, A=A)
+
+
 def residual_only(V: Tensor, bias: Tensor | None, p: int) -> ClassPrototypes:
     """Classes with no feature rows (every image of theirs unreadable): no prototypes, the head
     kept whole by the residual, so the model stays exact.
@@ -323,8 +363,9 @@ def fit_classes(
 def fit_classes_and_codes(
     features: Sequence[Tensor], V: Tensor, bias: Tensor | None, ps: Sequence[int], *, top_k: int, **fit_kwargs: Any
 ) -> tuple[dict[int, ClassPrototypes], dict[int, TopCodes]]:
-    """:func:`fit_classes`, and the ``top_k`` largest E entries of every prototype
-    (:func:`~protonmf.prototypes.gallery.top_codes`: the gallery, read off this very NMF).
+    """:func:`fit_classes`, and the ``top_k`` largest codes of every prototype on the training rows
+    (:func:`~protonmf.prototypes.gallery.top_codes` of :func:`~protonmf.prototypes.where.prototype_codes`
+    for the fitted B: the gallery, from the features this fit holds, by the definition the heatmaps use).
 
     Returns
     -------
@@ -340,7 +381,10 @@ def fit_classes_and_codes(
         A, n_rows = stack_classes([features[k] for k in full], device=fit_kwargs.get("device"))
         for p, (fit, res) in fit_prototypes_sweep(A, V[full], bias_of(full), ps, n_rows=n_rows, **fit_kwargs).items():
             parts[p].append(fit)
-            codes[p].append(top_codes(res.E, n_rows, top_k))
+            if top_k > 0:  # the gallery: the top of where each prototype is (protonmf.prototypes.where) on the training rows
+                codes[p].append(top_codes(prototype_codes(A, fit.B), n_rows, top_k))
+            else:
+                codes[p].append(TopCodes.empty(len(full), p, 0))
     for p in ps:
         if empty:
             parts[p].append(residual_only(V[empty], bias_of(empty), p))

@@ -3,10 +3,12 @@
 Notation of :mod:`protonmf.nmf`: a class's features A (n, D) stack its images' feature maps, one
 row per position, n = images × h × w, so row r is image ``r // (h·w)`` of the class (its ``row``
 in the feature store's record table), grid cell (``(r mod h·w) // w``, ``r mod w``). E (n, p) is
-where each prototype is (eq. 1). A prototype's gallery is the k rows with the largest E[:, i]:
-read off the class's own NMF in the fit, with no pass over the images to find them (only the few
-images it names are read again, for their size and the patch's pixels). Entries with E = 0 are
-left out (a prototype present nowhere has no gallery).
+where each prototype is, by the one definition of :mod:`protonmf.prototypes.where` (the codes of A
+against the fitted B, the E of eq. 1 at its optimum), the map ``explain``'s heatmaps draw on
+held-out images. A prototype's gallery is the k rows with the largest E[:, i]: solved in the fit on
+the features it holds, with no pass over the images to find them (only the few images it names are
+read again, for their size and the patch's pixels). Entries with E = 0 are left out (a prototype
+present nowhere has no gallery).
 
 A patch's box is the cell's footprint on the preprocessed crop (crop / w pixels wide), mapped back
 through the centre crop and the resize (:meth:`~protonmf.data.Preprocess.unmap_points`) into the

@@ -45,11 +45,13 @@ from protonmf.devices import back_to, output_dtype, to_model
 from protonmf.head import residual_heatmap
 from protonmf.prototypes.gallery import read_gallery, write_gallery
 from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes, fit_prototypes_sweep, fit_settings, stack_classes
-from protonmf.nnls import nnls
+from protonmf.prototypes.where import WHERE, Where, codes_of
 
-__all__ = ["ArtifactError", "Explanation", "PrototypeModel"]
+__all__ = ["ArtifactError", "Explanation", "MAP_KINDS", "PrototypeModel"]
 
 Mode = Literal["augmented", "nmf_only", "residual_only"]
+#: The readings of "where a prototype is" that :meth:`PrototypeModel.prototype_maps` gives.
+MAP_KINDS: tuple[str, ...] = (*WHERE, "activation")
 MODES: tuple[str, ...] = ("augmented", "nmf_only", "residual_only")
 FORMAT = "protonmf.prototype_model"
 FORMAT_VERSION = 1
@@ -72,10 +74,12 @@ class Explanation:
     residual : (B,) float64, mean_hw(F R_cᵀ): the residual prototype's share of the logit. In
         ``augmented`` mode it is already inside the contributions when the class spreads it.
     bias : (B,) float64, the target's bias.
-    heatmaps : (B, p, H, W) float32, each prototype's presence in the image (non-negative codes of
-        each position against the prototypes, eq. 9), upsampled to the input size.
+    heatmaps : (B, p, H, W) float32, where each prototype is in the image
+        (:mod:`protonmf.prototypes.where`: the image's own non-negative codes against the NMF
+        prototypes, the map the gallery is the top of; ``where="presence"``: eq. 9's codes against
+        b'_i), upsampled to the input size.
     residual_heatmap : (B, H, W) float32, where the residual prototype explains what the NMF
-        prototypes leave out (eq. 6 on the image's own features).
+        prototypes leave out (eq. 6 on the image's own features and codes).
     """
 
     logits: Tensor
@@ -85,6 +89,11 @@ class Explanation:
     bias: Tensor
     heatmaps: Tensor
     residual_heatmap: Tensor
+
+
+def _check_where(where: str) -> None:
+    if where not in WHERE:
+        raise ValueError(f"where must be one of {WHERE}, got {where!r}")
 
 
 class PrototypeModel(nn.Module):
@@ -308,14 +317,17 @@ class PrototypeModel(nn.Module):
         return back_to(self._logits(self.features(to_model(images, self.backbone.V))), images)
 
     @torch.no_grad()
-    def explain(self, images: Tensor, target: Tensor | Sequence[int] | None = None) -> Explanation:
+    def explain(self, images: Tensor, target: Tensor | Sequence[int] | None = None, *, where: Where = "codes") -> Explanation:
         """Each image's logits, the explained class, each prototype's contribution and heatmap.
 
         Parameters
         ----------
         images : (B, 3, H, W) preprocessed images.
         target : (B,) class indices to explain; default: the predicted class.
+        where : the heatmaps' definition (:data:`~protonmf.prototypes.where.WHERE`): ``"codes"``
+            (the default, the gallery's) or ``"presence"`` (eq. 9).
         """
+        _check_where(where)
         x = to_model(images, self.backbone.V)
         F = self.features(x)  # (B, h, w, D)
         Bsz, h, w, D = F.shape
@@ -335,12 +347,12 @@ class PrototypeModel(nn.Module):
             contributions = torch.zeros_like(a_t)
         else:
             contributions = a_t * (pooled.unsqueeze(1) * V_t).sum(-1)
-        presence = self._presence(flat, V_t)  # (B, hw, p), eq. 9
         B_t = self.B[target].double()
-        codes = nnls(flat.clamp_min(0), B_t)  # the image's own codes against the NMF prototypes
+        codes = codes_of(flat, B_t)  # (B, hw, p): where each prototype is (protonmf.prototypes.where)
         res_map = residual_heatmap(flat, codes, B_t, R_t)  # (B, hw), eq. 6 with images as the batch
+        maps = codes if where == "codes" else codes_of(flat, V_t)  # eq. 9 against the mode's vectors
         size, out = images.shape[-2:], output_dtype(self.backbone.V)
-        heatmaps = nnf.interpolate(presence.transpose(1, 2).reshape(Bsz, -1, h, w).to(out), size=size, mode="bilinear", align_corners=False)
+        heatmaps = nnf.interpolate(maps.transpose(1, 2).reshape(Bsz, -1, h, w).to(out), size=size, mode="bilinear", align_corners=False)
         res_heat = nnf.interpolate(res_map.reshape(Bsz, 1, h, w).to(out), size=size, mode="bilinear", align_corners=False)[:, 0]
         return Explanation(
             logits=back_to(logits, images),
@@ -352,14 +364,9 @@ class PrototypeModel(nn.Module):
             residual_heatmap=back_to(res_heat, images),
         )
 
-    @staticmethod
-    def _presence(flat: Tensor, vectors: Tensor) -> Tensor:
-        """Codes (B, hw, p) of each position of ``flat`` (B, hw, D) against ``vectors`` (B, p, D), ≥ 0."""
-        return nnls(flat.clamp_min(0), vectors)  # eq. 9
-
     @torch.no_grad()
-    def prototype_maps(self, F: Tensor, target: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Where each prototype of the class ``target`` is, at the feature grid, in two readings.
+    def prototype_maps(self, F: Tensor, target: Tensor | Sequence[int]) -> dict[str, Tensor]:
+        """Where each prototype of the class ``target`` is, at the feature grid, in every reading.
 
         Parameters
         ----------
@@ -367,10 +374,14 @@ class PrototypeModel(nn.Module):
 
         Returns
         -------
-        presence : (B, p, h, w) float32, the non-negative codes of eq. 9 (what :meth:`explain` upsamples).
-        activation : (B, p, h, w) float32, F p̃_iᵀ with p̃_i = a_i b'_i, the prototype's share of the
-            class's head (Tan et al. 2024 read their prototypes this way); Σ_i of it is F V_cᵀ in
-            ``augmented`` mode where the residual is spread.
+        {kind: (B, p, h, w) float32} for the kinds of :data:`MAP_KINDS`:
+
+        - ``codes``: the image's codes against the NMF prototypes (:mod:`protonmf.prototypes.where`;
+          what :meth:`explain` upsamples, and what the gallery is the top of);
+        - ``presence``: the non-negative codes of eq. 9 against the mode's vectors (b'_i);
+        - ``activation``: F p̃_iᵀ with p̃_i = a_i b'_i, the prototype's share of the class's head
+          (Tan et al. 2024 read their prototypes this way); Σ_i of it is F V_cᵀ in ``augmented``
+          mode where the residual is spread.
         """
         x = to_model(F, self.backbone.V)
         Bsz, h, w, D = x.shape
@@ -380,14 +391,13 @@ class PrototypeModel(nn.Module):
         flat = x.reshape(Bsz, h * w, D).double()
         vectors, coef = self._class_vectors()
         V_t = vectors[target]  # (B, p, D)
-        presence = self._presence(flat, V_t)  # (B, hw, p)
-        activation = flat @ (coef[target].unsqueeze(2) * V_t).transpose(1, 2)  # (B, hw, p)
+        maps = {
+            "codes": codes_of(flat, self.B[target].double()),
+            "presence": codes_of(flat, V_t),  # eq. 9
+            "activation": flat @ (coef[target].unsqueeze(2) * V_t).transpose(1, 2),
+        }  # each (B, hw, p)
         out = output_dtype(self.backbone.V)
-
-        def grid(m: Tensor) -> Tensor:
-            return back_to(m.transpose(1, 2).reshape(Bsz, -1, h, w).to(out), F)
-
-        return grid(presence), grid(activation)
+        return {kind: back_to(m.transpose(1, 2).reshape(Bsz, -1, h, w).to(out), F) for kind, m in maps.items()}
 
     def intervene(self, removals: Mapping[int | str, Sequence[int]]) -> "PrototypeModel":
         """A new model in which the given prototypes of the given classes contribute nothing.

@@ -84,14 +84,24 @@ show where it lies. A coefficient can be <b>negative</b>: the coefficients are a
 of the classifier row, not a vote, and a prototype whose presence lowers the class's logit gets a
 negative one. Each class's panels read: one colour per prototype, its heatmap on held-out images
 (where the model finds it, with its contribution to each logit), and its gallery (the training
-patches where it is most present).</p></div>"""
+patches where it is most present). Heatmap and gallery are one map: each image's non-negative codes
+against the class's prototypes, drawn on held-out images and ranked over the training images.</p></div>"""
 
 
 def _class_images(source: ImageSource, pre: Preprocess, k: int, n: int) -> torch.Tensor:
     return load_images(source, pre, source.records_of(k)[: 2 * n], workers=0)[0][:n]
 
 
-def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess, k: int) -> str:
+def prototype_agreement(evaluation: dict[str, Any], p: int, k: int) -> list[float | None] | None:
+    """Each prototype's agreement (%) of class ``k`` at ``p`` from the evaluation, or None if not measured."""
+    per_p = (evaluation.get("agreement") or {})
+    at_p = per_p.get(p, per_p.get(str(p))) or {}
+    per_class = at_p.get("per_class") or {}
+    return per_class.get(k, per_class.get(str(k)))
+
+
+def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess, k: int,
+                   agreement: Sequence[float | None] | None = None) -> str:
     """Figures 2–3 of class k: a legend, the coefficients, and one panel per prototype (its heatmap
     in n held-out images in its colour with its contribution to each logit, and its gallery), then
     the residual prototype's heatmaps."""
@@ -109,18 +119,20 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
              f'<img alt="coefficients of class {k}" src="{_png(_coefficients(model, k, contrib))}">']
     for i in range(model.p):
         colour = colour_hex(i)
+        agrees = ("" if agreement is None or agreement[i] is None else
+                  f" · {agreement[i]:.0f}% of its gallery on the part its heatmaps peak on most often")
         gallery = (f'<img alt="prototype {i} of class {k}: top training patches" '
                    f'src="{_png(patch_strip(patches[i], prototype_colour(i), len(patches[i])), tight=True)}">'
                    if patches and patches[i] else "<span class='note'>no gallery</span>")
         parts.append(
             f"<div class='prototype-panel' data-prototype='{i}' style='border-left:8px solid {colour}'>"
             f"<div class='panel-head' style='color:{colour}'><span class='swatch' style='background:{colour}'></span>"
-            f"prototype {i} · coefficient a = {coef[i]:.3g} · mean contribution to the logit {contrib[:, i].mean():+.3g}</div>"
+            f"prototype {i} · coefficient a = {coef[i]:.3g} · mean contribution to the logit {contrib[:, i].mean():+.3g}{agrees}</div>"
             f"<div class='panel-body'><div><div class='note'>where it is, in {len(images)} held-out images "
             f"(contribution to each logit above)</div>"
             f'<img alt="prototype {i} of class {k}: presence" '
             f'src="{_png(presence_strip(shown, heat[:, i], prototype_colour(i), contrib[:, i]), tight=True)}"></div>'
-            f"<div><div class='note'>where it is most present in training (largest E entries)</div>{gallery}</div></div></div>")
+            f"<div><div class='note'>where the same map is largest in training</div>{gallery}</div></div></div>")
     fig, axes = plt.subplots(1, len(images), figsize=(1.25 * len(images), 1.45), squeeze=False)
     residual_top = float(exp.residual_heatmap.max())  # one scale over the images, as each prototype's
     for j, ax in enumerate(axes[0]):
@@ -202,7 +214,7 @@ def render_report(
     if reconstruction:
         parts.append(_reconstruction_section(reconstruction))
     chosen = list(classes) if classes is not None else list(range(min(3, model.num_classes)))
-    parts.extend(_class_sections(model, source, pre, chosen, images_per_class))
+    parts.extend(_class_sections(model, source, pre, chosen, images_per_class, evaluation))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -249,8 +261,10 @@ def _reconstruction_section(reconstruction: dict[int, dict[str, Any]]) -> str:
             f'<img alt="figure 5: reconstruction errors against p" src="{_png(fig)}">')
 
 
-def _class_sections(model: PrototypeModel, source: ImageSource, pre: Preprocess, chosen: list[int], n: int) -> list[str]:
-    """Figures 2–3 for each chosen class, then Figure 4 on the first image of each."""
+def _class_sections(model: PrototypeModel, source: ImageSource, pre: Preprocess, chosen: list[int], n: int,
+                    evaluation: dict[str, Any]) -> list[str]:
+    """Figures 2–3 for each chosen class (with each prototype's agreement, when measured), then
+    Figure 4 on the first image of each."""
     parts = [f"<h2>The prototypes of {len(chosen)} of the {model.num_classes} classes (p = {model.p})</h2>"
              "<p class='note'>the paper's Figures 2–3</p>"]
     firsts, first_labels = [], []
@@ -259,7 +273,7 @@ def _class_sections(model: PrototypeModel, source: ImageSource, pre: Preprocess,
         if len(images) == 0:
             parts.append(f"<p>class {html.escape(model.class_names[k])}: no readable images</p>")
             continue
-        parts.append(_class_figures(model, images, pre, k))
+        parts.append(_class_figures(model, images, pre, k, prototype_agreement(evaluation, model.p, k)))
         firsts.append(images[0])
         first_labels.append(k)
     if firsts:

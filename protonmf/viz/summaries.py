@@ -122,17 +122,30 @@ _LOCALIZATION = _PerP(
     intro="Part localization against the ground-truth part masks (peaks of each prototype's heatmap):",
     line="part localization: peak on object {0}, purity {1}, parts covered {2} of 3, IoU {3}",
 )
+_AGREEMENT = _PerP(
+    "Do the gallery and the heatmaps agree",
+    (_Column("agreement", "agreement", "score", ".1f"),
+     _Column("prototypes with a gallery", "agreement", "n_prototypes", "d")),
+    intro="Agreement of each prototype's gallery with its heatmaps (% of gallery patches on the part its "
+          "held-out heatmaps peak on most often):",
+    note="% of a prototype's gallery patches (training) that lie on the part where its heatmaps (held-out) peak "
+         "most often, the part of a patch being the part mask's label at its cell's centre; mean over "
+         "the prototypes that have a gallery",
+    line="gallery on the heatmaps' part {0}% ({1} prototypes)",
+)
 _INTERPRETABILITY = _PerP(
     "Consistency and stability",
-    (_Column("consistency (presence, eq. 9)", "consistency", "presence", ".1f"),
-     _Column("stability (presence)", "stability", "presence", ".1f"),
-     _Column("consistency (F·p̃ᵀ)", "consistency", "activation", ".1f"),
-     _Column("stability (F·p̃ᵀ)", "stability", "activation", ".1f")),
+    (_Column("consistency", "consistency", "codes", ".1f"),
+     _Column("stability", "stability", "codes", ".1f"),
+     _Column("consistency (eq. 9)", "consistency", "presence", ".1f"),
+     _Column("consistency (F·p̃ᵀ)", "consistency", "activation", ".1f")),
     intro="Consistency and stability against part keypoints (Huang et al. 2023, % of prototypes):",
-    note="% of prototypes (Huang et al. 2023): a prototype is consistent if one part falls in the 72 px box "
+    note="% of prototypes (Huang et al. 2023), from the heatmaps the report draws (each image's codes against "
+         "the NMF prototypes, the gallery's definition): a prototype is consistent if one part falls in the 72 px box "
          "(at 224 px) around its peak in ≥ 80% of its class's images where the part is visible; stable: share "
-         "of images whose parts in the box are unchanged under noise",
-    line="consistency {0}% (presence) {2}% (F·p̃ᵀ), stability {1}% / {3}%",
+         "of images whose parts in the box are unchanged under noise. The last two columns read the prototype "
+         "elsewhere: eq. 9's presence against the augmented prototypes, and its share of the head F·p̃ᵀ",
+    line="consistency {0}%, stability {1}% (eq. 9: {2}%, F·p̃ᵀ: {3}%)",
 )
 
 
@@ -184,9 +197,10 @@ def evaluation_markdown(evaluation: dict[str, Any]) -> str:
     ``| | top-1 (held-out, …`` to ``{_interpretability_table(evaluation)}``, the line break after
     that staying in the f-string.
     """
+    agreement = _markdown_section(_AGREEMENT, evaluation)
     return (f"{_top1_markdown(evaluation)}\n{_exactness_markdown(evaluation)}\n\n"
             f"{_markdown_table(_TABLE3, evaluation)}\n\n"
-            f"{localization_markdown(evaluation)}\n{interpretability_markdown(evaluation)}")
+            f"{localization_markdown(evaluation)}{agreement and chr(10) + agreement}\n{interpretability_markdown(evaluation)}")
 
 
 # ---- terminal lines (the command line) ----
@@ -209,6 +223,7 @@ def evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
         f"prototype top-1:  {prototype}  (max |logit diff| {evaluation['max_abs_logit_diff']:{_DIFF_FORMAT}})",
         *_per_p_lines(_TABLE3, evaluation),
         *_per_p_lines(_LOCALIZATION, evaluation),
+        *_per_p_lines(_AGREEMENT, evaluation),
         *_per_p_lines(_INTERPRETABILITY, evaluation),
     ]
 
@@ -271,5 +286,5 @@ def evaluation_tables(evaluation: dict[str, Any], p: int | None = None) -> list[
     evaluation : the evaluation of a published model.
     p : the model's own p, named in the accuracy table's prototype row (``None``: not named).
     """
-    shown = [t for t in (_TABLE3, _INTERVENTION, _LOCALIZATION, _INTERPRETABILITY) if t.shown(evaluation)]
+    shown = [t for t in (_TABLE3, _INTERVENTION, _LOCALIZATION, _AGREEMENT, _INTERPRETABILITY) if t.shown(evaluation)]
     return [_accuracy_table(evaluation, p)] + [_per_p_table(t, evaluation) for t in shown]

@@ -545,12 +545,12 @@ def test_iter_batches_workers_shards_all_bad_and_early_close(tree, tmp_path):
 
 
 def test_make_source_kinds_and_errors(tree):
-    assert set(SOURCE_KINDS) == {"imagefolder", "cub", "digits", "synthetic", "parquet", "webdataset"}
+    assert set(SOURCE_KINDS) == {"imagefolder", "cub", "digits", "synthetic", "shapes", "parquet", "webdataset"}
     assert isinstance(make_source("imagefolder", root=str(tree), max_images_per_class=1), ImageFolderSource)
     assert len(make_source("digits", split="val")) == 360
     syn = make_source("synthetic", n_classes=2, n_per_class=3, split="train", image_size=32)
     assert isinstance(syn, SyntheticSource) and len(syn) == 6
-    with pytest.raises(ValueError, match="unknown source kind 'folder'; valid kinds: imagefolder, cub, digits, synthetic, parquet, webdataset"):
+    with pytest.raises(ValueError, match="unknown source kind 'folder'; valid kinds: imagefolder, cub, digits, synthetic, shapes, parquet, webdataset"):
         make_source("folder", root=str(tree))
     with pytest.raises(ValueError, match="data.val: unknown argument.*rotate"):
         make_source("imagefolder", root=str(tree), rotate=True, name="data.val")

@@ -173,8 +173,8 @@ def test_scores_on_a_cub_tree_match_the_hand_count(tmp_path):
         model = PrototypeModel.fit(backbone, images, labels, p=[1], residual=residual)
         result = evaluate_model(model, source, preprocess, batch_size=4, workers=0)
         # class 0's prototype is consistent, class 1's is not; the red square outshines the noise
-        assert result["consistency"] == {1: {"presence": 50.0, "activation": 50.0}}
-        assert result["stability"] == {1: {"presence": 100.0, "activation": 100.0}}
+        assert result["consistency"] == {1: {"codes": 50.0, "presence": 50.0, "activation": 50.0}}
+        assert result["stability"] == {1: {"codes": 100.0, "presence": 100.0, "activation": 100.0}}
 
 
 def test_no_keypoints_no_scores(tmp_path):

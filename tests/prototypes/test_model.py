@@ -63,13 +63,19 @@ def test_explanation_adds_up_to_the_logit(resnet, resnet_data, resnet_model):
     target_logit = exp.logits[torch.arange(B), exp.target].double()
     torch.testing.assert_close(exp.contributions.sum(1) + exp.bias, target_logit, rtol=1e-5, atol=1e-5)
     assert (exp.heatmaps >= 0).all()
-    # Heatmaps are eq. 9's codes of each position against the target's augmented prototypes.
+    # Heatmaps are each position's non-negative codes against the target's NMF prototypes B
+    # (protonmf.prototypes.where); where="presence" gives eq. 9's against the augmented B'.
     with torch.no_grad():
         F = resnet(x[:1]).reshape(1, -1, 512).double().clamp_min(0)[0]
-    B_aug = resnet_model.B_aug[exp.target[0]].numpy()
-    ref = np.stack([scipy_nnls(B_aug.T, f)[0] for f in F.numpy()])  # (hw, p) at 2×2 resolution
-    small = torch.nn.functional.interpolate(torch.from_numpy(ref).T.reshape(1, 3, 2, 2).float(), size=(64, 64), mode="bilinear")
-    torch.testing.assert_close(exp.heatmaps[:1], small, rtol=1e-4, atol=1e-5)
+    presence = resnet_model.explain(x[:1], where="presence")
+    for vectors, heat in ((resnet_model.B, exp.heatmaps[:1]), (resnet_model.B_aug, presence.heatmaps)):
+        basis = vectors[exp.target[0]].double().numpy()
+        ref = np.stack([scipy_nnls(basis.T, f)[0] for f in F.numpy()])  # (hw, p) at 2×2 resolution
+        small = torch.nn.functional.interpolate(torch.from_numpy(ref).T.reshape(1, 3, 2, 2).float(), size=(64, 64), mode="bilinear")
+        torch.testing.assert_close(heat, small, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(presence.heatmaps, exp.heatmaps[:1])  # two definitions, not one under two names
+    with pytest.raises(ValueError, match="where must be one of"):
+        resnet_model.explain(x[:1], where="gallery")
     # An explicit target explains that class instead.
     other = resnet_model.explain(x[:2], target=[4, 4])
     assert other.target.tolist() == [4, 4]

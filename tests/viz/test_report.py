@@ -24,7 +24,8 @@ def page(tmp_path_factory):
     _, _, _, uri = published_run(root)
     model = PrototypeModel.load(uri)
     source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=4, split="val", image_size=64)
-    evaluation = evaluate_model(model, source, Preprocess(**model.preprocess))
+    train = make_source("synthetic", n_classes=N_CLASSES, n_per_class=6, split="train", image_size=64)  # the run's training images
+    evaluation = evaluate_model(model, source, Preprocess(**model.preprocess), train=train)
     recon = {p: {k: {"mean": 0.1 / p, "std": 0.01} for k in ("feature_error", "baseline_feature_error", "head_error", "baseline_head_error", "stability")} for p in (1, 3, 5)}
     html = render_report(model, evaluation, source, reconstruction=recon, classes=[0, 1], images_per_class=4)
     path = root / "index.html"
@@ -56,7 +57,7 @@ def test_report_renders_in_headless_chromium(page):
         intervention = evaluation["intervention"]
         nothing = all(v["top1_before"] == 1 and v["fixed"] == 0 for v in intervention.values())
         assert headings == ["Accuracy", "Which prototypes carry the decision", "Removing a prototype (test-time intervention)",
-                            "Part localization", "Consistency and stability",
+                            "Part localization", "Do the gallery and the heatmaps agree", "Consistency and stability",
                             "How well the prototypes rebuild the features and the head",
                             "The prototypes of 2 of the 3 classes (p = 3)", "The same images with more prototypes"], headings
         text = driver.find_element("tag name", "body").text
@@ -66,14 +67,17 @@ def test_report_renders_in_headless_chromium(page):
         for said in ("prototypes", "coefficient a", "residual", "contribution", "negative"):
             assert said in intro, said
         tables = driver.find_elements("tag name", "table")
-        # accuracy, Table 3, Table 4 (one line instead when there is nothing to correct), localization, consistency, Table 1
-        assert len(tables) == (5 if nothing else 6)
+        # accuracy, Table 3, Table 4 (one line instead when there is nothing to correct), localization, agreement,
+        # consistency, Table 1
+        assert len(tables) == (6 if nothing else 7)
         if nothing:
             assert "The black box makes no mistake on these held-out images" in text
-        cells = [td.text for td in tables[3 if nothing else 4].find_elements("tag name", "td")]
+        agreed = [td.text for td in tables[3 if nothing else 4].find_elements("tag name", "td")]
+        assert agreed[:3] == ["1", f"{evaluation['agreement'][1]['score']:.1f}", f"{evaluation['agreement'][1]['n_prototypes']}"]
+        cells = [td.text for td in tables[4 if nothing else 5].find_elements("tag name", "td")]
         assert cells[:5] == ["1"] + [f"{v:.1f}" for v in (
-            evaluation["consistency"][1]["presence"], evaluation["stability"][1]["presence"],
-            evaluation["consistency"][1]["activation"], evaluation["stability"][1]["activation"])]
+            evaluation["consistency"][1]["codes"], evaluation["stability"][1]["codes"],
+            evaluation["consistency"][1]["presence"], evaluation["consistency"][1]["activation"])]
         first = tables[0].find_elements("tag name", "td")
         assert first[1].text == f"{evaluation['top1_black_box']:.4f}"
         images = driver.find_elements("tag name", "img")
@@ -96,7 +100,10 @@ def test_report_renders_in_headless_chromium(page):
         driver.set_window_size(1200, 900)
         for n, panel in enumerate(panels):
             i = n % 3
-            assert panel.find_element("css selector", ".panel-head").text.startswith(f"prototype {i} · coefficient a = ")
+            head = panel.find_element("css selector", ".panel-head").text
+            assert head.startswith(f"prototype {i} · coefficient a = ")
+            share = evaluation["agreement"][3]["per_class"][n // 3][i]  # one prototype's agreement, beside its pictures
+            assert head.endswith(f" · {share:.0f}% of its gallery on the part its heatmaps peak on most often"), head
             for what in ("presence", "top training patches"):
                 img = panel.find_element("css selector", f"img[alt$='prototype {i} of class {n // 3}: {what}']")
                 driver.execute_script("arguments[0].scrollIntoView()", img)

@@ -1,4 +1,4 @@
-"""The evaluation's three renderings: run summary and terminal lines as before, to the byte; the HTML tables.
+"""The evaluation's three renderings: run summary and terminal lines as the references below write them, to the byte; the HTML tables.
 
 The references below are copies of the code that rendered an evaluation before
 :mod:`protonmf.viz.summaries` existed: ``flows/build.py`` (``_localization_table``,
@@ -31,8 +31,8 @@ FULL = {
                      5: {"top1_before": 0.875, "top1_after": 0.925, "fixed": 2}},
     "localization": {5: {"on_object": 0.9125, "purity": 0.71875, "coverage": 1.5, "iou": 0.3125},
                      3: {"on_object": 0.8875, "purity": 0.6, "coverage": 1.25, "iou": 0.28125}},
-    "consistency": {3: {"presence": 76.5, "activation": 61.25}, 5: {"presence": 70.0, "activation": 66.66666}},
-    "stability": {3: {"presence": 94.25, "activation": 95.5}, 5: {"presence": 92.5, "activation": 90.0}},
+    "consistency": {3: {"codes": 81.25, "presence": 76.5, "activation": 61.25}, 5: {"codes": 77.5, "presence": 70.0, "activation": 66.66666}},
+    "stability": {3: {"codes": 93.75, "presence": 94.25, "activation": 95.5}, 5: {"codes": 91.25, "presence": 92.5, "activation": 90.0}},
 }
 # no part masks, no keypoints: no localization, no consistency or stability
 SPARSE = {k: v for k, v in FULL.items() if k not in ("localization", "consistency", "stability", "report")}
@@ -62,12 +62,12 @@ def _interpretability_table(evaluation: dict) -> str:
     if not con:
         return ""
     rows = "\n".join(
-        f"| {p} | {con[p]['presence']:.1f} | {sta[p]['presence']:.1f} | {con[p]['activation']:.1f} | {sta[p]['activation']:.1f} |"
+        f"| {p} | {con[p]['codes']:.1f} | {sta[p]['codes']:.1f} | {con[p]['presence']:.1f} | {con[p]['activation']:.1f} |"
         for p in sorted(con, key=int)
     )
     return (
         "Consistency and stability against part keypoints (Huang et al. 2023, % of prototypes):\n\n"
-        "| p | consistency (presence, eq. 9) | stability (presence) | consistency (F·p̃ᵀ) | stability (F·p̃ᵀ) |\n"
+        "| p | consistency | stability | consistency (eq. 9) | consistency (F·p̃ᵀ) |\n"
         "|---|---|---|---|---|\n" + rows + "\n"
     )
 
@@ -125,8 +125,8 @@ def _print_result(result: dict) -> None:
               f"parts covered {m['coverage']:.2f} of 3, IoU {m['iou']:.3f}")
     stab = ev.get("stability") or {}
     for p, m in sorted((ev.get("consistency") or {}).items(), key=lambda kv: int(kv[0])):
-        print(f"  p={p:<3} consistency {m['presence']:.1f}% (presence) {m['activation']:.1f}% (F·p̃ᵀ), "
-              f"stability {stab[p]['presence']:.1f}% / {stab[p]['activation']:.1f}%")
+        print(f"  p={p:<3} consistency {m['codes']:.1f}%, stability {stab[p]['codes']:.1f}% "
+              f"(eq. 9: {m['presence']:.1f}%, F·p̃ᵀ: {m['activation']:.1f}%)")
 
 
 # ---- the run summary ----
@@ -147,7 +147,7 @@ def test_markdown_lines():
             "| 3 | 0.750 | 0.200 | 0.863 |\n| 5 | 0.812 | 0.125 | 0.875 |\n\n") in text
     assert ("| p | peak on object | purity | parts covered | IoU |\n|---|---|---|---|---|\n"
             "| 3 | 0.887 | 0.600 | 1.25 | 0.281 |\n| 5 | 0.912 | 0.719 | 1.50 | 0.312 |\n\n") in text
-    assert text.endswith("|---|---|---|---|---|\n| 3 | 76.5 | 94.2 | 61.2 | 95.5 |\n| 5 | 70.0 | 92.5 | 66.7 | 90.0 |\n")
+    assert text.endswith("|---|---|---|---|---|\n| 3 | 81.2 | 93.8 | 76.5 | 61.2 |\n| 5 | 77.5 | 91.2 | 70.0 | 66.7 |\n")
     assert "Table 4" not in text and "top-1 before" not in text
 
 
@@ -178,8 +178,8 @@ def test_lines():
         "  p=5   NMF only 0.8125   residual only 0.1250   NMF+residual 0.8750",
         "  p=3   part localization: peak on object 0.887, purity 0.600, parts covered 1.25 of 3, IoU 0.281",
         "  p=5   part localization: peak on object 0.912, purity 0.719, parts covered 1.50 of 3, IoU 0.312",
-        "  p=3   consistency 76.5% (presence) 61.2% (F·p̃ᵀ), stability 94.2% / 95.5%",
-        "  p=5   consistency 70.0% (presence) 66.7% (F·p̃ᵀ), stability 92.5% / 90.0%",
+        "  p=3   consistency 81.2%, stability 93.8% (eq. 9: 76.5%, F·p̃ᵀ: 61.2%)",
+        "  p=5   consistency 77.5%, stability 91.2% (eq. 9: 70.0%, F·p̃ᵀ: 66.7%)",
     ]
     assert evaluation_lines(SPARSE) == evaluation_lines(FULL)[:4]
 
@@ -194,7 +194,7 @@ def test_html_tables_read_as_people_read():
             "(NMF only), the residual alone, and both (the exact model); the paper's Table 3</p>") in html
     assert "<tr><td>3</td><td>0.750</td><td>0.200</td><td>0.863</td></tr>" in html
     assert "<tr><td>3</td><td>0.863</td><td>0.900</td><td>3</td></tr>" in html  # Table 4: top-1s, and a count
-    assert "<tr><td>3</td><td>76.5</td><td>94.2</td><td>61.2</td><td>95.5</td></tr>" in html  # percentages
+    assert "<tr><td>3</td><td>81.2</td><td>93.8</td><td>76.5</td><td>61.2</td></tr>" in html  # percentages
     assert "<tr><td>black box</td><td>0.8750</td></tr>" in html and "70.0000" not in html
     perfect = {**FULL, "intervention": {3: {"top1_before": 1.0, "top1_after": 1.0, "fixed": 0}}}
     assert ("<h2>Removing a prototype (test-time intervention)</h2><p>The black box makes no mistake on these held-out "
@@ -213,7 +213,7 @@ def test_tables():
     assert accuracy.rows == [["black box", 0.875], ["prototype model (p = 3)", 0.8625]]
     assert accuracy.footer == "max |logit difference| 1.23e-06 (max |logit| 12.346)"
     assert tables[2].rows == [[3, 0.8625, 0.9, 3], [5, 0.875, 0.925, 2]]
-    assert tables[4].rows == [[3, 76.5, 94.25, 61.25, 95.5], [5, 70.0, 92.5, 66.66666, 90.0]]
+    assert tables[4].rows == [[3, 81.25, 93.75, 76.5, 61.25], [5, 77.5, 91.25, 70.0, 66.66666]]
     heading, header, rows, note, footer, *_ = tables[3]
     assert header == ["p", "peak on object", "purity", "parts covered", "IoU"] and note == footer == ""
     assert evaluation_tables(FULL)[0].rows[1][0] == "prototype model"

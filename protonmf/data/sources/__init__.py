@@ -8,7 +8,7 @@ from typing import Any
 from protonmf.data.sources.base import ImageSource
 from protonmf.data.sources.cub import CUBSource
 from protonmf.data.sources.imagefolder import ImageFolderSource
-from protonmf.data.sources.in_memory import DigitsSource, SyntheticSource
+from protonmf.data.sources.in_memory import DigitsSource, ShapesSource, SyntheticSource
 from protonmf.data.sources.parquet import ParquetSource
 from protonmf.data.sources.webdataset import WebDatasetSource
 
@@ -18,13 +18,14 @@ __all__ = [
 ]
 
 #: Kinds whose images are made in memory (nothing to list or index, nothing read from storage).
-IN_MEMORY_KINDS = ("synthetic", "digits")
+IN_MEMORY_KINDS = ("synthetic", "shapes", "digits")
 
 SOURCE_KINDS: dict[str, type[ImageSource]] = {
     "imagefolder": ImageFolderSource,
     "cub": CUBSource,
     "digits": DigitsSource,
     "synthetic": SyntheticSource,
+    "shapes": ShapesSource,
     "parquet": ParquetSource,
     "webdataset": WebDatasetSource,
 }
@@ -32,7 +33,7 @@ SOURCE_KINDS: dict[str, type[ImageSource]] = {
 
 def make_source(kind: str, *, name: str | None = None, **kwargs: Any) -> ImageSource:
     """Build a source by kind: ``"imagefolder"``, ``"cub"``, ``"parquet"``, ``"webdataset"``,
-    ``"digits"`` or ``"synthetic"``.
+    ``"digits"``, ``"synthetic"`` or ``"shapes"``.
 
     ``kwargs`` go to the source's constructor (``root=...`` for the kinds that read storage). ``name``
     (e.g. ``"data.train"``) prefixes every error message. Unknown kinds, unknown or missing

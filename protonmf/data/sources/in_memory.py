@@ -1,4 +1,4 @@
-"""Sources held in memory: scikit-learn's 8×8 digits (no download) and the synthetic part set (with part masks)."""
+"""Sources held in memory: scikit-learn's 8×8 digits (no download) and the two synthetic part sets (with part masks)."""
 
 from __future__ import annotations
 
@@ -103,12 +103,18 @@ class SyntheticSource(ImageSource):
         its mask, visible where the part has pixels.
     """
 
-    def __init__(self, n_classes: int, n_per_class: int, *, split: str, image_size: int = 64, seed: int = 0) -> None:
+    kind = "synthetic"
+
+    @staticmethod
+    def _make(n_classes: int, n_per_class: int, *, image_size: int, seed: int):
         from protonmf.demo.synthetic import make_synthetic_parts
 
-        self.split = _check_split(split, ("train", "val"), "synthetic")
+        return make_synthetic_parts(n_classes, n_per_class, image_size=image_size, seed=seed)
+
+    def __init__(self, n_classes: int, n_per_class: int, *, split: str, image_size: int = 64, seed: int = 0) -> None:
+        self.split = _check_split(split, ("train", "val"), self.kind)
         self.seed = int(seed)
-        self.data = make_synthetic_parts(n_classes, n_per_class, image_size=image_size, seed=_split_seed(self.seed, split))
+        self.data = self._make(n_classes, n_per_class, image_size=image_size, seed=_split_seed(self.seed, split))
         self.image_size = int(image_size)
         self.classes = list(self.data.class_names)
         self.keypoint_names = tuple(self.data.part_names[1:])
@@ -117,7 +123,7 @@ class SyntheticSource(ImageSource):
         self.records = [
             Record(
                 image_id=f"{self.classes[int(c)]}/{i:06d}.png",
-                uri=f"synthetic://seed{self.seed}/{split}/{self.classes[int(c)]}/{i:06d}.png",
+                uri=f"{self.kind}://seed{self.seed}/{split}/{self.classes[int(c)]}/{i:06d}.png",
                 label=int(c),
                 index=i,
                 keypoints=tuple((float(x), float(y), bool(v)) for x, y, v in points[i]),
@@ -148,3 +154,16 @@ class SyntheticSource(ImageSource):
         return f"split={self.split!r}, image_size={self.image_size}, seed={self.seed}"
 
 
+
+
+class ShapesSource(SyntheticSource):
+    """The second part-annotated set, :func:`protonmf.demo.shapes.make_shapes` (cap, trunk, base),
+    read as :class:`SyntheticSource` reads the creatures (same splits, records and keypoints)."""
+
+    kind = "shapes"
+
+    @staticmethod
+    def _make(n_classes: int, n_per_class: int, *, image_size: int, seed: int):
+        from protonmf.demo.shapes import make_shapes
+
+        return make_shapes(n_classes, n_per_class, image_size=image_size, seed=seed)
