@@ -101,7 +101,7 @@ def fit_prototype_group(run: Run, classes: list[int], *, device: str | None = No
 
 def _group_gallery(run: Run, classes: list[int], codes: dict[int, TopCodes], record_tables: list[pa.Table]) -> pa.Table:
     """The gallery rows of ``classes`` (:mod:`protonmf.prototypes.gallery`): the images the largest
-    E entries name are read again (only those), for their size and the patches' pixels.
+    codes name (:mod:`protonmf.prototypes.where`) are read again (only those), for their size and the patches' pixels.
     ``record_tables``: each class's record table, as read with its features (none without a gallery)."""
     if run.config.prototypes.gallery == 0:
         return GALLERY_SCHEMA.empty_table()

@@ -230,7 +230,7 @@ def _caption_gallery(fig: Figure, first_heatmap_ax: Any, first_gallery_ax: Any) 
     fig.draw_without_rendering()
     fig.set_layout_engine("none")  # keep the positions the layout found
     fig.text(first_gallery_ax.get_position().x0, first_heatmap_ax.get_position().y1 + 0.22 / fig.get_figheight(),
-             "where it is most present in training (largest E entries of its class's NMF)", fontsize=9)
+             "where the same map is largest in training (the gallery)", fontsize=9)
 
 
 def error_curves(p_values: Sequence[int], errors: dict[str, Sequence[tuple[float, float]]]) -> Figure:
