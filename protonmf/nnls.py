@@ -12,6 +12,11 @@ Two exact-or-convergent solvers, both vectorized over rows and leading batch axe
 - ``"enumerate"`` (exact, p ≤ 10): the optimum is the stationary point of the active set with the
   lowest objective among those that are non-negative; all 2^p sets are solved at once.
 - ``"pgd"``: accelerated projected gradient (FISTA) with step 1/λ_max(G), stopped on the KKT residual.
+- ``"cd"``: from ``init``, codes near the optimum (the E an NMF ends with), a few sweeps of
+  coordinate descent (the E step of HALS) find each row's active set; the stationary point of
+  that one set is then solved exactly and kept where it meets the KKT conditions (which certify
+  the optimum of this convex problem); the other rows are solved by ``"enumerate"`` (p ≤ 10) or
+  ``"pgd"``. The answer of ``"enumerate"`` at a fraction of its 2^p cost.
 
 :func:`nnls_differentiable` is the same solve with a backward pass by implicit differentiation of
 the KKT conditions (CRAFT §3.4): on the active set S = {j : E_j > 0} of a row, G_SS e_S = h_S and
@@ -28,7 +33,7 @@ from torch import Tensor
 
 __all__ = ["nnls", "nnls_differentiable"]
 
-Method = Literal["auto", "enumerate", "pgd"]
+Method = Literal["auto", "enumerate", "pgd", "cd"]
 MAX_ENUMERATE_P = 10
 
 
@@ -61,20 +66,64 @@ def _enumerate(h: Tensor, G: Tensor, block_rows: int) -> Tensor:
     return out
 
 
+def _kkt_met(E: Tensor, G: Tensor, h: Tensor, tol: float) -> bool:
+    """KKT at tolerance ``tol`` (relative to max |h|): gradient ≥ 0 where E = 0, = 0 where E > 0."""
+    grad = E @ G - h
+    kkt = torch.where(E > 0, grad.abs(), (-grad).clamp_min(0))
+    return bool((kkt <= tol * h.abs().amax((-2, -1), keepdim=True).clamp_min(1e-30)).all())
+
+
+_CD_SWEEPS = 8  # coordinate sweeps before the active sets are read off
+
+
+def _kkt_rows(E: Tensor, G: Tensor, h: Tensor, tol: float) -> Tensor:
+    """(..., n) bool: the rows of E that meet the KKT conditions at tolerance ``tol``."""
+    grad = E @ G - h
+    kkt = torch.where(E > 0, grad.abs(), (-grad).clamp_min(0))
+    return (kkt <= tol * h.abs().amax((-2, -1), keepdim=True).clamp_min(1e-30)).all(-1)
+
+
+def _cd(h: Tensor, G: Tensor, E: Tensor | None, max_iter: int, tol: float, block_rows: int) -> Tensor:
+    p = G.shape[-1]
+    diag = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(1e-30).unsqueeze(-2)  # (..., 1, p)
+    E = (h / diag).clamp_min(0) if E is None else E.to(h.dtype).clamp_min(0).clone()
+    for _ in range(_CD_SWEEPS):
+        for j in range(p):
+            grad = (E @ G[..., :, j : j + 1]).squeeze(-1) - h[..., j]  # (..., n): ∂/∂E_j of ½eᵀGe − hᵀe
+            E[..., j] = (E[..., j] - grad / diag[..., j]).clamp_min(0)
+    # The stationary point of each row's active set S: G_SS e_S = h_S, e = 0 off S.
+    eye = torch.eye(p, dtype=G.dtype, device=G.device)
+    out = torch.empty_like(h)
+    n = h.shape[-2]
+    for start in range(0, n, block_rows):
+        rows = slice(start, start + block_rows)
+        on = (E[..., rows, :] > 0).to(G.dtype)  # (..., nb, p)
+        Gs = G.unsqueeze(-3) * on.unsqueeze(-1) * on.unsqueeze(-2) + eye * (1 - on).unsqueeze(-1)
+        out[..., rows, :] = torch.linalg.solve(Gs, (h[..., rows, :] * on).unsqueeze(-1)).squeeze(-1).clamp_min(0)
+    # KKT checked at the working precision (a float32 solve is not exact to 1e-7)
+    bad = ~_kkt_rows(out, G, h, max(tol, 100 * torch.finfo(h.dtype).eps))  # (..., n)
+    if bool(bad.any()):  # rows whose active set the sweeps did not settle: solved in full, per basis
+        lead = h.shape[:-2]
+        h2, G2 = h.reshape(-1, n, p), G.expand(*lead, p, p).reshape(-1, p, p)
+        out2, bad2 = out.reshape(-1, n, p), bad.reshape(-1, n)
+        for l in bad2.any(1).nonzero().flatten().tolist():
+            rows = bad2[l].nonzero().flatten()
+            hb = h2[l, rows]
+            out2[l, rows] = _enumerate(hb, G2[l], block_rows) if p <= MAX_ENUMERATE_P else _pgd(hb, G2[l], max_iter, tol)
+        out = out2.reshape(out.shape)
+    return out
+
+
 def _pgd(h: Tensor, G: Tensor, max_iter: int, tol: float) -> Tensor:
     L = torch.linalg.eigvalsh(G)[..., -1].clamp_min(1e-30)[..., None, None]  # (..., 1, 1)
     E = (h / torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(1e-30).unsqueeze(-2)).clamp_min(0)
     Y, t = E, 1.0
-    scale = h.abs().amax((-2, -1), keepdim=True).clamp_min(1e-30)
     for _ in range(max_iter):
         E_next = (Y - (Y @ G - h) / L).clamp_min(0)
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         Y = E_next + ((t - 1) / t_next) * (E_next - E)
         E, t = E_next, t_next
-        grad = E @ G - h
-        # KKT: gradient ≥ 0 where E = 0, gradient = 0 where E > 0.
-        kkt = torch.where(E > 0, grad.abs(), (-grad).clamp_min(0))
-        if bool((kkt <= tol * scale).all()):
+        if _kkt_met(E, G, h, tol):
             break
     return E
 
@@ -87,6 +136,7 @@ def nnls(
     max_iter: int = 2000,
     tol: float = 1e-7,
     block_rows: int = 4096,
+    init: Tensor | None = None,
 ) -> Tensor:
     """E = argmin_{E ≥ 0} ||X − E B||² row by row (ProtoNMF eq. 9).
 
@@ -94,9 +144,10 @@ def nnls(
     ----------
     X : Tensor of shape (..., n, D)
     B : Tensor of shape (..., p, D), broadcast against X's leading axes.
-    method : "enumerate" (exact, p ≤ 10), "pgd" (FISTA to a KKT tolerance), or "auto" (the first
-        when p ≤ 10).
-    max_iter, tol : iteration cap and relative KKT tolerance of "pgd".
+    method : "enumerate" (exact, p ≤ 10), "pgd" (FISTA to a KKT tolerance), "cd" (coordinate
+        descent to the same tolerance, from ``init``), or "auto" (the first when p ≤ 10).
+    max_iter, tol : iteration (sweep) cap and relative KKT tolerance of "pgd" and "cd".
+    init : (..., n, p) starting codes for "cd" (default: each coordinate's own least squares, ≥ 0).
 
     Returns
     -------
@@ -118,7 +169,11 @@ def nnls(
         return _enumerate(h, G, rows)
     if method == "pgd":
         return _pgd(h, G, max_iter, tol)
-    raise ValueError(f"method must be 'auto', 'enumerate' or 'pgd', got {method!r}")
+    if method == "cd":
+        if init is not None and init.shape != h.shape:
+            raise ValueError(f"init must have shape {tuple(h.shape)}, got {tuple(init.shape)}")
+        return _cd(h, G, init, max_iter, tol, max(1, block_rows // 4))
+    raise ValueError(f"method must be 'auto', 'enumerate', 'pgd' or 'cd', got {method!r}")
 
 
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:

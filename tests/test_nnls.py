@@ -37,3 +37,29 @@ def test_bad_input():
         nnls(torch.rand(3, 5), torch.rand(2, 6))
     with pytest.raises(ValueError, match="p = 11 > 10"):
         nnls(torch.rand(3, 12), torch.rand(11, 12), method="enumerate")
+
+
+@pytest.mark.parametrize("start", ["nmf", "far"])
+def test_coordinate_descent_from_a_start_gives_the_exact_codes(start):
+    # "cd" reads each row's active set off a few sweeps from the start and solves it; rows whose
+    # set is not settled (a far start) are solved by "enumerate": scipy's answer either way.
+    from protonmf import nnls as module
+    from protonmf.nmf import nmf
+
+    gen = torch.Generator().manual_seed(0)
+    X = (torch.rand(3, 400, 24, generator=gen, dtype=torch.float64) @ torch.rand(3, 24, 32, generator=gen, dtype=torch.float64) - 5).relu()
+    res = nmf(X, 6, seed=0)
+    B = res.B.double()
+    init = res.E.double() if start == "nmf" else torch.full_like(res.E, 50.0, dtype=torch.float64)
+    calls = []
+    real = module._enumerate
+    module._enumerate = lambda h, G, rows: calls.append(h.shape[-2]) or real(h, G, rows)
+    try:
+        E = nnls(X, B, method="cd", init=init)
+    finally:
+        module._enumerate = real
+    ref = np.stack([np.stack([scipy_nnls(B[k].numpy().T, x)[0] for x in X[k].numpy()]) for k in range(3)])
+    np.testing.assert_allclose(E.numpy(), ref, atol=1e-9)
+    assert (sum(calls) < 0.05 * 3 * 400) if start == "nmf" else sum(calls) > 0  # the fallback, only where needed
+    with pytest.raises(ValueError, match="init must have shape"):
+        nnls(X, B, method="cd", init=init[:, :10])

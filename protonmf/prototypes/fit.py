@@ -382,7 +382,7 @@ def fit_classes_and_codes(
         for p, (fit, res) in fit_prototypes_sweep(A, V[full], bias_of(full), ps, n_rows=n_rows, **fit_kwargs).items():
             parts[p].append(fit)
             if top_k > 0:  # the gallery: the top of where each prototype is (protonmf.prototypes.where) on the training rows
-                codes[p].append(top_codes(prototype_codes(A, fit.B), n_rows, top_k))
+                codes[p].append(top_codes(prototype_codes(A, fit.B, init=res.E), n_rows, top_k))
             else:
                 codes[p].append(TopCodes.empty(len(full), p, 0))
     for p in ps:
