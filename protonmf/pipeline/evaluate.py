@@ -128,7 +128,7 @@ def evaluate_prototype_model(run: Run, source: ImageSource, stats: HeldOutStats 
 
         folder = join(config.storage.model, VERSIONS, model.version, "atlas") if model.version else join(config.storage.model, "atlas")
         result["atlas"] = write_atlas(model, folder, source=source, preprocess=run.preprocess, images_per_class=ev.atlas_images,
-                                      storage_options=run.storage_options)
+                                      storage_options=run.storage_options, evaluation=result)
     if ev.report:
         page = render_report(model, result, source, reconstruction=result.get("reconstruction"),
                              classes=list(range(min(ev.report_classes, model.num_classes))),

@@ -35,6 +35,7 @@ from protonmf.data import ImageSource, Preprocess, load_images
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import class_stem, join, to_fs, write_objects
 from protonmf.viz.prototype_figures import colour_hex, presence_overlay, prototype_colour
+from protonmf.viz.summaries import agreement_words, prototype_agreement
 
 __all__ = ["atlas_weights", "class_page_name", "write_atlas"]
 
@@ -115,7 +116,7 @@ def _heatmap_strips(model: PrototypeModel, images: torch.Tensor, shown: np.ndarr
 
 
 def _class_page(model: PrototypeModel, k: int, gallery: pa.Table | None, images: torch.Tensor | None,
-                shown: np.ndarray | None) -> str:
+                shown: np.ndarray | None, agreement: Sequence[float | None] | None = None) -> str:
     name = html.escape(model.class_names[k])
     links = " ".join(f"<b>p = {q}</b>" if q == model.p else f"<a href='{class_page_name(k, q)}'>p = {q}</a>"
                      for q in model.available_p)
@@ -139,8 +140,10 @@ def _class_page(model: PrototypeModel, k: int, gallery: pa.Table | None, images:
             f"<img loading='lazy' alt='prototype {i}: held-out heatmap {j}' src='{u}'>" for j, u in enumerate(strips[i]))
             + "</div>") if strips[i] else ""
         panels.append(f"<div class='panel' data-prototype='{i}' style='border-left-color:{colour}'>"
-                      f"<h3 style='color:{colour}'>prototype {i} · coefficient a = {coef[i]:.3g}{contribution}</h3>"
-                      f"<div class='note'>where it is most present in training</div>{gallery_html}{heat_html}</div>")
+                      f"<h3 style='color:{colour}'>prototype {i} · coefficient a = {coef[i]:.3g}{contribution}"
+                      f"{agreement_words(agreement, i)}</h3>"
+                      f"<div class='note'>where it is most present in training (the same map as the heatmaps)</div>"
+                      f"{gallery_html}{heat_html}</div>")
     body = (f"<p><a href='../index.html'>all classes</a></p><h1><span class='id'>{k}</span>{name}</h1>"
             f"<p class='ps'>{links}</p>{''.join(panels)}")
     return _page(f"{model.class_names[k]} · p = {model.p}", body)
@@ -156,12 +159,14 @@ def write_atlas(
     images_per_class: int = 3,
     classes: Sequence[int] | None = None,
     storage_options: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> str:
     """Write the atlas of ``model`` at ``uri`` (a folder, local or any fsspec URI); its index's URI.
 
     ``source``: held-out images for each class page's heatmaps and mean contributions
     (``images_per_class`` of each class; none without a source or with 0). ``classes``: only these
-    classes' pages (the index lists every class; default all).
+    classes' pages (the index lists every class; default all). ``evaluation``: the model's
+    evaluation, whose per-prototype agreement (when measured) each panel states.
     """
     fs, root = to_fs(uri, storage_options)
     pre = preprocess or (Preprocess(**model.preprocess) if model.preprocess else Preprocess())
@@ -177,7 +182,8 @@ def write_atlas(
             shown = pre.undo(images)
         for p, m in by_p.items():
             table = gallery.filter(pc.equal(gallery["p"], p)) if gallery is not None else None
-            files[join(root, "classes", class_page_name(k, p))] = _class_page(m, k, table, images, shown).encode()
+            agreement = prototype_agreement(evaluation, p, k) if evaluation else None
+            files[join(root, "classes", class_page_name(k, p))] = _class_page(m, k, table, images, shown, agreement).encode()
     write_objects(fs, files)
     return join(str(uri), "index.html")
 

@@ -33,7 +33,7 @@ from protonmf.viz.prototype_figures import (
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import class_of_stem
 from protonmf.viz.png import figure_png, png_data_uri
-from protonmf.viz.summaries import evaluation_tables
+from protonmf.viz.summaries import agreement_words, evaluation_tables, prototype_agreement
 
 __all__ = ["render_craft_page", "render_report"]
 
@@ -92,14 +92,6 @@ def _class_images(source: ImageSource, pre: Preprocess, k: int, n: int) -> torch
     return load_images(source, pre, source.records_of(k)[: 2 * n], workers=0)[0][:n]
 
 
-def prototype_agreement(evaluation: dict[str, Any], p: int, k: int) -> list[float | None] | None:
-    """Each prototype's agreement (%) of class ``k`` at ``p`` from the evaluation, or None if not measured."""
-    per_p = (evaluation.get("agreement") or {})
-    at_p = per_p.get(p, per_p.get(str(p))) or {}
-    per_class = at_p.get("per_class") or {}
-    return per_class.get(k, per_class.get(str(k)))
-
-
 def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess, k: int,
                    agreement: Sequence[float | None] | None = None) -> str:
     """Figures 2–3 of class k: a legend, the coefficients, and one panel per prototype (its heatmap
@@ -119,8 +111,7 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
              f'<img alt="coefficients of class {k}" src="{_png(_coefficients(model, k, contrib))}">']
     for i in range(model.p):
         colour = colour_hex(i)
-        agrees = ("" if agreement is None or agreement[i] is None else
-                  f" · {agreement[i]:.0f}% of its gallery on the part its heatmaps peak on most often")
+        agrees = agreement_words(agreement, i)
         gallery = (f'<img alt="prototype {i} of class {k}: top training patches" '
                    f'src="{_png(patch_strip(patches[i], prototype_colour(i), len(patches[i])), tight=True)}">'
                    if patches and patches[i] else "<span class='note'>no gallery</span>")

@@ -19,6 +19,7 @@ after a JSON round trip, strings; rows are always in increasing p.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "evaluation_tables",
     "interpretability_markdown",
     "localization_markdown",
+    "prototype_agreement",
+    "agreement_words",
 ]
 
 # top-1 of the black box and of the prototype model: (label, key), and their format everywhere
@@ -288,3 +291,18 @@ def evaluation_tables(evaluation: dict[str, Any], p: int | None = None) -> list[
     """
     shown = [t for t in (_TABLE3, _INTERVENTION, _LOCALIZATION, _AGREEMENT, _INTERPRETABILITY) if t.shown(evaluation)]
     return [_accuracy_table(evaluation, p)] + [_per_p_table(t, evaluation) for t in shown]
+
+
+def prototype_agreement(evaluation: dict[str, Any], p: int, k: int) -> list[float | None] | None:
+    """Each prototype's agreement (%) of class ``k`` at ``p`` from the evaluation, or None if not measured."""
+    per_p = (evaluation.get("agreement") or {})
+    at_p = per_p.get(p, per_p.get(str(p))) or {}
+    per_class = at_p.get("per_class") or {}
+    return per_class.get(k, per_class.get(str(k)))
+
+
+def agreement_words(agreement: Sequence[float | None] | None, i: int) -> str:
+    """`` · N% of its gallery on the part …`` for prototype ``i`` (""  where not measured)."""
+    if agreement is None or agreement[i] is None:
+        return ""
+    return f" · {agreement[i]:.0f}% of its gallery on the part its heatmaps peak on most often"

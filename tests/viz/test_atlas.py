@@ -111,11 +111,19 @@ def test_a_published_runs_atlas_has_held_out_heatmaps(tmp_path):
 
     _, _, _, uri = published_run(tmp_path)
     model = PrototypeModel.load(uri)
+    from protonmf.evaluation.held_out import evaluate_model
+
     source = make_source("synthetic", n_classes=N_CLASSES, n_per_class=4, split="val", image_size=64)
-    write_atlas(model, str(tmp_path / "atlas"), source=source, preprocess=Preprocess(**model.preprocess), images_per_class=2)
+    train = make_source("synthetic", n_classes=N_CLASSES, n_per_class=6, split="train", image_size=64)
+    evaluation = evaluate_model(model, source, Preprocess(**model.preprocess), train=train)
+    write_atlas(model, str(tmp_path / "atlas"), source=source, preprocess=Preprocess(**model.preprocess), images_per_class=2,
+                evaluation=evaluation)
     page = (tmp_path / "atlas" / "classes" / class_page_name(1, 3)).read_text()
     assert page.count("held-out heatmap") == 3 * 2 and page.count("training patch") == 3 * model.settings["gallery"]
     assert "mean contribution to the logit" in page
+    for i, share in enumerate(evaluation["agreement"][3]["per_class"][1]):  # each prototype's agreement on its panel
+        assert f"prototype {i} · coefficient a = " in page
+        assert f"{share:.0f}% of its gallery on the part its heatmaps peak on most often" in page
 
 
 def test_protonmf_atlas_writes_any_published_models_atlas(tmp_path, capsys):
