@@ -45,7 +45,7 @@ from protonmf.devices import back_to, output_dtype, to_model
 from protonmf.head import residual_heatmap
 from protonmf.prototypes.gallery import read_gallery, write_gallery
 from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes, fit_prototypes_sweep, fit_settings, stack_classes
-from protonmf.prototypes.where import WHERE, Where, codes_of
+from protonmf.prototypes.where import WHERE, Where, codes_by_class
 
 __all__ = ["ArtifactError", "Explanation", "MAP_KINDS", "PrototypeModel"]
 
@@ -348,9 +348,9 @@ class PrototypeModel(nn.Module):
         else:
             contributions = a_t * (pooled.unsqueeze(1) * V_t).sum(-1)
         B_t = self.B[target].double()
-        codes = codes_of(flat, B_t)  # (B, hw, p): where each prototype is (protonmf.prototypes.where)
+        codes = codes_by_class(flat, self.B.double(), target)  # (B, hw, p): where each prototype is (protonmf.prototypes.where)
         res_map = residual_heatmap(flat, codes, B_t, R_t)  # (B, hw), eq. 6 with images as the batch
-        maps = codes if where == "codes" else codes_of(flat, V_t)  # eq. 9 against the mode's vectors
+        maps = codes if where == "codes" else codes_by_class(flat, vectors, target)  # eq. 9 against the mode's vectors
         size, out = images.shape[-2:], output_dtype(self.backbone.V)
         heatmaps = nnf.interpolate(maps.transpose(1, 2).reshape(Bsz, -1, h, w).to(out), size=size, mode="bilinear", align_corners=False)
         res_heat = nnf.interpolate(res_map.reshape(Bsz, 1, h, w).to(out), size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -392,8 +392,8 @@ class PrototypeModel(nn.Module):
         vectors, coef = self._class_vectors()
         V_t = vectors[target]  # (B, p, D)
         maps = {
-            "codes": codes_of(flat, self.B[target].double()),
-            "presence": codes_of(flat, V_t),  # eq. 9
+            "codes": codes_by_class(flat, self.B.double(), target),
+            "presence": codes_by_class(flat, vectors, target),  # eq. 9
             "activation": flat @ (coef[target].unsqueeze(2) * V_t).transpose(1, 2),
         }  # each (B, hw, p)
         out = output_dtype(self.backbone.V)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from protonmf.nnls import nnls
 
-__all__ = ["WHERE", "Where", "codes_of", "prototype_codes"]
+__all__ = ["WHERE", "Where", "codes_by_class", "codes_of", "prototype_codes"]
 
 Where = Literal["codes", "presence"]
 #: The definitions of "where prototype i is", the default first.
@@ -46,6 +46,24 @@ def codes_of(F: Tensor, vectors: Tensor, init: Tensor | None = None) -> Tensor:
     if init is None:
         return nnls(F.clamp_min(0), vectors)
     return nnls(F.clamp_min(0), vectors, method="cd", init=init)
+
+
+def codes_by_class(F: Tensor, vectors: Tensor, target: Tensor) -> Tensor:
+    """:func:`codes_of` for images of several classes: image b's rows F[b] (n, D) against the
+    vectors of its class ``target[b]`` (``vectors`` (K, p, D)), solved one class at a time, so
+    each class's 2^p active sets are factorized once for all its images, not once per image.
+
+    Returns (B, n, p), in F's and vectors' common dtype.
+    """
+    Bsz, n, D = F.shape
+    out = None
+    for c in torch.unique(target).tolist():
+        sel = (target == c).nonzero().flatten()
+        codes = codes_of(F[sel].reshape(-1, D), vectors[c]).reshape(len(sel), n, -1)
+        if out is None:
+            out = codes.new_empty(Bsz, n, codes.shape[-1])
+        out[sel] = codes
+    return out if out is not None else F.new_empty(0, n, vectors.shape[-2])
 
 
 def prototype_codes(F: Tensor, B: Tensor, *, init: Tensor | None = None, block_rows: int = 1024) -> Tensor:
