@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protonmf.demo.synthetic import SyntheticParts, _positive_int, class_looks
+from protonmf.demo.synthetic import SyntheticParts, _positive_int, class_looks, draw_in_blocks
 
 __all__ = ["SHAPE_PART_NAMES", "make_shapes"]
 
@@ -45,7 +45,6 @@ _TEX = np.array([[t for _, _, t, _ in part] for part in _LOOKS], dtype=np.int64)
 _SHAPE = np.array([s for _, _, _, s in _LOOKS[0]], dtype=np.int64)  # (5,)
 _NOISE_STD = 5.0
 _N_BARS = 5
-_CHUNK_PIXELS = 1 << 20
 
 
 def _names(looks: np.ndarray) -> list[str]:
@@ -153,11 +152,5 @@ def make_shapes(n_classes: int, n_per_class: int, *, image_size: int = 64, seed:
     labels = np.repeat(np.arange(n_classes, dtype=np.int64), n_per_class)
     rng = np.random.default_rng(seed)
     params = _params(rng, looks[labels], S)
-    N = labels.shape[0]
-    images = np.empty((N, S, S, 3), dtype=np.uint8)
-    masks = np.empty((N, S, S), dtype=np.uint8)
-    chunk = max(1, _CHUNK_PIXELS // (S * S))
-    for start in range(0, N, chunk):
-        sl = slice(start, min(N, start + chunk))
-        images[sl], masks[sl] = _render({k: a[sl] for k, a in params.items()}, S, rng)
+    images, masks = draw_in_blocks(_render, params, labels.shape[0], S, rng)
     return SyntheticParts(images=images, masks=masks, labels=labels, class_names=_names(looks), part_names=SHAPE_PART_NAMES)

@@ -346,13 +346,21 @@ def make_synthetic_parts(n_classes: int, n_per_class: int, *, image_size: int = 
     rng = np.random.default_rng(seed)
     params = _sample_params(rng, looks[labels], S)
 
+    images, masks = draw_in_blocks(_render, params, N, S, rng)
+    return SyntheticParts(images=images, masks=masks, labels=labels, class_names=_class_names(looks))
+
+
+def draw_in_blocks(render, params: dict[str, np.ndarray], N: int, S: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, S, S, 3) and masks (N, S, S), uint8, drawn by ``render(params of a block, S, rng)``
+    over blocks of about ``_CHUNK_PIXELS`` pixels (the random draws in block order)."""
     images = np.empty((N, S, S, 3), dtype=np.uint8)
     masks = np.empty((N, S, S), dtype=np.uint8)
     chunk = max(1, _CHUNK_PIXELS // (S * S))
     for start in range(0, N, chunk):
         sl = slice(start, min(N, start + chunk))
-        images[sl], masks[sl] = _render({k: a[sl] for k, a in params.items()}, S, rng)
-    return SyntheticParts(images=images, masks=masks, labels=labels, class_names=_class_names(looks))
+        images[sl], masks[sl] = render({k: a[sl] for k, a in params.items()}, S, rng)
+    return images, masks
 
 
 def mask_root(root: str | os.PathLike) -> Path:
