@@ -67,17 +67,16 @@ def _enumerate(h: Tensor, G: Tensor, block_rows: int) -> Tensor:
 
 
 def _kkt_met(E: Tensor, G: Tensor, h: Tensor, tol: float) -> bool:
-    """KKT at tolerance ``tol`` (relative to max |h|): gradient ≥ 0 where E = 0, = 0 where E > 0."""
-    grad = E @ G - h
-    kkt = torch.where(E > 0, grad.abs(), (-grad).clamp_min(0))
-    return bool((kkt <= tol * h.abs().amax((-2, -1), keepdim=True).clamp_min(1e-30)).all())
+    """Whether every row meets the KKT conditions at tolerance ``tol`` (:func:`_kkt_rows`)."""
+    return bool(_kkt_rows(E, G, h, tol).all())
 
 
 _CD_SWEEPS = 8  # coordinate sweeps before the active sets are read off
 
 
 def _kkt_rows(E: Tensor, G: Tensor, h: Tensor, tol: float) -> Tensor:
-    """(..., n) bool: the rows of E that meet the KKT conditions at tolerance ``tol``."""
+    """(..., n) bool: the rows of E that meet the KKT conditions at tolerance ``tol`` (relative to
+    max |h|): gradient ≥ 0 where E = 0, = 0 where E > 0."""
     grad = E @ G - h
     kkt = torch.where(E > 0, grad.abs(), (-grad).clamp_min(0))
     return (kkt <= tol * h.abs().amax((-2, -1), keepdim=True).clamp_min(1e-30)).all(-1)

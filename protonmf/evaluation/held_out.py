@@ -285,7 +285,8 @@ def evaluate_model(
     definition, :mod:`protonmf.prototypes.where`), ``presence`` (eq. 9) and ``activation`` (F p̃_iᵀ),
     each image's noise drawn from ``noise_seed`` and its id. With ``train``, the training source
     whose part masks the gallery's patches lie on, and a model with a gallery: ``agreement``:
-    {p: %} (:mod:`protonmf.evaluation.agreement`).
+    {p: {score (%), n_prototypes, per_class: {class: % per prototype, None without a gallery}}}
+    (:mod:`protonmf.evaluation.agreement`).
     """
     stats = accumulate_held_out(model, source, preprocess, batch_size=batch_size, workers=workers, noise_seed=noise_seed)
     return summarize_held_out(stats, repr(source), parts_of_gallery=gallery_parts(model, train))

@@ -83,15 +83,8 @@ def prototype_codes(F: Tensor, B: Tensor, *, init: Tensor | None = None, block_r
     -------
     E : (..., n, p) float64, on B's device; zero rows of F (a padded class) get zero codes.
     """
-    dtype = torch.float64
-    B = B.to(dtype)
-    n = F.shape[-2]
-    def start_of(rows: slice) -> Tensor | None:
-        return None if init is None else init[..., rows, :].to(device=B.device, dtype=dtype)
-
-    if n <= block_rows:
-        return codes_of(F.to(device=B.device, dtype=dtype), B, start_of(slice(None)))
-    blocks = [codes_of(F[..., start : start + block_rows, :].to(device=B.device, dtype=dtype), B,
-                       start_of(slice(start, start + block_rows)))
-              for start in range(0, n, block_rows)]
-    return torch.cat(blocks, dim=-2)
+    B = B.to(torch.float64)
+    blocks = [codes_of(F[..., rows, :].to(B.device, torch.float64), B,
+                       None if init is None else init[..., rows, :].to(B.device, torch.float64))
+              for rows in (slice(s, s + block_rows) for s in range(0, F.shape[-2], block_rows))]
+    return torch.cat(blocks, dim=-2) if blocks else B.new_zeros(*F.shape[:-1], B.shape[-2])
