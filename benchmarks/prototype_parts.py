@@ -61,12 +61,26 @@ def data_set(name: str):
     return net.backbone, train, val, Preprocess(**net.preprocess)
 
 
-def images_of(source, preprocess, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
+def images_of(source, preprocess, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    xs, ys, ids = [], [], []
     for batch in iter_batches(source, preprocess, batch_size):
         xs.append(batch.images)
         ys.append(batch.labels)
-    return torch.cat(xs), torch.cat(ys)
+        ids += list(batch.image_ids)
+    return torch.cat(xs), torch.cat(ys), ids
+
+
+def cell_parts(source, image_ids: list[str], grid: tuple[int, int]) -> torch.Tensor | None:
+    """(N, h, w) the part under the centre of each feature cell of each image (as a gallery patch's
+    part is read, :mod:`protonmf.evaluation.agreement`); None for a source without part masks."""
+    if getattr(source, "masks", None) is None:
+        return None
+    by_id = {r.image_id: r for r in source.records}
+    masks = np.stack([source.mask(by_id[i]) for i in image_ids])  # (N, S, S)
+    S, (h, w) = masks.shape[1], grid
+    rows = ((np.arange(h) + 0.5) * S / h).astype(int)
+    cols = ((np.arange(w) + 0.5) * S / w).astype(int)
+    return torch.from_numpy(masks[:, rows][:, :, cols].astype(np.int64))
 
 
 # ---- the options: (A (K, n, D) float32, n_rows (K,), p) -> B (K, p, D) ----
@@ -125,6 +139,37 @@ def _kmeans(A, n_rows, ps):
     return out
 
 
+def _parts_known(A, n_rows, ps, *, parts):
+    """An upper bound, not an option: B from the part masks themselves. ``parts`` (K, n) the part of
+    each feature row (0 background, −1 padding). p ≤ number of parts: the mean feature of each of
+    the first p object parts (p = 1: of the whole object); more: k-means inside each part, the p
+    prototypes shared among the parts in turn. If even these prototypes are not consistent parts,
+    the backbone's features, not the way B is found, set the limit."""
+    from sklearn.cluster import KMeans
+
+    n_parts = int(parts.max())
+    out = {}
+    for p in ps:
+        Bs = []
+        for k in range(A.shape[0]):
+            X, lab = A[k, : int(n_rows[k])].clamp_min(0).double().numpy(), parts[k, : int(n_rows[k])].numpy()
+            if p == 1:
+                rows = [X[lab >= 1].mean(0)]
+            elif p <= n_parts:
+                rows = [X[lab == j].mean(0) for j in range(1, p + 1)]
+            else:
+                share = [p // n_parts + (j < p % n_parts) for j in range(n_parts)]
+                rows = []
+                for j, m in enumerate(share, start=1):
+                    Xj = X[lab == j]
+                    rows += list(KMeans(m, n_init=4, random_state=0).fit(Xj).cluster_centers_)
+            Bs.append(torch.from_numpy(np.maximum(np.stack(rows), 0)).float())
+        out[p] = torch.stack(Bs)
+    return out
+
+
+_parts_known.needs_parts = True
+
 OPTIONS: dict[str, Callable] = {
     "paper: MU, random start": _mu(),
     "MU, converged (tol 1e-6, 1000 updates)": _mu(max_iter=1000, tol=1e-6),
@@ -135,6 +180,7 @@ OPTIONS: dict[str, Callable] = {
     "HALS/CD + L1 on E, alpha_W 0.1": _sklearn("cd", "nndsvda", alpha_W=0.1),
     "HALS/CD + L1 on E, alpha_W 1": _sklearn("cd", "nndsvda", alpha_W=1.0),
     "one prototype per position (k-means)": _kmeans,
+    "upper bound: B from the part masks": _parts_known,
 }
 
 
@@ -151,15 +197,22 @@ def _gallery(A, n_rows, fits, train, preprocess, grid) -> pa.Table:
 
 def measure(name: str, options: dict[str, Callable]) -> list[dict]:
     backbone, train, val, preprocess = data_set(name)
-    images, labels = images_of(train, preprocess)
+    images, labels, image_ids = images_of(train, preprocess)
     with torch.no_grad():
         F = torch.cat([backbone(images[i : i + 64]) for i in range(0, len(images), 64)])
     K = backbone.num_classes
     A, n_rows = stack_classes([F[labels == k] for k in range(K)])
+    parts = cell_parts(train, image_ids, tuple(F.shape[1:3]))
     rows = []
     for option, find in options.items():
+        if getattr(find, "needs_parts", False) and parts is None:
+            continue
         start = time.perf_counter()
-        bases = find(A, n_rows, PS)
+        if getattr(find, "needs_parts", False):
+            row_parts, _ = stack_classes([parts[labels == k].reshape(-1, 1).float() for k in range(K)])
+            bases = find(A, n_rows, PS, parts=row_parts[..., 0].long())
+        else:
+            bases = find(A, n_rows, PS)
         seconds = time.perf_counter() - start
         fits = {p: head_from_prototypes(A, backbone.V, backbone.bias, bases[p], n_rows=n_rows) for p in PS}
         gallery = _gallery(A, n_rows, fits, train, preprocess, tuple(F.shape[1:3]))
@@ -179,12 +232,48 @@ def measure(name: str, options: dict[str, Callable]) -> list[dict]:
     return rows
 
 
+def part_readout(name: str) -> dict | None:
+    """How well a cell's features tell its part, whatever B is: a logistic regression (scikit-learn)
+    from a feature cell to the part under its centre (object cells only), fitted on the training
+    images of all classes and scored on the held-out ones, against always answering the commonest
+    part. Prototypes are rows in the same feature space, so no B localizes parts better than the
+    features separate them."""
+    from sklearn.linear_model import LogisticRegression
+
+    backbone, train, val, preprocess = data_set(name)
+    if getattr(train, "masks", None) is None:
+        return None
+    cells = {}
+    for split, source in (("train", train), ("val", val)):
+        images, _, ids = images_of(source, preprocess)
+        with torch.no_grad():
+            F = torch.cat([backbone(images[i : i + 64]) for i in range(0, len(images), 64)])
+        parts = cell_parts(source, ids, tuple(F.shape[1:3])).flatten()
+        X = F.reshape(-1, F.shape[-1]).double().numpy()
+        on = (parts >= 1).numpy()
+        cells[split] = (X[on], parts.numpy()[on])
+    (X, y), (Xv, yv) = cells["train"], cells["val"]
+    probe = LogisticRegression(max_iter=2000).fit(X, y)
+    commonest = np.bincount(y).argmax()
+    return {"set": name, "grid": list(F.shape[1:3]), "held-out cells": int(len(yv)),
+            "part read out (%)": round(100 * float((probe.predict(Xv) == yv).mean()), 1),
+            "training cells (%)": round(100 * float((probe.predict(X) == y).mean()), 1),
+            "commonest part (%)": round(100 * float((yv == commonest).mean()), 1)}
+
+
 def _cell(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
         return f"{value:.1e}" if abs(value) < 1e-3 and value != 0 else f"{value:.3g}"
     return str(value)
+
+
+def markdown_of(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -208,9 +297,14 @@ def main() -> None:
         mine = measure(s, {o: OPTIONS[o] for o in args.options})
         print(f"\n### {s}\n\n{markdown(mine)}\n", flush=True)
         rows += mine
+    readouts = [r for s in args.sets if (r := part_readout(s)) is not None]
+    if readouts:
+        print(f"\n### the part a feature cell lies on, read out linearly\n\n{markdown_of(readouts)}\n", flush=True)
     out = Path(os.environ.get("PROTONMF_BENCH_RESULTS", Path(__file__).parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "prototype_parts.json").write_text(json.dumps(rows, indent=1))
+    if readouts:
+        (out / "part_readout.json").write_text(json.dumps(readouts, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,21 +7,20 @@ nothing of Prefect or Ray (``flows/`` and ``tasks/`` do), and works alone in a n
 
 __version__ = "0.1.0"
 
-from protonmf.backbones.feature_backbone import BackboneSpec, FeatureBackbone, build_backbone  # noqa: E402
-from protonmf.prototypes.fit import ClassPrototypes, fit_prototypes, stack_classes  # noqa: E402
-from protonmf.prototypes.model import ArtifactError, Explanation, PrototypeModel  # noqa: E402
-from protonmf.nmf import NMFResult, nmf  # noqa: E402
+from protonmf.lazy import lazy_exports  # noqa: E402
 
-__all__ = [
-    "ArtifactError",
-    "BackboneSpec",
-    "ClassPrototypes",
-    "Explanation",
-    "FeatureBackbone",
-    "NMFResult",
-    "PrototypeModel",
-    "build_backbone",
-    "fit_prototypes",
-    "nmf",
-    "stack_classes",
-]
+#: the public names, each imported from its module on first use: ``import protonmf.config`` (the
+#: CLI's checks) does not import torch
+__getattr__, __all__ = lazy_exports(__name__, {
+    "ArtifactError": "prototypes.model",
+    "BackboneSpec": "backbones.feature_backbone",
+    "ClassPrototypes": "prototypes.fit",
+    "Explanation": "prototypes.model",
+    "FeatureBackbone": "backbones.feature_backbone",
+    "NMFResult": "nmf",
+    "PrototypeModel": "prototypes.model",
+    "build_backbone": "backbones.feature_backbone",
+    "fit_prototypes": "prototypes.fit",
+    "nmf": "nmf",
+    "stack_classes": "prototypes.fit",
+})
