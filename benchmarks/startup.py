@@ -1,8 +1,6 @@
 """The fixed start-up of a local run: Prefect's temporary API server and a local Ray, one after
-the other (as a flow run would start them), both at once once everything is imported (Prefect's
-server in a thread, as ``protonmf run`` did before), and the server's process started first, right
-after the checks and before the flows, Ray and torch are imported, Ray then started while it comes
-up (:mod:`flows.server`, ``flows.shared.started_together``: what ``protonmf run`` does now). Each side is a fresh process (interpreter start and
+the other (as a flow run started them before) against both at once (``flows.shared.started_together``,
+what ``protonmf run`` does after its checks). Each side is a fresh process (interpreter start and
 imports included), run in turn ``--rounds`` times, with its own ``PREFECT_HOME`` whose database
 exists already (as on any machine where Prefect ran once).
 
@@ -32,26 +30,11 @@ with ray_session(Run(parse_config({}))):
     pass
 """
 
-AFTER_IMPORTS = """
-import threading
+TOGETHER = """
 from protonmf.config import parse_config
 from protonmf.pipeline import Run
-from prefect.server.api.server import SubprocessASGIServer
-from tasks.runtime import ray_session
-thread = threading.Thread(target=SubprocessASGIServer().start)
-thread.start()
-with ray_session(Run(parse_config({}))):
-    thread.join()
-"""
-
-SERVER_FIRST = """
-from protonmf.config import parse_config
-from protonmf.pipeline import Run
-from flows.server import start_temporary_server
-run = Run(parse_config({}))
-server = start_temporary_server()
 from flows.shared import started_together
-with started_together(run, server):
+with started_together(Run(parse_config({}))):
     pass
 """
 
@@ -75,11 +58,10 @@ def main() -> None:
     env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     timed(SEQUENTIAL, env)  # the database made, and the page cache warm, before the clock
-    runs: dict[str, list[float]] = {"one after the other": [], "at once, after the imports": [],
-                                    "server first, then the imports and Ray": []}
+    runs: dict[str, list[float]] = {"one after the other": [], "at once": []}
     for _ in range(args.rounds):
-        for name, code in zip(runs, (SEQUENTIAL, AFTER_IMPORTS, SERVER_FIRST)):
-            runs[name].append(round(timed(code, env), 2))
+        runs["one after the other"].append(round(timed(SEQUENTIAL, env), 2))
+        runs["at once"].append(round(timed(TOGETHER, env), 2))
     result = {"rounds": args.rounds, "load_before": os.getloadavg()[0],
               **{name: {"seconds": s, "median": round(statistics.median(s), 2)} for name, s in runs.items()}}
     save("startup", result)

@@ -61,21 +61,12 @@ def _checked(config: str, overrides: list[str]):
     return run
 
 
-def _server_started():
-    """Prefect's temporary server (where one is wanted), started after the checks and before the
-    flows, Ray and torch are imported: it comes up while they load and Ray starts."""
-    from flows.server import start_temporary_server
-
-    return start_temporary_server()
-
-
 def _run(config, overrides) -> int:
     run = _checked(config, overrides)
-    server = _server_started()
     from flows.build import build_prototype_model
     from flows.shared import started_together
 
-    with started_together(run, server):
+    with started_together(run):  # Prefect's temporary server and Ray start at once
         result = build_prototype_model(config, overrides)
     _print_result(result)
     return 0
@@ -83,11 +74,10 @@ def _run(config, overrides) -> int:
 
 def _craft(config, overrides) -> int:
     run = _checked(config, overrides)
-    server = _server_started()
     from flows.craft import craft_concepts
     from flows.shared import started_together
 
-    with started_together(run, server):
+    with started_together(run):
         result = craft_concepts(config, overrides)
     s = result["summary"]
     print()
@@ -232,10 +222,10 @@ def _message(err: BaseException) -> str:
     if isinstance(cause, BaseException):
         err = cause
     text = _ANSI.sub("", str(err)).strip()
-    if "ephemeral Prefect API server" in text:  # Prefect's own start of its server, where a flow is called directly
-        from flows.server import limit_hint
-
-        text += f" ({limit_hint()})"
+    if "ephemeral Prefect API server" in text:
+        text += (f" (its start-up limit is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="
+                 f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s: raise it on a busy machine, "
+                 "or point PREFECT_API_URL at a running server)")
     return text
 
 
