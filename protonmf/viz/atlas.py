@@ -15,6 +15,9 @@ Pages stay small at ImageNet's size: the index is the class list alone (a few te
 1,000 classes), a class page holds only its own pictures (JPEG patches as stored in the gallery,
 heatmaps as small JPEGs, inline), so a browser loads one class at a time. Anchors: the per-unit
 pages of OpenAI Microscope and the feature browsers of sparse-autoencoder toolkits.
+
+The index is written last: an atlas cut off while its pages are written has no index (nothing
+to open), and writing it again replaces every page.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def _page(title: str, body: str) -> str:
 def _jpeg_uri(data: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
+
+#: Classes whose pages are held in memory and written together (their PUTs at once on object stores).
+PAGES_AT_ONCE = 32
 
 #: Heatmaps are drawn at most this many pixels a side (a 224 px crop at 128: a few kB each).
 HEATMAP_PX = 128
@@ -171,10 +177,10 @@ def write_atlas(
     fs, root = to_fs(uri, storage_options)
     pre = preprocess or (Preprocess(**model.preprocess) if model.preprocess else Preprocess())
     gallery = model.gallery_table() if model.has_gallery else None
-    chosen = range(model.num_classes) if classes is None else classes
-    files: dict[str, bytes] = {join(root, "index.html"): _index(model).encode()}
+    chosen = list(range(model.num_classes) if classes is None else classes)
     by_p = {p: model.with_p(p) for p in model.available_p}
-    for k in chosen:
+    files: dict[str, bytes] = {}
+    for n, k in enumerate(chosen, 1):
         images = shown = None
         if source is not None and images_per_class > 0:
             records = source.records_of(k)[: 2 * images_per_class]
@@ -184,7 +190,11 @@ def write_atlas(
             table = gallery.filter(pc.equal(gallery["p"], p)) if gallery is not None else None
             agreement = prototype_agreement(evaluation, p, k) if evaluation else None
             files[join(root, "classes", class_page_name(k, p))] = _class_page(m, k, table, images, shown, agreement).encode()
-    write_objects(fs, files)
+        if n % PAGES_AT_ONCE == 0 or n == len(chosen):  # a block of classes in memory at a time
+            write_objects(fs, files)
+            files = {}
+    # the index last: until every page is written there is no atlas to open, and a rerun rewrites it whole
+    write_objects(fs, {join(root, "index.html"): _index(model).encode()})
     return join(str(uri), "index.html")
 
 

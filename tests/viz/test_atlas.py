@@ -136,3 +136,32 @@ def test_protonmf_atlas_writes_any_published_models_atlas(tmp_path, capsys):
     assert f"atlas:            {tmp_path / 'site'}/index.html" in out and f"pages:            {N_CLASSES * 2} (" in out
     page = (tmp_path / "site" / "classes" / class_page_name(0, 1)).read_text()
     assert page.count("held-out heatmap") == 2  # the held-out data the model's manifest records
+
+
+def test_an_atlas_cut_off_while_its_pages_are_written_has_no_index_and_a_rerun_completes_it(tmp_path, monkeypatch):
+    import protonmf.viz.atlas as atlas
+
+    torch.manual_seed(0)
+    backbone = FeatureBackbone.from_model(SmallCNN(num_classes=5, width=8))
+    fits = fit_classes([torch.rand(2, 2, 2, backbone.V.shape[1]) for _ in range(5)], backbone.V, backbone.bias, [2], max_iter=20)
+    model = PrototypeModel.from_prototypes(backbone, [fits[2]], [f"class {k}" for k in range(5)])
+    written, real = [], atlas.write_objects
+
+    def cut_off(fs, objects):
+        if len(written) == 3:
+            raise OSError("connection reset")
+        written.append(sorted(objects))
+        real(fs, objects)
+
+    monkeypatch.setattr(atlas, "PAGES_AT_ONCE", 2)
+    monkeypatch.setattr(atlas, "write_objects", cut_off)
+    out = tmp_path / "atlas"
+    with pytest.raises(OSError, match="connection reset"):
+        write_atlas(model, str(out), images_per_class=0)
+    assert [len(w) for w in written] == [2, 2, 1]  # every page in blocks of 2 classes, then the index failed
+    assert not (out / "index.html").exists() and len(list((out / "classes").iterdir())) == 5
+    written.clear()
+    monkeypatch.setattr(atlas, "write_objects", real)
+    assert write_atlas(model, str(out), images_per_class=0) == f"{out}/index.html"
+    assert (out / "index.html").exists() and sorted(p.name for p in (out / "classes").iterdir()) == [
+        class_page_name(k, 2) for k in range(5)]
