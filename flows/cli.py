@@ -63,10 +63,13 @@ def _checked(config: str, overrides: list[str]):
 
 def _run(config, overrides) -> int:
     run = _checked(config, overrides)
+    from flows.server import TemporaryServer
+
+    server = TemporaryServer.start()  # comes up while the flows are imported and Ray starts
     from flows.build import build_prototype_model
     from flows.shared import started_together
 
-    with started_together(run):  # Prefect's temporary server and Ray start at once
+    with started_together(run, server):
         result = build_prototype_model(config, overrides)
     _print_result(result)
     return 0
@@ -74,10 +77,13 @@ def _run(config, overrides) -> int:
 
 def _craft(config, overrides) -> int:
     run = _checked(config, overrides)
+    from flows.server import TemporaryServer
+
+    server = TemporaryServer.start()  # comes up while the flows are imported and Ray starts
     from flows.craft import craft_concepts
     from flows.shared import started_together
 
-    with started_together(run):
+    with started_together(run, server):
         result = craft_concepts(config, overrides)
     s = result["summary"]
     print()
@@ -223,9 +229,9 @@ def _message(err: BaseException) -> str:
         err = cause
     text = _ANSI.sub("", str(err)).strip()
     if "ephemeral Prefect API server" in text:
-        text += (f" (its start-up limit is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="
-                 f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s: raise it on a busy machine, "
-                 "or point PREFECT_API_URL at a running server)")
+        from flows.server import limit_hint
+
+        text += f" ({limit_hint()})"
     return text
 
 

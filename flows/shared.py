@@ -5,7 +5,6 @@ that every run starts with."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from protonmf.config import Config, load_config, parse_config  # noqa: E402
 from protonmf.data.extract import ClassExtraction  # noqa: E402
 from protonmf.lease import Lease  # noqa: E402
 from protonmf.pipeline import Prepared, Run  # noqa: E402
+from flows.server import TemporaryServer  # noqa: E402
 from tasks.runtime import is_retryable, ray_session  # noqa: E402
 
 
@@ -85,32 +85,21 @@ def still_held(leases: dict[str, Lease]) -> None:
 
 
 @contextmanager
-def started_together(run: Run) -> Iterator[None]:
-    """Prefect's temporary API server (when no ``PREFECT_API_URL`` names a server) starting in a
-    thread while Ray starts here (:func:`tasks.runtime.ray_session`), instead of one after the
-    other as a flow run would start them; the flow run then finds both up, and Ray is stopped
-    after the block."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    failed: list[BaseException] = []
-    thread = None
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        from prefect.server.api.server import SubprocessASGIServer
-
-        def start() -> None:
-            try:
-                SubprocessASGIServer().start()
-            except BaseException as err:  # noqa: BLE001 - raised in the caller's thread below
-                failed.append(err)
-
-        thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-        thread.start()
-    with ray_session(run):
-        if thread is not None:
-            thread.join()
-        if failed:
-            raise failed[0]
-        yield
+def started_together(run: Run, server: TemporaryServer | None) -> Iterator[None]:
+    """Ray started here (:func:`tasks.runtime.ray_session`) while ``server`` (Prefect's temporary
+    server, :class:`flows.server.TemporaryServer`, started before the flows were imported; None
+    where ``PREFECT_API_URL`` names one) comes up; the block's flows run against both, and both
+    stop after it."""
+    try:
+        with ray_session(run):
+            if server is None:
+                yield
+            else:
+                with server.serving():
+                    yield
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def run_owner() -> str:

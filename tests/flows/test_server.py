@@ -1,0 +1,72 @@
+"""Prefect's temporary server as ``protonmf run`` starts it (:mod:`flows.server`): a real server
+process, started before the flows are imported and without Prefect's server package in the
+caller, that a flow run in this process reports to, gone when the block ends; a limit it misses is
+said with the setting that raises it. Each case runs in a process of its own with its own
+``PREFECT_HOME``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FLOW_ON_IT = """
+import asyncio, sys
+from flows.server import TemporaryServer
+server = TemporaryServer.start()
+from prefect import flow, get_client
+
+@flow
+def hello():
+    return 42
+
+with server.serving():
+    assert hello() == 42
+    async def runs():
+        async with get_client() as client:
+            return str(client.api_url), [r.state_type.value for r in await client.read_flow_runs()]
+    url, states = asyncio.run(runs())
+    print('same server', url.rstrip('/') == server.api_url, 'runs', states)
+print('server package imported', 'prefect.server.api.server' in sys.modules)
+server.stop()
+print('stopped', server.process.poll() is not None)
+"""
+
+TOO_SLOW = """
+from flows.server import TemporaryServer
+server = TemporaryServer.start()
+try:
+    with server.serving():
+        print('came up')
+except RuntimeError as err:
+    print(err)
+print('stopped', server.process.poll() is not None)
+"""
+
+
+def python(code: str, tmp_path: Path, **env: str) -> list[str]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "PREFECT_HOME": str(tmp_path),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", **env}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()
+
+
+def test_a_flow_run_reports_to_the_server_started_first_without_prefects_server_package_here(tmp_path):
+    assert python(FLOW_ON_IT, tmp_path)[-3:] == ["same server True runs ['COMPLETED']", "server package imported False",
+                                                 "stopped True"]
+
+
+def test_a_missed_start_up_limit_names_the_setting_and_stops_the_server(tmp_path):
+    out = python(TOO_SLOW, tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    assert out == ["Prefect's temporary server did not answer within 1 s (its start-up limit is "
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=1 s: raise it on a busy machine, or point "
+                   "PREFECT_API_URL at a running server)", "stopped True"]
+
+
+def test_no_server_where_prefect_api_url_names_one(tmp_path):
+    code = "from flows.server import TemporaryServer; print(TemporaryServer.start())"
+    assert python(code, tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api") == ["None"]
