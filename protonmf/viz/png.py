@@ -8,10 +8,15 @@ import io
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["figure_png", "png_data_uri"]
+__all__ = ["LABEL_PT", "REPORT_DPI", "figure_png", "png_data_uri"]
+
+#: The resolution of the report's figures, and the size of their smallest text: 10 pt at 90 dpi is
+#: 12.5 px, legible beside the page's own text at a normal window width.
+REPORT_DPI = 90
+LABEL_PT = 10
 
 
-def figure_png(fig: Figure, *, dpi: int = 90, tight: bool = False) -> bytes:
+def figure_png(fig: Figure, *, dpi: int = REPORT_DPI, tight: bool = False) -> bytes:
     """The figure as PNG bytes; the figure is closed (figures are made for one picture)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))

@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from protonmf.viz.png import LABEL_PT  # noqa: E402
+
 __all__ = ["PROTOTYPE_COLORS", "colour_hex", "draw_patches", "error_curves", "explanation_figure", "patch_strip",
            "presence_overlay", "presence_strip", "prototype_colour", "prototype_overlay"]
 
@@ -102,7 +104,7 @@ def draw_patches(axes: Sequence[Any], patches: Sequence[tuple[np.ndarray | None,
         ax.imshow(picture, interpolation="nearest")
         ax.add_patch(matplotlib.patches.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
                                                   edgecolor=colour, linewidth=2))
-        ax.set_title(f"E = {score:.3g}", fontsize=7)
+        ax.set_title(f"E = {score:.3g}", fontsize=LABEL_PT)
         for spine in ax.spines.values():
             spine.set_edgecolor(colour)
             spine.set_linewidth(2)
@@ -121,7 +123,7 @@ def presence_strip(images: np.ndarray, heatmaps: np.ndarray, colour: Sequence[fl
     fig, axes = plt.subplots(1, n, figsize=(1.25 * n, 1.45), squeeze=False)
     for j, ax in enumerate(axes[0]):
         ax.imshow(presence_overlay(images[j], heatmaps[j], colour, vmax=vmax))
-        ax.set_title(f"{contributions[j]:+.3g}", fontsize=8)
+        ax.set_title(f"{contributions[j]:+.3g}", fontsize=LABEL_PT)
         ax.axis("off")
     fig.tight_layout(pad=0.3)
     return fig

@@ -32,7 +32,7 @@ from protonmf.viz.prototype_figures import (
 )
 from protonmf.prototypes.model import PrototypeModel
 from protonmf.storage import class_of_stem
-from protonmf.viz.png import figure_png, png_data_uri
+from protonmf.viz.png import LABEL_PT, figure_png, png_data_uri
 from protonmf.viz.summaries import agreement_words, evaluation_tables, prototype_agreement
 
 __all__ = ["render_craft_page", "render_report"]
@@ -129,7 +129,7 @@ def _class_figures(model: PrototypeModel, images: torch.Tensor, pre: Preprocess,
     for j, ax in enumerate(axes[0]):
         ax.imshow(residual_overlay(shown[j], exp.residual_heatmap[j].numpy(), vmax=residual_top))
         if not bool(model.spread[k]):
-            ax.set_title(f"{float(exp.residual[j]):+.3g}", fontsize=8)
+            ax.set_title(f"{float(exp.residual[j]):+.3g}", fontsize=LABEL_PT)
         ax.axis("off")
     fig.tight_layout(pad=0.3)
     spread = ("spread over the prototypes (its share is inside their contributions)" if bool(model.spread[k])
@@ -148,8 +148,8 @@ def _coefficients(model: PrototypeModel, k: int, contributions) -> Any:
                              (axes[1], contributions.mean(0), "mean contribution to the logit")):
         ax.barh(labels, values, color=colours)
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_title(what, fontsize=9)
-        ax.tick_params(labelsize=8)
+        ax.set_title(what, fontsize=LABEL_PT)
+        ax.tick_params(labelsize=LABEL_PT)
     axes[0].invert_yaxis()
     fig.tight_layout()
     return fig
@@ -164,10 +164,10 @@ def _figure4(model: PrototypeModel, images: torch.Tensor, labels: Sequence[int],
         for i in range(len(images)):
             axes[i, j].imshow(prototype_overlay(shown[i], exp.heatmaps[i].numpy(), alpha=0.75))
             axes[i, j].axis("off")
-        axes[0, j].set_title(f"p = {p}", fontsize=9)
+        axes[0, j].set_title(f"p = {p}", fontsize=LABEL_PT)
     handles = [matplotlib.patches.Patch(color=prototype_colour(i), label=f"prototype {i}") for i in range(min(max(ps), 10))]
     fig.tight_layout()
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(handles), 5), fontsize=LABEL_PT, frameon=False)
     return f'<img alt="figure 4: prototype areas for p in {ps}" src="{_png(fig, tight=True)}">'
 
 

@@ -112,3 +112,21 @@ def test_report_renders_in_headless_chromium(page):
                 assert own >= 10 and own > 5 * max(others), (n, what, own, others)  # drawn in its own colour, not another's
     finally:
         driver.quit()
+
+
+def test_the_reports_figure_labels_are_at_least_12_pixels_high():
+    """The heatmap and gallery strips' numbers, at the report's resolution
+    (they were 7-8 pt, 9-10 px, beside the page's 16 px text)."""
+    import numpy as np
+    from matplotlib.text import Text
+
+    from protonmf.viz.png import REPORT_DPI
+    from protonmf.viz.prototype_figures import patch_strip, presence_strip
+
+    images, heat = np.random.default_rng(0).random((3, 16, 16, 3)), np.random.default_rng(1).random((3, 16, 16))
+    figures = [presence_strip(images, heat, (0.1, 0.4, 0.7), [1.0, 2.0, 3.0]),
+               patch_strip([(images[0], (2, 2, 8, 8), 5.2)] * 2, (0.1, 0.4, 0.7), 2)]
+    for fig in figures:
+        fig.canvas.draw()
+        texts = [t for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
+        assert texts and min(t.get_fontsize() for t in texts) * REPORT_DPI / 72 >= 12
