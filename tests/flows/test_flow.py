@@ -66,14 +66,17 @@ def runtime(bucket, fault_marker, attempt_log, extract_fault_marker, steal_reque
     os.environ[faults.KILL_EXTRACT_ONCE] = str(extract_fault_marker)
     os.environ[faults.STEAL_LEASE] = str(steal_request)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=faults.runtime_env({"env_vars": worker_env()}))
-    with prefect_test_harness():
-        _first_flow()  # Prefect binds its console to the stdout of its first run: not a test's capsys
-        yield
-    ray.shutdown()
-    os.environ.pop(faults.KILL_ONCE, None)
-    os.environ.pop(faults.ATTEMPT_LOG, None)
-    os.environ.pop(faults.KILL_EXTRACT_ONCE, None)
-    os.environ.pop(faults.STEAL_LEASE, None)
+    try:
+        # a fresh database is migrated first: on a loaded 2-core machine that took 43 s, past the harness's 30 s
+        with prefect_test_harness(server_startup_timeout=180):
+            _first_flow()  # Prefect binds its console to the stdout of its first run: not a test's capsys
+            yield
+    finally:  # a server that did not start leaves no Ray behind for the next module
+        ray.shutdown()
+        os.environ.pop(faults.KILL_ONCE, None)
+        os.environ.pop(faults.ATTEMPT_LOG, None)
+        os.environ.pop(faults.KILL_EXTRACT_ONCE, None)
+        os.environ.pop(faults.STEAL_LEASE, None)
 
 
 def _first_flow():
