@@ -21,10 +21,12 @@ import re
 import sys
 from pathlib import Path
 
+from flows.server import STARTUP_LIMIT  # the standard library only: the checks stay light
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Prefect's temporary server gets longer than its 20 s to come up: a busy machine misses that.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault(STARTUP_LIMIT, "90")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -227,12 +229,7 @@ def _message(err: BaseException) -> str:
     cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError keeps the task's own error here
     if isinstance(cause, BaseException):
         err = cause
-    text = _ANSI.sub("", str(err)).strip()
-    if "ephemeral Prefect API server" in text:
-        from flows.server import limit_hint
-
-        text += f" ({limit_hint()})"
-    return text
+    return _ANSI.sub("", str(err)).strip()
 
 
 #: Errors that say what is wrong with the input or the environment: one line, exit status 2.

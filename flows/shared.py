@@ -22,11 +22,11 @@ from rich.progress import Progress  # noqa: E402
 
 import tasks.extract  # noqa: E402
 import tasks.prepare  # noqa: E402
+from flows.server import TemporaryServer  # noqa: E402
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
 from protonmf.data.extract import ClassExtraction  # noqa: E402
 from protonmf.lease import Lease  # noqa: E402
 from protonmf.pipeline import Prepared, Run  # noqa: E402
-from flows.server import TemporaryServer  # noqa: E402
 from tasks.runtime import is_retryable, ray_session  # noqa: E402
 
 

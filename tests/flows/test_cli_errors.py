@@ -114,3 +114,22 @@ def test_an_error_raised_in_a_ray_task_is_the_same_one_line(tmp_path):
     assert rc == 2 and re.fullmatch(r"protonmf: error: prototypes.p: \[1000\] larger than the feature dimension D = \d+ "
                                     r"of protonmf:small_cnn's features \(NMF needs p <= D\)", line), err[-3000:]
     assert "\x1b" not in line
+
+
+def test_a_temporary_server_that_misses_its_start_up_limit_is_one_line_naming_the_setting(tmp_path):
+    """After the checks: Prefect's temporary server (a fresh database here) given 1 s to answer."""
+    import time
+
+    path = config_file(tmp_path, storage__features=str(tmp_path / "f"), storage__model=str(tmp_path / "m"))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", path], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        "protonmf: error: Prefect's temporary server did not answer within 1 s (its start-up limit is "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=1 s: raise it on a busy machine, or point PREFECT_API_URL "
+        "at a running server)"), done.stderr[-2000:]
+    assert time.monotonic() - start < 90  # Ray's start and the limit, not a flow run
+    assert not (tmp_path / "m").exists()
