@@ -65,28 +65,20 @@ def _checked(config: str, overrides: list[str]):
 
 def _run(config, overrides) -> int:
     run = _checked(config, overrides)
-    from flows.server import TemporaryServer
+    from flows.startup import started_together
 
-    server = TemporaryServer.start()  # comes up while the flows are imported and Ray starts
-    from flows.build import build_prototype_model
-    from flows.shared import started_together
-
-    with started_together(run, server):
-        result = build_prototype_model(config, overrides)
+    with started_together(run, "flows.build") as (build,):
+        result = build.build_prototype_model(config, overrides)
     _print_result(result)
     return 0
 
 
 def _craft(config, overrides) -> int:
     run = _checked(config, overrides)
-    from flows.server import TemporaryServer
+    from flows.startup import started_together
 
-    server = TemporaryServer.start()  # comes up while the flows are imported and Ray starts
-    from flows.craft import craft_concepts
-    from flows.shared import started_together
-
-    with started_together(run, server):
-        result = craft_concepts(config, overrides)
+    with started_together(run, "flows.craft") as (craft,):
+        result = craft.craft_concepts(config, overrides)
     s = result["summary"]
     print()
     print(f"concepts:         {result['concepts']}")

@@ -2,17 +2,19 @@
 
 Without ``PREFECT_API_URL`` Prefect starts a temporary server from inside the first flow call: it
 imports Prefect's whole server package into the caller first (~3.6 s on two cores) and then waits
-for the server. Here the same server (Prefect's own command and settings, as
-``prefect.server.api.server.SubprocessASGIServer`` runs it) is started as soon as the config is
-checked, from a process that has imported only ``prefect.settings``; it comes up while the caller
-imports the flows and starts Ray, and the flows then run against it as a named API
-(``PREFECT_API_URL`` for the block). ``benchmarks/startup.py`` measures the three ways.
+for the server. Here the same server (Prefect's ``create_app`` under uvicorn, with the environment
+``prefect.server.api.server.SubprocessASGIServer`` gives it) is launched as soon as the config is
+checked, before this process has imported any of Prefect: the server's process reads Prefect's
+settings itself (with this process's own, where it holds some) and serves, or exits with
+:data:`NOT_NEEDED` where Prefect would start no temporary server (``PREFECT_API_URL`` names one,
+or it is turned off). It comes up while the caller
+imports the flows and starts Ray (:mod:`flows.startup`), and the flows then run against it as a
+named API (``PREFECT_API_URL`` for the block). ``benchmarks/startup.py`` measures the ways.
 """
 
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import socket
 import subprocess
@@ -22,12 +24,28 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-__all__ = ["STARTUP_LIMIT", "TemporaryServer", "limit_hint"]
+__all__ = ["NOT_NEEDED", "STARTUP_LIMIT", "TemporaryServer", "limit_hint"]
 
 #: The start-up limit's setting (Prefect's own); the CLI raises Prefect's default of 20 s.
 STARTUP_LIMIT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+#: The server's exit status where Prefect would start no temporary server.
+NOT_NEEDED = 3
+
+#: The server's process: Prefect's own decision whether a temporary server is wanted, then Prefect's app.
+_SERVE = f"""
+import sys
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    sys.exit({NOT_NEEDED})
+import uvicorn
+uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1", port=int(sys.argv[1]),
+            log_level="error", lifespan="on")
+"""
+
+#: What ``SubprocessASGIServer`` sets for its server: no UI, a temporary server's lifespan.
+_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
 
 def limit_hint() -> str:
@@ -43,58 +61,54 @@ def _free_port() -> int:
 
 
 class TemporaryServer:
-    """Prefect's temporary server as a process of this one: :meth:`start` it, :meth:`serving` the
-    flows of a block once it answers, :meth:`stop` it."""
+    """Prefect's temporary server as a process of this one: :meth:`start` it, run the flows of a
+    block in :meth:`serving` once it answers, :meth:`stop` it."""
 
     ATTEMPTS = 3  # a port taken between choosing it and the server binding it: started again on another
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.port = 0
+        self._stopping = False
         self._launch()
         atexit.register(self.stop)  # registered before Prefect's own: runs after they have sent what they hold
 
     @classmethod
-    def start(cls) -> TemporaryServer | None:
-        """A server starting now; None where Prefect would not start one (``PREFECT_API_URL`` names
-        a server, or the temporary server is turned off)."""
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-            return None
+    def start(cls) -> TemporaryServer:
+        """A server starting now (its process exits at once where Prefect would start none)."""
         return cls()
 
     def _launch(self) -> None:
-        from prefect.settings import get_current_settings
-
         self.port = _free_port()
-        prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-               **get_current_settings().to_environment_variables(exclude_unset=True)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env)
+        env = {**os.environ, **_SERVER_ENV}
+        if "prefect.settings" in sys.modules:  # settings this process may hold itself (temporary_settings) go along
+            from prefect.settings import get_current_settings
+
+            env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+        self.process = subprocess.Popen([sys.executable, "-c", _SERVE, str(self.port)], env=env)
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
-    def wait(self, limit_s: float) -> None:
-        """Block until the API answers ``/health``; an error naming the limit if it does not in ``limit_s``."""
+    def wait(self, limit_s: float) -> bool:
+        """Block until the API answers ``/health`` (True) or the process says no server is needed
+        (False); an error naming the limit if neither happens in ``limit_s``."""
         deadline, attempts = time.monotonic() + limit_s, 1
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            code = self.process.poll()
+            if code == NOT_NEEDED:
+                return False
+            if code is not None:
                 if attempts == self.ATTEMPTS:
-                    raise RuntimeError(f"Prefect's temporary server exited with code {self.process.returncode} "
-                                       f"before it answered, {attempts} times")
+                    raise RuntimeError(f"Prefect's temporary server exited with code {code} before it answered, "
+                                       f"{attempts} times")
                 attempts += 1
                 self._launch()
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
-                        return
+                        return True
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.05)
@@ -103,11 +117,14 @@ class TemporaryServer:
 
     @contextmanager
     def serving(self) -> Iterator[None]:
-        """The block's flows against this server (once it answers, within Prefect's start-up limit);
-        after it, what Prefect's log and event workers hold is sent before the server stops."""
+        """The block's flows against this server, once it answers (within Prefect's start-up limit),
+        or against the one Prefect's settings name; after the block, what Prefect's log and event
+        workers hold is sent, and the server is told to stop (:meth:`stop` waits for it)."""
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-        self.wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        if not self.wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())):
+            yield
+            return
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
             try:
                 yield
@@ -117,10 +134,18 @@ class TemporaryServer:
 
                 APILogWorker.drain_all(timeout=10, at_exit=False)
                 EventsWorker.drain_all(timeout=10, at_exit=False)
+                self._terminate()  # it stops while the caller stops Ray
+
+    def _terminate(self) -> None:
+        """SIGTERM, once: a second one makes uvicorn skip its shutdown."""
+        if not self._stopping:
+            self._stopping = True
+            self.process.terminate()
 
     def stop(self) -> None:
+        """Stop the server, and wait for it."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self._terminate()
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:

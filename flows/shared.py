@@ -22,12 +22,11 @@ from rich.progress import Progress  # noqa: E402
 
 import tasks.extract  # noqa: E402
 import tasks.prepare  # noqa: E402
-from flows.server import TemporaryServer  # noqa: E402
 from protonmf.config import Config, load_config, parse_config  # noqa: E402
 from protonmf.data.extract import ClassExtraction  # noqa: E402
 from protonmf.lease import Lease  # noqa: E402
 from protonmf.pipeline import Prepared, Run  # noqa: E402
-from tasks.runtime import is_retryable, ray_session  # noqa: E402
+from tasks.runtime import is_retryable  # noqa: E402
 
 
 def coerce_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None) -> Config:
@@ -82,24 +81,6 @@ def still_held(leases: dict[str, Lease]) -> None:
     (each renewed now): called before a publish."""
     for lease in leases.values():
         lease.check()
-
-
-@contextmanager
-def started_together(run: Run, server: TemporaryServer | None) -> Iterator[None]:
-    """Ray started here (:func:`tasks.runtime.ray_session`) while ``server`` (Prefect's temporary
-    server, :class:`flows.server.TemporaryServer`, started before the flows were imported; None
-    where ``PREFECT_API_URL`` names one) comes up; the block's flows run against both, and both
-    stop after it."""
-    try:
-        with ray_session(run):
-            if server is None:
-                yield
-            else:
-                with server.serving():
-                    yield
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def run_owner() -> str:

@@ -1,8 +1,8 @@
 """Prefect's temporary server as ``protonmf run`` starts it (:mod:`flows.server`): a real server
-process, started before the flows are imported and without Prefect's server package in the
-caller, that a flow run in this process reports to, gone when the block ends; a limit it misses is
-said with the setting that raises it. Each case runs in a process of its own with its own
-``PREFECT_HOME``."""
+process, launched before any of Prefect is imported in the caller, that a flow run in this process
+reports to, gone when the block ends; a limit it misses is said with the setting that raises it;
+where Prefect's settings name a server (the environment, a profile) the server's process declines
+and the flows use that one. Each case runs in a process of its own with its own ``PREFECT_HOME``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from flows.server import NOT_NEEDED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +69,60 @@ def test_a_missed_start_up_limit_names_the_setting_and_stops_the_server(tmp_path
                    "PREFECT_API_URL at a running server)", "stopped True"]
 
 
-def test_no_server_where_prefect_api_url_names_one(tmp_path):
-    code = "from flows.server import TemporaryServer; print(TemporaryServer.start())"
-    assert python(code, tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api") == ["None"]
+NAMED = """
+import sys
+from flows.server import TemporaryServer
+server = TemporaryServer.start()
+print('prefect imported by the launch', 'prefect' in sys.modules)
+from prefect.settings import PREFECT_API_URL
+with server.serving():
+    print('flows use', PREFECT_API_URL.value())
+print('server exit status', server.process.returncode)
+"""
+
+
+def test_the_launch_imports_no_prefect_and_the_server_declines_where_the_environment_names_one(tmp_path):
+    assert python(NAMED, tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api") == [
+        "prefect imported by the launch False", "flows use http://127.0.0.1:9/api", f"server exit status {NOT_NEEDED}"]
+
+
+def test_the_server_declines_where_the_active_profile_names_one(tmp_path):
+    (tmp_path / "profiles.toml").write_text('active = "named"\n\n[profiles.named]\n'
+                                            'PREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    assert python(NAMED, tmp_path)[1:] == ["flows use http://127.0.0.1:9/api", f"server exit status {NOT_NEEDED}"]
+
+
+OWN_SETTINGS = """
+from flows.server import TemporaryServer
+from prefect.settings import PREFECT_API_URL, temporary_settings
+with temporary_settings({PREFECT_API_URL: 'http://127.0.0.1:9/api'}):
+    server = TemporaryServer.start()
+    with server.serving():
+        print('flows use', PREFECT_API_URL.value())
+print('server exit status', server.process.returncode)
+"""
+
+
+def test_the_server_declines_where_this_processs_own_settings_name_one(tmp_path):
+    assert python(OWN_SETTINGS, tmp_path) == ["flows use http://127.0.0.1:9/api", f"server exit status {NOT_NEEDED}"]
+
+
+TAKEN = """
+import socket
+import flows.server as fs
+held = socket.socket()
+held.bind(('127.0.0.1', 0))
+held.listen()
+ports = iter([held.getsockname()[1]])  # the first port chosen is taken by the time the server binds it
+choose = fs._free_port
+fs._free_port = lambda: next(ports, None) or choose()
+server = fs.TemporaryServer.start()
+taken = server.port
+with server.serving():
+    print('answers on another port', server.port != taken)
+server.stop()
+"""
+
+
+def test_a_server_whose_port_was_taken_is_started_again_on_another(tmp_path):
+    assert python(TAKEN, tmp_path) == ["answers on another port True"]
