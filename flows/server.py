@@ -30,8 +30,9 @@ __all__ = ["NOT_NEEDED", "STARTUP_LIMIT", "TemporaryServer", "limit_hint"]
 #: The start-up limit's setting (Prefect's own); the CLI raises Prefect's default of 20 s.
 STARTUP_LIMIT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
-#: The server's exit status where Prefect would start no temporary server.
-NOT_NEEDED = 3
+#: The server's exit status where Prefect would start no temporary server (not uvicorn's 3, which
+#: says it could not start, e.g. on a port taken in the meantime; not Python's 1 or 2).
+NOT_NEEDED = 10
 
 #: The server's process: Prefect's own decision whether a temporary server is wanted, then Prefect's app.
 _SERVE = f"""
