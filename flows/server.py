@@ -7,9 +7,9 @@ for the server. Here the same server (Prefect's ``create_app`` under uvicorn, wi
 checked, before this process has imported any of Prefect: the server's process reads Prefect's
 settings itself (with this process's own, where it holds some) and serves, or exits with
 :data:`NOT_NEEDED` where Prefect would start no temporary server (``PREFECT_API_URL`` names one,
-or it is turned off). It comes up while the caller
-imports the flows and starts Ray (:mod:`flows.startup`), and the flows then run against it as a
-named API (``PREFECT_API_URL`` for the block). ``benchmarks/startup.py`` measures the ways.
+or it is turned off). It comes up while the caller imports the flows and starts Ray
+(:mod:`flows.startup`), and the flows then run against it as a named API (``PREFECT_API_URL`` for
+the block). ``benchmarks/startup.py`` measures the ways.
 """
 
 from __future__ import annotations
