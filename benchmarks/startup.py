@@ -66,7 +66,7 @@ with ray_session(run):
 SETTINGS_FIRST = CHECKED + """
 import prefect.settings
 from flows.server import TemporaryServer
-server = TemporaryServer.start()
+server = TemporaryServer()
 import flows.build
 from tasks.runtime import ray_session
 with ray_session(run), server.serving():

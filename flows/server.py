@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["NOT_NEEDED", "STARTUP_LIMIT", "TemporaryServer", "limit_hint"]
+__all__ = ["NOT_NEEDED", "STARTUP_LIMIT", "TemporaryServer"]
 
 #: The start-up limit's setting (Prefect's own); the CLI raises Prefect's default of 20 s.
 STARTUP_LIMIT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -49,12 +49,6 @@ uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
 
-def limit_hint() -> str:
-    """What a user does about a server that did not come up in time."""
-    return (f"its start-up limit is {STARTUP_LIMIT}={os.environ.get(STARTUP_LIMIT, '20')} s: raise it on a busy "
-            "machine, or point PREFECT_API_URL at a running server")
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,8 +56,9 @@ def _free_port() -> int:
 
 
 class TemporaryServer:
-    """Prefect's temporary server as a process of this one: :meth:`start` it, run the flows of a
-    block in :meth:`serving` once it answers, :meth:`stop` it."""
+    """Prefect's temporary server as a process of this one, launched when made (it exits at once
+    where Prefect would start none): run the flows of a block in :meth:`serving` once it answers,
+    :meth:`stop` it."""
 
     ATTEMPTS = 3  # a port taken between choosing it and the server binding it: started again on another
 
@@ -73,11 +68,6 @@ class TemporaryServer:
         self._stopping = False
         self._launch()
         atexit.register(self.stop)  # registered before Prefect's own: runs after they have sent what they hold
-
-    @classmethod
-    def start(cls) -> TemporaryServer:
-        """A server starting now (its process exits at once where Prefect would start none)."""
-        return cls()
 
     def _launch(self) -> None:
         self.port = _free_port()
@@ -114,7 +104,9 @@ class TemporaryServer:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"Prefect's temporary server did not answer within {limit_s:g} s ({limit_hint()})")
+        raise RuntimeError(f"Prefect's temporary server did not answer within {limit_s:g} s (its start-up limit is "
+                           f"{STARTUP_LIMIT}={limit_s:g} s: raise it on a busy machine, or point PREFECT_API_URL at a "
+                           "running server)")
 
     @contextmanager
     def serving(self) -> Iterator[None]:

@@ -5,8 +5,8 @@ Three things stand between the checks and a flow's first step, and none needs an
 temporary server (a process of its own, :class:`flows.server.TemporaryServer`, launched before any
 of Prefect is imported here), the imports of the flow's modules (Prefect, the tasks, the flow:
 ~1.3 s of this process on two cores) and Ray (``ray.init``). :func:`started_together` enters the
-block once all three are ready. Importing the modules in a thread while ``ray.init`` waits was
-measured too and gained nothing on two cores (all three are CPU work); ``benchmarks/startup.py``
+block once all three are ready. (Importing the modules in a thread while ``ray.init`` waits showed
+no gain in one-off timings on two cores: all three are CPU work.) ``benchmarks/startup.py``
 measures this order beside the ways before.
 """
 
@@ -28,7 +28,7 @@ def started_together(run: Run, *modules: str) -> Iterator[list[ModuleType]]:
     """The block with Prefect's temporary server answering (or the server Prefect's settings
     name), ``modules`` imported (what it yields) and Ray connected or started
     (:func:`tasks.runtime.ray_session`); server and Ray stop after it."""
-    server = TemporaryServer.start()
+    server = TemporaryServer()
     try:
         imported = [importlib.import_module(name) for name in modules]
         from tasks.runtime import ray_session

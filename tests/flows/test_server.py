@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOW_ON_IT = """
 import asyncio, sys
 from flows.server import TemporaryServer
-server = TemporaryServer.start()
+server = TemporaryServer()
 from prefect import flow, get_client
 
 @flow
@@ -39,7 +39,7 @@ print('stopped', server.process.poll() is not None)
 
 TOO_SLOW = """
 from flows.server import TemporaryServer
-server = TemporaryServer.start()
+server = TemporaryServer()
 try:
     with server.serving():
         print('came up')
@@ -72,13 +72,24 @@ def test_a_missed_start_up_limit_names_the_setting_and_stops_the_server(tmp_path
 NAMED = """
 import sys
 from flows.server import TemporaryServer
-server = TemporaryServer.start()
+server = TemporaryServer()
 print('prefect imported by the launch', 'prefect' in sys.modules)
 from prefect.settings import PREFECT_API_URL
 with server.serving():
     print('flows use', PREFECT_API_URL.value())
 print('server exit status', server.process.returncode)
 """
+
+
+def test_a_limit_set_in_the_active_profile_is_the_one_the_message_names(tmp_path):
+    (tmp_path / "profiles.toml").write_text('active = "slow"\n\n[profiles.slow]\n'
+                                            'PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 0\n')  # 0: missed whatever the machine
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([sys.executable, "-c", TOO_SLOW], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    assert done.stdout.strip().splitlines()[0].startswith(
+        "Prefect's temporary server did not answer within 0 s (its start-up limit is "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=0 s:"), done.stderr[-2000:]
 
 
 def test_the_launch_imports_no_prefect_and_the_server_declines_where_the_environment_names_one(tmp_path):
@@ -96,7 +107,7 @@ OWN_SETTINGS = """
 from flows.server import TemporaryServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 with temporary_settings({PREFECT_API_URL: 'http://127.0.0.1:9/api'}):
-    server = TemporaryServer.start()
+    server = TemporaryServer()
     with server.serving():
         print('flows use', PREFECT_API_URL.value())
 print('server exit status', server.process.returncode)
@@ -116,7 +127,7 @@ held.listen()
 ports = iter([held.getsockname()[1]])  # the first port chosen is taken by the time the server binds it
 choose = fs._free_port
 fs._free_port = lambda: next(ports, None) or choose()
-server = fs.TemporaryServer.start()
+server = fs.TemporaryServer()
 taken = server.port
 with server.serving():
     print('answers on another port', server.port != taken)
